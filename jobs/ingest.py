@@ -1,0 +1,39 @@
+"""python -m jobs.ingest SOURCE --archive URI --deployment D --date YYYY-MM-DD [--product P]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.ingest import ingest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.ingest", description="Turn an image folder or S3 prefix into archive shards.")
+    ap.add_argument("source", help="MVTec-AD layout folder, or a flat folder / S3 prefix of images (with --product)")
+    ap.add_argument("--archive", required=True, help="archive root (local path, file:// or s3://)")
+    ap.add_argument("--deployment", required=True)
+    ap.add_argument("--date", required=True, help="YYYY-MM-DD partition to write")
+    ap.add_argument("--product", help="product name for a flat folder of images")
+    ap.add_argument("--rows-per-shard", type=int, default=256)
+    args = ap.parse_args(argv)
+    try:
+        r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ingest: error: {e}", file=sys.stderr)
+        return 2
+    print(f"ingested {r.rows} images ({r.layout} layout) into {len(r.shards)} shard(s) under "
+          f"{r.shards[0].rsplit('/', 1)[0]}")
+    for p, n in sorted(r.products.items()):
+        print(f"  {p}: {n}")
+    if r.undecodable:
+        print(f"WARNING: {len(r.undecodable)} image(s) do not decode; archived anyway, they will score as errors:",
+              file=sys.stderr)
+        for u in r.undecodable[:20]:
+            print(f"  {u}", file=sys.stderr)
+    if r.missing_masks:
+        print(f"WARNING: {len(r.missing_masks)} defective image(s) have no ground-truth mask", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

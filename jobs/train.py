@@ -1,0 +1,53 @@
+"""python -m jobs.train --deployment D --archive URI --shots K [--seed S] [--backbone ARCH] [--weights W]
+
+Fits the deployment's model with Ray Train, logs it to MLflow, registers a new version of
+anople-<D> and points alias 'candidate' at it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import registry
+from pipeline.cluster import has_gpus, init_ray
+from pipeline.model.backbone import BackboneLoadError
+from pipeline.runs import train_and_register
+from pipeline.training import TrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--deployment", required=True)
+    ap.add_argument("--archive", required=True)
+    ap.add_argument("--shots", type=int, required=True, help="normal shots per product (1-4 in the paper)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backbone", default="ViT-B-16-plus-240", help="open_clip architecture")
+    ap.add_argument("--weights", default="laion400m_e32",
+                    help="open_clip pretrained tag, local checkpoint file, s3:// URI, or 'random'")
+    ap.add_argument("--bank-layers", default="", help="comma-separated 1-based blocks (default: 3,8 scaled to depth)")
+    ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (products are split among them)")
+    ap.add_argument("--storage-path", default="", help="Ray Train storage (default <ANOPLE_ROOT>/ray_results)")
+    args = ap.parse_args(argv)
+    if args.shots < 1:
+        ap.error("--shots must be >= 1")
+    init_ray()
+    cfg = TrainConfig(deployment=args.deployment, archive=args.archive, shots=args.shots, seed=args.seed,
+                      backbone=args.backbone, weights=args.weights,
+                      bank_layers=tuple(int(x) for x in args.bank_layers.split(",") if x),
+                      num_workers=args.num_workers, use_gpu=has_gpus(), storage_path=args.storage_path)
+    try:
+        mv, spec = train_and_register(cfg)
+    except (BackboneLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    if spec.is_random:
+        print(registry.RANDOM_WEIGHTS_BANNER)
+    print(f"registered {registry.model_name(args.deployment)} version {mv.version} (alias: candidate); "
+          f"run {mv.run_id}; products: {', '.join(sorted(spec.products))}")
+    for p, ps in sorted(spec.products.items()):
+        print(f"  {p}: threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

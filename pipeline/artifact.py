@@ -1,0 +1,79 @@
+"""The deployment model artifact: what the registry stores and the scorer loads.
+
+Layout of an artifact folder (local or s3://):
+
+    model.json                  ModelSpec below (backbone, bank layers, products, thresholds, ...)
+    banks/<product>.npz         memory-bank patch features, one array per bank layer
+    prompts.safetensors         (prompt-learning half, next issue) trained prompts/decoder weights
+
+The prompt-learning half drops in as one more file plus fields in ModelSpec; the scorer fuses its map
+with the bank map when the file is present.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from urllib.parse import quote
+
+from pipeline import storage
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ProductSpec:
+    threshold: float          # image score above this -> is_anomalous
+    calibration: str          # where the threshold came from: "heldout_normals" | "shots_leave_one_out" | "shots_augmented"
+    n_calibration: int        # normal images behind the threshold
+    shots: list[str]          # image_ids of the K normal shots in the bank
+    n_patches: int            # bank size per layer
+    bank_file: str            # relative path of the bank inside the artifact
+
+
+@dataclass
+class ModelSpec:
+    deployment: str
+    backbone: str             # open_clip architecture
+    weights: str              # what the user passed: hub tag, file/URI, or "random"
+    weights_kind: str         # "hub" | "file" | "random"; "random" blocks promotion
+    weights_fingerprint: str  # hash of the backbone's parameters, checked by the scorer
+    seed: int
+    image_size: int
+    bank_layers: list[int]    # 1-based transformer blocks feeding the memory bank
+    shots: int                # K normal shots per product
+    feature_dim: int          # width of the bank features (the ViT width)
+    blur_sigma: float = 4.0
+    products: dict[str, ProductSpec] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights_kind == "random"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        d = json.loads(text)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"artifact format {d.get('format_version')} is not {FORMAT_VERSION}")
+        d["products"] = {k: ProductSpec(**v) for k, v in d["products"].items()}
+        return cls(**d)
+
+
+def bank_file(product: str) -> str:
+    return f"banks/{quote(product, safe='')}.npz"
+
+
+def save_spec(spec: ModelSpec, uri: str) -> None:
+    storage.write_bytes(storage.join(uri, "model.json"), spec.to_json().encode())
+
+
+def load_spec(uri: str) -> ModelSpec:
+    return ModelSpec.from_json(storage.read_bytes(storage.join(uri, "model.json")).decode())
+
+
+def bank_bytes(spec: ModelSpec, product: str) -> int:
+    """Memory a product's bank takes as float32 features (what the per-actor budget counts)."""
+    return spec.products[product].n_patches * len(spec.bank_layers) * spec.feature_dim * 4

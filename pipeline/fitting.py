@@ -1,0 +1,89 @@
+"""Fitting one product from its few normal shots: shot selection, memory bank, threshold calibration.
+
+Pure torch/numpy (runs inside a Ray Train worker, but knows nothing of Ray). Thresholds come from
+normal images only, never from test data:
+- ``heldout_normals``: train-split normals beyond the K shots, scored against the bank;
+- ``shots_leave_one_out`` (no extra normals, K >= 2): each shot scored against a bank of the others;
+- ``shots_augmented`` (K == 1): mild crops of the one shot scored against its own bank.
+threshold = max(max(s), mean(s) + 3 std(s)) over those normal scores s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.bank import MemoryBank
+from pipeline.images import decode_image, to_model_input
+
+MAX_CALIBRATION = 64  # held-out normals scored per product; more adds time, not much precision
+
+
+@dataclass
+class ProductFit:
+    product: str
+    bank: MemoryBank
+    threshold: float
+    calibration: str
+    calibration_scores: list[float]
+    shots: list[str]
+
+
+def choose_shots(image_ids: list[str], k: int, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic K shots (and the rest, for calibration) from a product's train normals."""
+    ids = sorted(image_ids)
+    if len(ids) < k:
+        raise ValueError(f"only {len(ids)} normal train images, --shots {k} needs {k}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    chosen = [ids[i] for i in order]
+    return chosen[:k], chosen[k:k + MAX_CALIBRATION]
+
+
+def threshold_from(scores: list[float]) -> float:
+    s = np.asarray(scores, dtype=np.float64)
+    return float(max(s.max(), s.mean() + 3.0 * s.std()))
+
+
+def _crops(rgb: np.ndarray) -> list[np.ndarray]:
+    """Four 92%-area corner crops: a normal image seen slightly differently (K == 1 calibration)."""
+    h, w = rgb.shape[:2]
+    ch, cw = int(round(h * 0.96)), int(round(w * 0.96))
+    return [rgb[:ch, :cw], rgb[:ch, w - cw:], rgb[h - ch:, :cw], rgb[h - ch:, w - cw:]]
+
+
+def fit_product(product: str, images: dict[str, bytes], shots: list[str], heldout: list[str],
+                features, score_fn, image_size: int, backend: str = "faiss-cpu",
+                batch_size: int = 16) -> ProductFit:
+    """Build the bank from `shots` and calibrate its threshold.
+
+    features(pixels [B,3,S,S]) -> per layer [B, h*w, C]; score_fn(bank, feats) -> scores [B].
+    """
+    def pixels(rgbs):
+        return np.stack([to_model_input(r, image_size) for r in rgbs])
+
+    def feats_of(rgbs):
+        out = None
+        for i in range(0, len(rgbs), batch_size):
+            f = features(pixels(rgbs[i:i + batch_size]))
+            out = f if out is None else [torch.cat([a, b]) for a, b in zip(out, f)]
+        return out  # per layer [N, h*w, C]
+
+    shot_rgb = [decode_image(images[i]) for i in shots]
+    shot_feats = feats_of(shot_rgb)
+    bank = MemoryBank([f.reshape(-1, f.shape[-1]).cpu().numpy() for f in shot_feats], backend)
+    if heldout:
+        scores = list(score_fn(bank, feats_of([decode_image(images[i]) for i in heldout])))
+        how = "heldout_normals"
+    elif len(shots) >= 2:
+        scores = []
+        for j in range(len(shots)):
+            rest = MemoryBank([torch.cat([f[:j], f[j + 1:]]).reshape(-1, f.shape[-1]).cpu().numpy()
+                               for f in shot_feats], backend)
+            scores += list(score_fn(rest, [f[j:j + 1] for f in shot_feats]))
+        how = "shots_leave_one_out"
+    else:
+        scores = list(score_fn(bank, feats_of(_crops(shot_rgb[0]))))
+        how = "shots_augmented"
+    scores = [float(s) for s in scores]
+    return ProductFit(product, bank, threshold_from(scores), how, scores, list(shots))

@@ -1,0 +1,111 @@
+"""Image bytes -> arrays. Any format PIL reads; grayscale, palette, RGBA, CMYK and 16-bit are valid input.
+
+Kept free of torch so that Ray's CPU decode tasks stay light.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
+
+# CLIP's normalisation constants (open_clip OPENAI_DATASET_MEAN / STD).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read; the message says why."""
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3]. 16/32-bit and float images are rescaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            a = a / 65535.0
+        else:  # 32-bit int or float: scale by the image's own range (no fixed white point exists)
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        g = np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))  # transparent pixels composite onto black
+        img = Image.alpha_composite(bg, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes | None) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB [H, W, 3]. Raises ImageDecodeError with a readable reason."""
+    if data is None or len(data) == 0:
+        raise ImageDecodeError("empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # multi-page TIFF: the first page is the image
+            rgb = _to_rgb8(img)
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    if rgb.ndim != 3 or rgb.shape[0] < 2 or rgb.shape[1] < 2:
+        raise ImageDecodeError(f"image too small to score: shape {rgb.shape}")
+    return rgb
+
+
+def decode_mask(data: bytes | None, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Mask bytes -> bool [H, W] (any non-zero pixel is defect). None -> all-normal mask of `shape`."""
+    if data is None:
+        if shape is None:
+            raise ValueError("no mask and no shape to build an empty one")
+        return np.zeros(shape, dtype=bool)
+    with Image.open(io.BytesIO(data)) as m:
+        a = np.asarray(m)
+    if a.ndim == 3:
+        a = a[..., :3].max(axis=2)
+    return a > 0
+
+
+def to_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> CLIP-normalised float32 [3, size, size].
+
+    The whole frame is resized (no centre crop): a defect at the image border must stay visible.
+    """
+    img = Image.fromarray(rgb).resize((size, size), Image.BICUBIC)
+    x = np.asarray(img, dtype=np.float32) / 255.0  # [S, S, 3]
+    x = (x - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # [3, S, S]
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """bool [H, W] -> bool [size, size], nearest neighbour (keeps the mask exact, no new labels)."""
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return np.asarray(img) > 127
+
+
+def encode_heatmap(amap: np.ndarray, height: int, width: int) -> tuple[bytes, float]:
+    """float [h, w] anomaly map -> (16-bit grayscale PNG at [height, width], scale).
+
+    Pixel value v means anomaly v / 65535 * scale (DESIGN.md); scale is the map's maximum so the
+    16 bits cover the map's own range.
+    """
+    a = np.asarray(amap, dtype=np.float32)
+    if (height, width) != a.shape:
+        a = np.asarray(Image.fromarray(a, mode="F").resize((width, height), Image.BILINEAR))
+    a = np.clip(a, 0.0, None)
+    scale = float(a.max())
+    q = np.zeros(a.shape, dtype=np.uint16) if scale <= 0 else np.round(a / scale * 65535.0).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(q).save(buf, format="PNG")  # uint16 array -> mode I;16, a 16-bit PNG
+    return buf.getvalue(), scale
+
+
+def decode_heatmap(data: bytes, scale: float) -> np.ndarray:
+    """Inverse of encode_heatmap: PNG bytes + scale -> float32 [H, W]."""
+    with Image.open(io.BytesIO(data)) as img:
+        q = np.asarray(img, dtype=np.float32)
+    return q / 65535.0 * scale

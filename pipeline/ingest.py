@@ -1,0 +1,128 @@
+"""Source images -> archive shards. Two source layouts:
+
+- MVTec-AD: ``<product>/train/good/``, ``<product>/test/<defect>/``,
+  ``<product>/ground_truth/<defect>/<name>_mask.png`` (split=train for reference normals, test otherwise).
+- Flat: a folder or S3 prefix of images (recursively), all of one ``product``; split=test, label unknown.
+
+Bytes are stored as captured; an image that does not decode is still archived (and counted), so the
+scorer reports it as an error row instead of it vanishing here.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import posixpath
+from dataclasses import dataclass, field
+
+from pipeline import archive, storage
+from pipeline.images import ImageDecodeError, decode_image
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class IngestReport:
+    rows: int = 0
+    undecodable: list[str] = field(default_factory=list)
+    missing_masks: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    layout: str = ""
+    products: dict[str, int] = field(default_factory=dict)
+
+
+def _rel(uri: str, root: str) -> str:
+    root = storage.normalize(root).rstrip("/")
+    u = storage.normalize(uri)
+    return u[len(root):].lstrip("/").replace("\\", "/")
+
+
+def _is_image(uri: str) -> bool:
+    return uri.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def detect_layout(files: list[str], root: str) -> str:
+    for f in files:
+        parts = _rel(f, root).split("/")
+        if len(parts) >= 4 and parts[1] in ("train", "test") and _is_image(f):
+            return "mvtec"
+    return "flat"
+
+
+def _mvtec_rows(files: list[str], root: str, report: IngestReport):
+    masks = {}
+    for f in files:
+        parts = _rel(f, root).split("/")
+        if len(parts) == 4 and parts[1] == "ground_truth":
+            stem = posixpath.splitext(parts[3])[0]
+            stem = stem[: -len("_mask")] if stem.endswith("_mask") else stem
+            masks[(parts[0], parts[2], stem)] = f
+    for f in files:
+        parts = _rel(f, root).split("/")
+        if len(parts) != 4 or parts[1] not in ("train", "test") or not _is_image(f):
+            continue
+        product, split, defect, name = parts
+        stem = posixpath.splitext(name)[0]
+        label = 0 if defect == "good" else 1
+        mask_uri = masks.get((product, defect, stem)) if label else None
+        if label and mask_uri is None:
+            report.missing_masks.append(f)
+        yield {
+            "image_id": f"{product}/{split}/{defect}/{stem}",
+            "product": product, "split": split, "label": label, "defect": defect,
+            "source_uri": f, "mask_uri": mask_uri,
+        }
+
+
+def _flat_rows(files: list[str], root: str, product: str):
+    for f in files:
+        if not _is_image(f):
+            continue
+        rel = _rel(f, root)
+        yield {
+            "image_id": f"{product}/{posixpath.splitext(rel)[0]}" if rel else product,
+            "product": product, "split": "test", "label": None, "defect": None,
+            "source_uri": f, "mask_uri": None,
+        }
+
+
+def ingest(source: str, archive_uri: str, deployment: str, date: str, product: str | None = None,
+           rows_per_shard: int = 256) -> IngestReport:
+    """Read SOURCE (MVTec layout, or flat with `product`) and write the deployment/date partition."""
+    archive.check_deployment(deployment)
+    archive.check_date(date)
+    files = storage.list_files(source)
+    report = IngestReport(layout=detect_layout(files, source))
+    if report.layout == "mvtec":
+        if product is not None:
+            raise ValueError("--product is for a flat folder of images; this source has the MVTec layout")
+        rows = _mvtec_rows(files, source, report)
+    else:
+        if not product:
+            raise ValueError(f"{source} is not in the MVTec layout (<product>/train|test/<defect>/...): "
+                             "pass --product for a flat folder of images")
+        rows = _flat_rows(files, source, product)
+    ingested_at = dt.datetime.now(dt.timezone.utc)
+    writer = archive.ShardWriter(archive_uri, deployment, date, rows_per_shard)
+    seen = set()
+    for row in rows:
+        if row["image_id"] in seen:  # e.g. a.png and a.jpg side by side
+            raise ValueError(f"two source files map to image_id {row['image_id']!r}: {row['source_uri']}")
+        seen.add(row["image_id"])
+        data = storage.read_bytes(row["source_uri"])
+        try:
+            decode_image(data)
+        except ImageDecodeError as e:
+            report.undecodable.append(f"{row['source_uri']}: {e}")
+        mask_uri = row.pop("mask_uri")
+        captured = storage.modified_time(row["source_uri"]) or ingested_at
+        if captured.tzinfo is None:
+            captured = captured.replace(tzinfo=dt.timezone.utc)
+        writer.write({**row, "image": data, "captured_at": captured,
+                      "mask": storage.read_bytes(mask_uri) if mask_uri else None})
+        report.products[row["product"]] = report.products.get(row["product"], 0) + 1
+    report.shards = writer.close()
+    report.rows = writer.n_rows
+    if report.rows == 0:
+        raise ValueError(f"no images found under {source} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return report

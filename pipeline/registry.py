@@ -1,0 +1,117 @@
+"""MLflow tracking and model registry: one registered model ``anople-<deployment>`` per deployment,
+versions moved between aliases (``candidate``, ``production``), never the deprecated stages.
+
+The store comes from MLFLOW_TRACKING_URI; by default sqlite under the local root (ANOPLE_ROOT, default
+./anople-root), with artifacts in ANOPLE_ARTIFACT_ROOT (default <root>/mlartifacts, may be s3://).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from pipeline import storage
+
+RANDOM_WEIGHTS_BANNER = (
+    "WARNING: RANDOM-INIT BACKBONE. This model's CLIP weights are random, not pretrained: its scores "
+    "are meaningless for real inspection. Train with real weights (--weights <tag|file|s3://...>) for production.")
+
+
+def local_root() -> str:
+    return os.path.abspath(os.environ.get("ANOPLE_ROOT", "anople-root"))
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    os.makedirs(local_root(), exist_ok=True)
+    return f"sqlite:///{os.path.join(local_root(), 'mlflow.db')}"
+
+
+def _mlflow():
+    import logging
+
+    import mlflow
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def client():
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=_mlflow().get_tracking_uri())
+
+
+def model_name(deployment: str) -> str:
+    return f"anople-{deployment}"
+
+
+def experiment_id(deployment: str) -> str:
+    """The deployment's experiment, created with an explicit artifact root (sqlite's default is ./mlruns)."""
+    mlflow = _mlflow()
+    name = f"anople-{deployment}"
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = os.environ.get("ANOPLE_ARTIFACT_ROOT") or os.path.join(local_root(), "mlartifacts")
+    if not storage.is_remote(root):
+        root = os.path.abspath(root)
+    return mlflow.create_experiment(name, artifact_location=root)
+
+
+def register(deployment: str, run_id: str, artifact_subdir: str, tags: dict[str, str]):
+    """New version of the deployment's model from a run's artifact folder; alias 'candidate' moves to it."""
+    mlflow = _mlflow()
+    c = client()
+    name = model_name(deployment)
+    if c.search_registered_models(filter_string=f"name = '{name}'") == []:
+        c.create_registered_model(name, description=f"AnoPLe model for deployment {deployment}")
+    source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_subdir
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    c.set_registered_model_alias(name, "candidate", mv.version)
+    return c.get_model_version(name, mv.version)
+
+
+def get_version(deployment: str, version: str | int | None = None, alias: str | None = None):
+    """A model version by number or alias, with a clear error when there is none."""
+    from mlflow.exceptions import MlflowException
+    c = client()
+    name = model_name(deployment)
+    try:
+        if version is not None:
+            return c.get_model_version(name, str(version))
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        which = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise LookupError(f"registered model {name!r} has no {which} (tracking URI {tracking_uri()}): "
+                          f"{e.message if hasattr(e, 'message') else e}") from e
+
+
+class PromotionRefused(RuntimeError):
+    pass
+
+
+def promote(deployment: str, to_alias: str, version: str | int | None = None, from_alias: str | None = None,
+            force: bool = False):
+    """Point `to_alias` at a version. A random-weights version is refused unless `force`."""
+    mv = get_version(deployment, version=version, alias=from_alias)
+    if mv.tags.get("weights_kind") == "random" and not force:
+        raise PromotionRefused(
+            f"refusing to promote {model_name(deployment)} version {mv.version} to {to_alias!r}: its backbone "
+            "weights are random-init (tag weights_kind=random). Retrain with real weights, or pass --force.")
+    c = client()
+    c.set_registered_model_alias(model_name(deployment), to_alias, mv.version)
+    c.set_model_version_tag(model_name(deployment), mv.version, f"promoted_to_{to_alias}", "forced" if force else "gated")
+    return c.get_model_version(model_name(deployment), mv.version)
+
+
+def artifact_uri(mv) -> str:
+    """Where a version's artifact folder can be read by the storage layer (local path or s3://); other
+    schemes (e.g. mlflow-artifacts:/ behind a tracking server) are downloaded to a local folder."""
+    src = mv.source
+    if src.startswith("file://"):
+        src = src[len("file://"):]
+    if "://" not in src or src.startswith(("s3://", "s3a://")):
+        return src
+    dst = tempfile.mkdtemp(prefix="anople-model-")
+    return _mlflow().artifacts.download_artifacts(artifact_uri=src, dst_path=dst)
