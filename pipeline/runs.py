@@ -49,3 +49,107 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, ModelSpec]:
 def _metric_key(name: str) -> str:
     """MLflow metric keys allow alphanumerics, _ - . / and space; anything else becomes '_'."""
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+def _resolve(deployment: str, alias: str | None = None, version: str | None = None):
+    mv = registry.get_version(deployment, version=version, alias=alias)
+    uri = registry.artifact_uri(mv)
+    from pipeline.artifact import load_spec
+    return mv, uri, load_spec(uri)
+
+
+def score_night(deployment: str, archive: str, date: str, output: str, alias: str = "production",
+                budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16) -> dict:
+    """Score one night's partition; write score rows and heatmaps under `output`. Returns a summary."""
+    from pipeline import archive as arch
+    from pipeline.batch import RunInfo, plan_shards, score_partition, scores_uri, to_table
+    from pipeline.cluster import has_gpus
+
+    arch.check_date(date)
+    mlflow = registry._mlflow()
+    mv, uri, spec = _resolve(deployment, alias=alias)
+    output = storage.normalize(output)
+    out_scores = scores_uri(output, deployment, date)
+    with mlflow.start_run(experiment_id=registry.experiment_id(deployment), run_name=f"score-{date}") as run:
+        mlflow.set_tags({"job": "score", "model_version": mv.version, "model_alias": alias,
+                         "weights_kind": spec.weights_kind})
+        if spec.is_random:
+            mlflow.set_tag("warning", registry.RANDOM_WEIGHTS_BANNER)
+        shards = plan_shards(spec, budget_mb)
+        mlflow.log_params({"date": date, "archive": storage.normalize(archive), "output": output,
+                           "bank_budget_mb": budget_mb or 0, "bank_shards": len(shards)})
+        info = RunInfo(deployment=deployment, date=date, model_name=mv.name, model_version=str(mv.version),
+                       run_id=run.info.run_id, output=output)
+        t0 = time.time()
+        parts = score_partition(archive, deployment, date, uri, spec, info, budget_mb=budget_mb,
+                                actors_per_shard=actors_per_shard, batch_size=batch_size, use_gpu=has_gpus())
+        storage.remove_tree(out_scores)  # a rerun replaces the night's rows, never appends to them
+        for ds in parts:
+            ds.map_batches(to_table, batch_format="numpy").write_parquet(out_scores)
+        seconds = time.time() - t0
+        n_in = _count_input(archive, deployment, date)
+        summary = _summarize_scores(out_scores)
+        summary.update({"rows_in": n_in, "seconds": seconds, "images_per_s": n_in / seconds if seconds else 0.0,
+                        "bank_shards": len(shards), "model_version": mv.version, "run_id": run.info.run_id,
+                        "scores_uri": out_scores, "heatmaps_uri": storage.join(output, "heatmaps"),
+                        "random_weights": spec.is_random})
+        mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
+                                                           "seconds", "images_per_s")})
+        if summary["rows_out"] != n_in:
+            raise RuntimeError(f"wrote {summary['rows_out']} score rows for {n_in} input rows")
+    return summary
+
+
+def _count_input(archive: str, deployment: str, date: str | None) -> int:
+    from pipeline import archive as arch
+    return arch.read_table(archive, deployment, date, columns=["image_id"]).num_rows
+
+
+def _summarize_scores(out_scores: str) -> dict:
+    import pyarrow.dataset as pads
+    fs, path = storage.arrow_filesystem(out_scores)
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "is_anomalous"])
+    status = np.asarray(t["status"].to_pylist())
+    return {"rows_out": t.num_rows, "ok": int((status == "ok").sum()), "error": int((status != "ok").sum()),
+            "anomalous": int(np.sum(t["is_anomalous"].to_numpy(zero_copy_only=False)))}
+
+
+def evaluate(deployment: str, archive: str, alias: str = "candidate", batch_size: int = 16) -> dict:
+    """Score the labelled test split, stream the metrics, log them to the version's run. Returns
+    {"per_product": {...}, "mean": {...}, "errors": n, "model_version": v}."""
+    from pipeline.batch import RunInfo, score_partition
+    from pipeline.cluster import has_gpus
+    from pipeline.metrics import ProductMetrics, summarize
+
+    mv, uri, spec = _resolve(deployment, alias=alias)
+    info = RunInfo(deployment=deployment, date="", model_name=mv.name, model_version=str(mv.version),
+                   run_id=mv.run_id or "", keep_maps=True)
+    parts = score_partition(archive, deployment, None, uri, spec, info, split="test", batch_size=batch_size,
+                            use_gpu=has_gpus())
+    per: dict[str, ProductMetrics] = {}
+    errors, unlabelled = [], 0
+    batches = (b for ds in parts for b in ds.iter_batches(batch_format="numpy", batch_size=batch_size))
+    for batch in batches:
+        for i in range(len(batch["image_id"])):
+            if batch["status"][i] != "ok":
+                errors.append(f"{batch['image_id'][i]}: {batch['error'][i]}")
+                continue
+            if batch["label"][i] < 0:
+                unlabelled += 1
+                continue
+            m = per.setdefault(str(batch["product"][i]), ProductMetrics())
+            m.update(batch["score"][i], int(batch["label"][i]), batch["map"][i].astype(np.float32), batch["mask"][i])
+    if not per:
+        raise ValueError(f"no labelled, scorable test images for deployment {deployment!r} in {archive}")
+    results = {p: m.compute() for p, m in sorted(per.items())}
+    mean = summarize(results)
+    mlflow = registry._mlflow()
+    with mlflow.start_run(run_id=mv.run_id):
+        flat = {f"eval.{k}.{_metric_key(p)}": v for p, r in results.items() for k, v in r.items() if np.isfinite(v)}
+        flat.update({f"eval.{k}.mean": v for k, v in mean.items() if np.isfinite(v)})
+        flat["eval.errors"] = len(errors)
+        mlflow.log_metrics(flat)
+        mlflow.log_dict({"per_product": results, "mean": mean, "errors": errors}, "evaluation.json")
+    clipped = sum(m.pixel.clipped for m in per.values())
+    return {"per_product": results, "mean": mean, "errors": errors, "unlabelled": unlabelled,
+            "model_version": mv.version, "random_weights": spec.is_random, "clipped_pixels": clipped}

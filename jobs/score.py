@@ -1,0 +1,43 @@
+"""python -m jobs.score --deployment D --archive URI --date YYYY-MM-DD --output URI [--model-alias production]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline import registry
+from pipeline.cluster import init_ray
+from pipeline.runs import score_night
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.score", description="Score one night's images with a registered model.")
+    ap.add_argument("--deployment", required=True)
+    ap.add_argument("--archive", required=True)
+    ap.add_argument("--date", required=True, help="YYYY-MM-DD partition to score")
+    ap.add_argument("--output", required=True, help="output root for scores/ and heatmaps/ (local or s3://)")
+    ap.add_argument("--model-alias", default="production")
+    ap.add_argument("--bank-budget-mb", type=float, default=None,
+                    help="per-actor memory-bank budget; banks above it are sharded across actors by product")
+    ap.add_argument("--actors-per-shard", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args(argv)
+    init_ray()
+    try:
+        s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
+                        args.bank_budget_mb, args.actors_per_shard, args.batch_size)
+    except (LookupError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"score: error: {e}", file=sys.stderr)
+        return 2
+    if s["random_weights"]:
+        print(registry.RANDOM_WEIGHTS_BANNER)
+    print(f"scored {s['rows_out']} of {s['rows_in']} rows with model version {s['model_version']} "
+          f"({s['bank_shards']} bank shard(s)): {s['ok']} ok, {s['error']} error, {s['anomalous']} anomalous; "
+          f"{s['images_per_s']:.1f} images/s")
+    print(f"scores:   {s['scores_uri']}")
+    print(f"heatmaps: {s['heatmaps_uri']}")
+    print(f"mlflow run: {s['run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
