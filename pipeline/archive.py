@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -45,35 +46,57 @@ def partition_uri(archive: str, deployment: str, date: str | None = None) -> str
 
 
 class ShardWriter:
-    """Streams rows into ``part-NNNNN.parquet`` shards under one partition. Opening it clears what a
-    previous run wrote there, so an ingest rerun replaces rows and never duplicates them."""
+    """Streams rows into per-product shards ``part-<product>-NNNNN.parquet`` under one partition.
+
+    The first row of a product clears that product's shards from a previous run, so a rerun replaces
+    rows and never duplicates them, and ingesting product B into a night leaves product A's rows alone.
+    """
 
     def __init__(self, archive: str, deployment: str, date: str, rows_per_shard: int = 256):
         self.partition = partition_uri(archive, deployment, date)
         self.rows_per_shard = rows_per_shard
         self.uris: list[str] = []
         self.n_rows = 0
-        self._rows: list[dict] = []
-        storage.remove_tree(self.partition)
+        self._rows: dict[str, list[dict]] = {}
+        self._count: dict[str, int] = {}
+
+    def _prefix(self, product: str) -> str:
+        return "part-" + quote(product, safe="") + "-"
 
     def write(self, row: dict) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= self.rows_per_shard:
-            self._flush()
+        p = row["product"]
+        if p not in self._rows:
+            self._clear(p)
+            self._rows[p], self._count[p] = [], 0
+        self._rows[p].append(row)
+        if len(self._rows[p]) >= self.rows_per_shard:
+            self._flush(p)
 
-    def _flush(self) -> None:
-        if not self._rows:
+    def _clear(self, product: str) -> None:
+        try:
+            old = storage.list_files(self.partition)
+        except FileNotFoundError:
             return
-        uri = storage.join(self.partition, f"part-{len(self.uris):05d}.parquet")
+        for uri in old:
+            if uri.rsplit("/", 1)[-1].startswith(self._prefix(product)):
+                storage.remove_tree(uri)
+
+    def _flush(self, product: str) -> None:
+        rows = self._rows[product]
+        if not rows:
+            return
+        uri = storage.join(self.partition, f"{self._prefix(product)}{self._count[product]:05d}.parquet")
         fs, path = storage.arrow_filesystem(uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(pa.Table.from_pylist(self._rows, schema=SCHEMA), path, filesystem=fs)
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, filesystem=fs)
         self.uris.append(uri)
-        self.n_rows += len(self._rows)
-        self._rows = []
+        self.n_rows += len(rows)
+        self._count[product] += 1
+        self._rows[product] = []
 
     def close(self) -> list[str]:
-        self._flush()
+        for p in list(self._rows):
+            self._flush(p)
         return self.uris
 
 

@@ -72,6 +72,12 @@ def scores_uri(output: str, deployment: str, date: str) -> str:
     return storage.join(output, "scores", f"deployment={deployment}", f"date={date}")
 
 
+def _labels(values) -> np.ndarray:
+    """Archive labels (0/1, null -> None or NaN in numpy) -> int8 with -1 for unknown."""
+    return np.array([-1 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v) for v in values],
+                    dtype=np.int8)
+
+
 def decode_batch(batch: dict, image_size: int, keep_masks: bool) -> dict:
     """CPU task: image bytes -> model input. Failures become status/error, never exceptions."""
     n = len(batch["image_id"])
@@ -96,7 +102,7 @@ def decode_batch(batch: dict, image_size: int, keep_masks: bool) -> dict:
            "height": hw[:, 0], "width": hw[:, 1], "status": np.array(status), "error": np.array(error)}
     if keep_masks:
         out["mask"] = masks
-        out["label"] = np.array([-1 if v is None else int(v) for v in batch["label"]], dtype=np.int8)
+        out["label"] = _labels(batch["label"])
     return out
 
 
@@ -130,7 +136,7 @@ def unknown_product_rows(batch: dict, info: RunInfo, known: list[str]) -> dict:
               for p in batch["product"]]
     if info.keep_maps:
         batch = {**batch, "mask": np.zeros((n, 1, 1), dtype=bool),
-                 "label": np.array([-1 if v is None else int(v) for v in batch["label"]], dtype=np.int8)}
+                 "label": _labels(batch["label"])}
     return _rows(batch, info, nan, nan, [None] * n, nan, ["error"] * n, errors,
                  np.zeros((n, 1, 1), dtype=np.float16) if info.keep_maps else None)
 
@@ -195,7 +201,7 @@ def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list
     fs, _ = storage.arrow_filesystem(uris[0])
     paths = [storage.arrow_filesystem(u)[1] for u in uris]
     extra = ["split"] if split is not None and "split" not in columns else []
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns + extra)
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns + extra)
     flt = None
     if products is not None:
         flt = col("product").is_in(list(products))

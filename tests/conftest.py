@@ -1,0 +1,71 @@
+"""Shared fixtures. Nothing is downloaded: a hub tag fails fast (HF_HUB_OFFLINE) and all images are the
+project's own synthetic products. S3 is a real S3 API: moto in server mode on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import pytest  # noqa: E402
+
+TINY = "anople-tiny-vit"  # 4-block, 64 px random-init open_clip config shipped in pipeline/model/configs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback; the standard AWS variables point every client at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1"})
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bucket(s3_server):
+    import boto3
+    name = "anople-test"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One in-process Ray for the session, started after the S3 variables are set (workers inherit them)."""
+    from pipeline.cluster import init_ray
+    import ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_src(tmp_path_factory):
+    from pipeline.synthetic import make_mvtec_folder
+    return make_mvtec_folder(str(tmp_path_factory.mktemp("src")), products=("tile", "washer", "fabric"),
+                             n_train=4, n_test_good=3, n_test_defect=1, size=64, seed=0)
+
+
+@pytest.fixture
+def mlflow_root(tmp_path, monkeypatch):
+    """A private MLflow store (sqlite) and local root for one test."""
+    monkeypatch.setenv("ANOPLE_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ANOPLE_ARTIFACT_ROOT", raising=False)
+    return tmp_path / "root"

@@ -1,0 +1,126 @@
+"""The whole nightly path on a real S3 API (moto server), real Ray and MLflow on sqlite:
+ingest -> train -> evaluate -> promote -> score, archive, model artifacts and outputs all in S3."""
+import io
+import os
+
+import boto3
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from jobs import evaluate as evaluate_job
+from jobs import ingest as ingest_job
+from jobs import promote as promote_job
+from jobs import score as score_job
+from jobs import train as train_job
+from pipeline import registry, storage
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.integration
+
+
+def _upload_folder(local, bucket, prefix):
+    s3 = boto3.client("s3")
+    for root, _, files in os.walk(local):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), local)
+            s3.upload_file(os.path.join(root, f), bucket, f"{prefix}/{rel}")
+
+
+def _read_scores(uri):
+    fs, path = storage.arrow_filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def nightly(request, bucket, ray_local, synthetic_src, tmp_path_factory):
+    """Run the jobs once, as a plant would; the tests below check what they left behind."""
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("root")
+    mp.setenv("ANOPLE_ROOT", str(root))
+    mp.setenv("ANOPLE_ARTIFACT_ROOT", f"s3://{bucket}/mlartifacts")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _upload_folder(synthetic_src, bucket, "incoming/mvtec")
+    arch, out = f"s3://{bucket}/archive", f"s3://{bucket}/results"
+
+    night = tmp_path_factory.mktemp("night")
+    for name in ("000.png", "001.png", "002.png"):
+        Image.open(f"{synthetic_src}/washer/test/good/{name}").save(night / name)
+    (night / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _upload_folder(str(night), bucket, "incoming/night/washer")
+    gear = io.BytesIO()
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(gear, format="PNG")
+    boto3.client("s3").put_object(Bucket=bucket, Key="incoming/night/gear/g1.png", Body=gear.getvalue())
+
+    rc = {}
+    rc["ingest"] = ingest_job.main([f"s3://{bucket}/incoming/mvtec", "--archive", arch, "--deployment", "line1",
+                                    "--date", "2026-11-20"])
+    rc["ingest_night"] = ingest_job.main([f"s3://{bucket}/incoming/night/washer", "--archive", arch,
+                                          "--deployment", "line1", "--date", "2026-11-21", "--product", "washer"])
+    rc["ingest_gear"] = ingest_job.main([f"s3://{bucket}/incoming/night/gear", "--archive", arch,
+                                         "--deployment", "line1", "--date", "2026-11-21", "--product", "gear"])
+    rc["train"] = train_job.main(["--deployment", "line1", "--archive", arch, "--shots", "2", "--seed", "0",
+                                  "--backbone", TINY, "--weights", "random"])
+    rc["evaluate"] = evaluate_job.main(["--deployment", "line1", "--archive", arch])
+    rc["promote_refused"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production"])
+    rc["promote"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production", "--force"])
+    rc["score"] = score_job.main(["--deployment", "line1", "--archive", arch, "--date", "2026-11-21", "--output", out])
+    yield {"rc": rc, "arch": arch, "out": out, "bucket": bucket}
+    mp.undo()
+
+
+def test_every_job_succeeded_and_the_gate_held(nightly):
+    assert nightly["rc"] == {"ingest": 0, "ingest_night": 0, "ingest_gear": 0, "train": 0, "evaluate": 0,
+                             "promote_refused": 3, "promote": 0, "score": 0}
+
+
+def test_registry_holds_the_version_with_both_aliases(nightly):
+    mv = registry.get_version("line1", alias="production")
+    assert set(mv.aliases) == {"candidate", "production"}
+    assert mv.tags["weights_kind"] == "random"
+    assert registry.artifact_uri(mv).startswith(f"s3://{nightly['bucket']}/mlartifacts/")
+    run = registry._mlflow().get_run(mv.run_id)
+    assert run.data.tags["random_weights"] == "true" and "RANDOM-INIT" in run.data.tags["warning"]
+    assert run.data.params["threshold_source.washer"] == "heldout_normals"
+    assert 0.0 <= run.data.metrics["eval.image_auroc.mean"] <= 1.0
+    assert "eval.aupro.washer" in run.data.metrics
+
+
+def test_one_score_row_per_input_row_with_errors_reported(nightly):
+    rows = _read_scores(f"{nightly['out']}/scores/deployment=line1/date=2026-11-21")
+    assert sorted(r["image_id"] for r in rows) == ["gear/g1", "washer/000", "washer/001", "washer/002",
+                                                  "washer/corrupt"]
+    by_id = {r["image_id"]: r for r in rows}
+    assert by_id["washer/corrupt"]["status"] == "error" and "cannot decode" in by_id["washer/corrupt"]["error"]
+    assert by_id["gear/g1"]["status"] == "error" and "unknown product 'gear'" in by_id["gear/g1"]["error"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 3
+    for r in ok:
+        assert r["model_name"] == "anople-line1" and r["deployment"] == "line1" and r["run_id"]
+        assert np.isfinite(r["score"]) and r["threshold"] > 0 and r["is_anomalous"] == (r["score"] > r["threshold"])
+        png = storage.read_bytes(r["heatmap_uri"])
+        with Image.open(io.BytesIO(png)) as img:
+            assert img.size == (64, 64) and img.mode in ("I;16", "I")  # 16-bit, the image's own size
+        assert r["heatmap_scale"] > 0
+
+
+def test_rerun_overwrites_instead_of_duplicating(nightly):
+    assert score_job.main(["--deployment", "line1", "--archive", nightly["arch"], "--date", "2026-11-21",
+                           "--output", nightly["out"]]) == 0
+    rows = _read_scores(f"{nightly['out']}/scores/deployment=line1/date=2026-11-21")
+    assert len(rows) == 5
+    assert len(storage.list_files(f"{nightly['out']}/heatmaps/deployment=line1/date=2026-11-21")) == 3
+
+
+def test_sharded_and_unsharded_scoring_agree(nightly, capsys):
+    """A tiny per-actor budget forces one bank shard per product; the scores must not change."""
+    base = ["--deployment", "line1", "--archive", nightly["arch"], "--date", "2026-11-20"]
+    assert score_job.main(base + ["--output", nightly["out"] + "/whole"]) == 0
+    assert score_job.main(base + ["--output", nightly["out"] + "/sharded", "--bank-budget-mb", "0.001"]) == 0
+    assert "(3 bank shard(s))" in capsys.readouterr().out
+    whole = {r["image_id"]: r["score"] for r in _read_scores(f"{nightly['out']}/whole/scores/deployment=line1/date=2026-11-20")}
+    sharded = {r["image_id"]: r["score"] for r in _read_scores(f"{nightly['out']}/sharded/scores/deployment=line1/date=2026-11-20")}
+    assert whole.keys() == sharded.keys() and len(whole) == 30
+    assert all(np.isfinite(v) for v in whole.values())
+    assert [whole[k] for k in sorted(whole)] == [sharded[k] for k in sorted(whole)]

@@ -1,0 +1,58 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model.anomaly_map import gaussian_kernel, harmonic_fusion, image_score, patch_scores_to_map
+from pipeline.model.backbone import (BackboneLoadError, PatchFeatureExtractor, create_clip, default_bank_layers,
+                                     fingerprint)
+from tests.conftest import TINY
+
+
+def test_patch_features_shapes_and_unit_norm():
+    clip = create_clip(TINY, "random", seed=0)
+    ext = PatchFeatureExtractor(clip, (2, 4))
+    feats = ext(torch.randn(3, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(3, 16, 64), (3, 16, 64)]  # 4x4 patches, width 64
+    assert torch.allclose(feats[0].norm(dim=-1), torch.ones(3, 16), atol=1e-5)
+    assert not any(p.requires_grad for p in clip.parameters())  # frozen
+
+
+def test_random_init_is_seeded_and_fingerprinted():
+    a, b, c = (create_clip(TINY, "random", seed=s) for s in (0, 0, 1))
+    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+
+
+def test_local_checkpoint_file_loads_by_path(tmp_path):
+    src = create_clip(TINY, "random", seed=3)
+    path = tmp_path / "weights.pt"
+    torch.save(src.state_dict(), path)
+    loaded = create_clip(TINY, str(path))
+    assert fingerprint(loaded) == fingerprint(src)
+
+
+def test_unfetchable_hub_tag_is_an_error_not_a_fallback():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(BackboneLoadError, match="cannot load weights 'laion400m_e32'"):
+        create_clip("ViT-B-16-plus-240", "laion400m_e32")
+    with pytest.raises(BackboneLoadError, match="unknown open_clip architecture"):
+        create_clip("no-such-arch", "random")
+
+
+def test_bank_layers_default_and_validation():
+    assert default_bank_layers(12) == (3, 8)
+    assert default_bank_layers(4) == (1, 3)
+    with pytest.raises(ValueError):
+        PatchFeatureExtractor(create_clip(TINY, "random"), (5,))
+
+
+def test_anomaly_map_upsamples_blurs_and_scores():
+    patch = torch.zeros(2, 16)
+    patch[1, 5] = 1.0
+    amap = patch_scores_to_map(patch, (4, 4), 64, sigma=4.0)
+    assert amap.shape == (2, 64, 64)
+    assert float(image_score(amap)[0]) == 0.0 and float(image_score(amap)[1]) > 0
+    assert float(gaussian_kernel(4.0).sum()) == pytest.approx(1.0)
+    a, b = torch.tensor([0.2, 0.0]), torch.tensor([0.6, 0.5])
+    assert harmonic_fusion(a, b).tolist() == pytest.approx([0.3, 0.0])

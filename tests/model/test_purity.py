@@ -1,0 +1,37 @@
+"""pipeline/model/ is pure torch: no ray, mlflow, faiss or storage imports (STYLE.md)."""
+import ast
+import pathlib
+import subprocess
+import sys
+
+FORBIDDEN = ("ray", "mlflow", "faiss", "fsspec", "s3fs", "boto3", "botocore", "pyarrow", "pipeline.storage")
+MODEL_DIR = pathlib.Path(__file__).resolve().parents[2] / "pipeline" / "model"
+
+
+def _imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import inside pipeline.model is fine; above it is not
+                assert node.level == 1, f"{path}: relative import leaves pipeline.model"
+                continue
+            yield node.module
+
+
+def test_no_forbidden_import_statements():
+    files = list(MODEL_DIR.rglob("*.py"))
+    assert files
+    for f in files:
+        for mod in _imports(f):
+            root_ok = not any(mod == m or mod.startswith(m + ".") for m in FORBIDDEN)
+            assert root_ok, f"{f.name} imports {mod}"
+            assert not mod.startswith("pipeline.") or mod.startswith("pipeline.model"), f"{f.name} imports {mod}"
+
+
+def test_importing_the_model_loads_none_of_them():
+    code = ("import sys, pkgutil, importlib, pipeline.model as m\n"
+            "[importlib.import_module('pipeline.model.' + i.name) for i in pkgutil.iter_modules(m.__path__)]\n"
+            f"print(sorted(x for x in {FORBIDDEN!r} if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
