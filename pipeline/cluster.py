@@ -19,6 +19,10 @@ def init_ray(num_cpus: int | None = None) -> dict:
             env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
             kwargs.update(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
         ray.init(**kwargs)
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # batch jobs log to files; progress bars only clutter them
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray.cluster_resources()
 
 

@@ -131,11 +131,11 @@ def evaluate(deployment: str, archive: str, alias: str = "candidate", batch_size
     batches = (b for ds in parts for b in ds.iter_batches(batch_format="numpy", batch_size=batch_size))
     for batch in batches:
         for i in range(len(batch["image_id"])):
+            if batch["label"][i] < 0:  # nightly rows carry no label: not part of the evaluation
+                unlabelled += 1
+                continue
             if batch["status"][i] != "ok":
                 errors.append(f"{batch['image_id'][i]}: {batch['error'][i]}")
-                continue
-            if batch["label"][i] < 0:
-                unlabelled += 1
                 continue
             m = per.setdefault(str(batch["product"][i]), ProductMetrics())
             m.update(batch["score"][i], int(batch["label"][i]), batch["map"][i].astype(np.float32), batch["mask"][i])

@@ -1,0 +1,23 @@
+# make demo: the whole nightly path on a generated sample archive (./demo-run/)
+# make test: the test suite (unit + integration: real Ray, MLflow on sqlite, moto S3 server)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	rm -rf demo-run
+	RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 $(PY) -m jobs.demo --root demo-run
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 $(PY) -m pytest -q
+
+clean:
+	rm -rf demo-run anople-root .pytest_cache
