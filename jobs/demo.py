@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="jobs.demo", description=__doc__.split("\n\n")[1])
     ap.add_argument("--root", default="demo-run")
     ap.add_argument("--weights", default=None, help="override: tag, file, s3:// or 'random'")
+    ap.add_argument("--epochs", type=int, default=3, help="prompt-learning epochs (kept small for a 2-core laptop)")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root)
     os.environ.setdefault("ANOPLE_ROOT", root)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print("real, but every score, heatmap and metric below is meaningless for inspection.")
         print("=" * 100)
     print(f"demo: backbone {BACKBONE} ({weights}), 240 px model input, synthetic 128 px images, "
-          f"products {', '.join(PRODUCTS)}; root {root}")
+          f"products {', '.join(PRODUCTS)}, 1 shot, {args.epochs} prompt epochs; root {root}")
     t0 = time.time()
     from jobs import evaluate, ingest, promote, score, train
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         _step("ingest night", ingest.main([os.path.join(night, p, "test"), "--archive", archive,
                                            "--deployment", "demo", "--date", "2026-11-22", "--product", p]))
     _step("train", train.main(["--deployment", "demo", "--archive", archive, "--shots", "1",
-                               "--backbone", BACKBONE, "--weights", weights]))
+                               "--backbone", BACKBONE, "--weights", weights, "--epochs", str(args.epochs)]))
     _step("evaluate", evaluate.main(["--deployment", "demo", "--archive", archive]))
     promote_args = ["--deployment", "demo", "--from-alias", "candidate", "--to", "production"]
     _step("promote", promote.main(promote_args + (["--force"] if weights == "random" else [])))

@@ -10,9 +10,10 @@ import sys
 
 from pipeline import registry
 from pipeline.cluster import has_gpus, init_ray
+from pipeline.config import load_config
 from pipeline.model.backbone import BackboneLoadError
 from pipeline.runs import train_and_register
-from pipeline.training import TrainConfig
+from pipeline.training import TrainConfig, check_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +25,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default="ViT-B-16-plus-240", help="open_clip architecture")
     ap.add_argument("--weights", default="laion400m_e32",
                     help="open_clip pretrained tag, local checkpoint file, s3:// URI, or 'random'")
+    ap.add_argument("--config", help="AnoPLe config YAML (every knob and ablation switch); flags below override it")
+    ap.add_argument("--epochs", type=int, help="prompt-learning epochs (config default: 100)")
+    ap.add_argument("--prompt-mode", choices=["bi", "t2i", "i2t", "text", "visual", "none"],
+                    help="ablation: bidirectional (default), T->I, I->T, text only, visual only, none (= memory bank only)")
     ap.add_argument("--bank-layers", default="", help="comma-separated 1-based blocks (default: 3,8 scaled to depth)")
+    ap.add_argument("--restart", action="store_true", help="do not resume from this run's epoch checkpoints")
     ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (products are split among them)")
     ap.add_argument("--storage-path", default="", help="Ray Train storage (default <ANOPLE_ROOT>/ray_results)")
     args = ap.parse_args(argv)
     if args.shots < 1:
         ap.error("--shots must be >= 1")
+    try:
+        check_weights(args.backbone, args.weights)  # before any cluster work: a typo fails in a second
+    except ValueError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        bank_layers = [int(x) for x in args.bank_layers.split(",") if x] or None
+        fusion = "bank" if args.prompt_mode == "none" else None
+        anople = load_config(args.config, epochs=args.epochs, prompt_mode=args.prompt_mode, seed=args.seed,
+                             bank_layers=bank_layers, fusion=fusion)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train: error: bad config: {e}", file=sys.stderr)
+        return 2
     init_ray()
     cfg = TrainConfig(deployment=args.deployment, archive=args.archive, shots=args.shots, seed=args.seed,
-                      backbone=args.backbone, weights=args.weights,
-                      bank_layers=tuple(int(x) for x in args.bank_layers.split(",") if x),
+                      backbone=args.backbone, weights=args.weights, anople=anople, restart=args.restart,
                       num_workers=args.num_workers, use_gpu=has_gpus(), storage_path=args.storage_path)
     try:
         mv, spec = train_and_register(cfg)
@@ -44,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"registered {registry.model_name(args.deployment)} version {mv.version} (alias: candidate); "
           f"run {mv.run_id}; products: {', '.join(sorted(spec.products))}")
+    print(f"  AnoPLe: prompts {spec.anople['prompt_mode']}, fusion {spec.anople['fusion']}, "
+          f"epochs {spec.anople['epochs'] if spec.prompts_file else 0}")
     for p, ps in sorted(spec.products.items()):
         print(f"  {p}: threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
     return 0

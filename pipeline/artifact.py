@@ -2,12 +2,12 @@
 
 Layout of an artifact folder (local or s3://):
 
-    model.json                  ModelSpec below (backbone, bank layers, products, thresholds, ...)
-    banks/<product>.npz         memory-bank patch features, one array per bank layer
-    prompts.safetensors         (prompt-learning half, next issue) trained prompts/decoder weights
+    model.json                  ModelSpec below (backbone, AnoPLe config, products, thresholds, ...)
+    banks/<product>.npz         memory-bank patch features (from the prompted encoder), one array per layer
+    prompts.safetensors         everything that trained: prompts, f_v->t / f_t->v, prefixes, decoder
+    fits/, worker-*.json        per-product calibration scores and worker facts (for audits)
 
-The prompt-learning half drops in as one more file plus fields in ModelSpec; the scorer fuses its map
-with the bank map when the file is present.
+A bank-only model (prompt_mode "none") has no prompts.safetensors.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from pipeline import storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -42,7 +42,8 @@ class ModelSpec:
     bank_layers: list[int]    # 1-based transformer blocks feeding the memory bank
     shots: int                # K normal shots per product
     feature_dim: int          # width of the bank features (the ViT width)
-    blur_sigma: float = 4.0
+    anople: dict = field(default_factory=dict)  # AnoPLeConfig.to_dict(), bank_layers resolved
+    prompts_file: str = ""    # "prompts.safetensors", or "" for a bank-only model
     products: dict[str, ProductSpec] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

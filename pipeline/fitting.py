@@ -52,38 +52,41 @@ def _crops(rgb: np.ndarray) -> list[np.ndarray]:
     return [rgb[:ch, :cw], rgb[:ch, w - cw:], rgb[h - ch:, :cw], rgb[h - ch:, w - cw:]]
 
 
-def fit_product(product: str, images: dict[str, bytes], shots: list[str], heldout: list[str],
-                features, score_fn, image_size: int, backend: str = "faiss-cpu",
-                batch_size: int = 16) -> ProductFit:
-    """Build the bank from `shots` and calibrate its threshold.
+def fit_product(product: str, images: dict[str, bytes], shots: list[str], heldout: list[str], scorer,
+                backend: str = "faiss-cpu", batch_size: int = 16) -> ProductFit:
+    """Build the bank from `shots` with the (trained) prompted encoder and calibrate its threshold on
+    the fused scores the scorer will compute. `scorer` is a pipeline.scorer.Scorer."""
+    size = scorer.model.image_size
 
-    features(pixels [B,3,S,S]) -> per layer [B, h*w, C]; score_fn(bank, feats) -> scores [B].
-    """
-    def pixels(rgbs):
-        return np.stack([to_model_input(r, image_size) for r in rgbs])
+    def encode(rgbs):
+        encs = [scorer.encode(np.stack([to_model_input(r, size) for r in rgbs[i:i + batch_size]]))
+                for i in range(0, len(rgbs), batch_size)]
+        return {"z0": torch.cat([e["z0"] for e in encs]),
+                "patches": {k: torch.cat([e["patches"][k] for e in encs]) for k in encs[0]["patches"]}}
 
-    def feats_of(rgbs):
-        out = None
-        for i in range(0, len(rgbs), batch_size):
-            f = features(pixels(rgbs[i:i + batch_size]))
-            out = f if out is None else [torch.cat([a, b]) for a, b in zip(out, f)]
-        return out  # per layer [N, h*w, C]
+    def bank_of(enc, rows):
+        feats = scorer.model.bank_features(enc)  # per layer [N, HW, C]
+        return MemoryBank([f[rows].reshape(-1, f.shape[-1]).cpu().numpy() for f in feats], backend)
 
+    def scores(bank, enc):
+        n = enc["z0"].shape[0]
+        return list(scorer.score_encoded(enc, [product] * n, banks={product: bank})[0])
+
+    from pipeline.scorer import select
     shot_rgb = [decode_image(images[i]) for i in shots]
-    shot_feats = feats_of(shot_rgb)
-    bank = MemoryBank([f.reshape(-1, f.shape[-1]).cpu().numpy() for f in shot_feats], backend)
+    enc = encode(shot_rgb)
+    bank = bank_of(enc, list(range(len(shots))))
     if heldout:
-        scores = list(score_fn(bank, feats_of([decode_image(images[i]) for i in heldout])))
+        cal = scores(bank, encode([decode_image(images[i]) for i in heldout]))
         how = "heldout_normals"
     elif len(shots) >= 2:
-        scores = []
+        cal = []
         for j in range(len(shots)):
-            rest = MemoryBank([torch.cat([f[:j], f[j + 1:]]).reshape(-1, f.shape[-1]).cpu().numpy()
-                               for f in shot_feats], backend)
-            scores += list(score_fn(rest, [f[j:j + 1] for f in shot_feats]))
+            rest = [i for i in range(len(shots)) if i != j]
+            cal += scores(bank_of(enc, rest), select(enc, [j]))
         how = "shots_leave_one_out"
     else:
-        scores = list(score_fn(bank, feats_of(_crops(shot_rgb[0]))))
+        cal = scores(bank, encode(_crops(shot_rgb[0])))
         how = "shots_augmented"
-    scores = [float(s) for s in scores]
-    return ProductFit(product, bank, threshold_from(scores), how, scores, list(shots))
+    cal = [float(s) for s in cal]
+    return ProductFit(product, bank, threshold_from(cal), how, cal, list(shots))

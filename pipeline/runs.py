@@ -22,7 +22,10 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, ModelSpec]:
     with tempfile.TemporaryDirectory() as out, mlflow.start_run(experiment_id=exp, run_name=f"train-k{cfg.shots}-s{cfg.seed}") as run:
         mlflow.log_params({"deployment": cfg.deployment, "archive": storage.normalize(cfg.archive),
                            "shots": cfg.shots, "seed": cfg.seed, "backbone": cfg.backbone, "weights": cfg.weights,
-                           "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "blur_sigma": cfg.blur_sigma})
+                           "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "run_key": cfg.run_key()})
+        # every knob and ablation switch of the typed config, as params
+        mlflow.log_params({f"anople.{k}": (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+                           for k, v in cfg.anople.to_dict().items()})
         t0 = time.time()
         spec, summary = fit_deployment(cfg, out)
         kind = spec.weights_kind
@@ -33,6 +36,11 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, ModelSpec]:
         mlflow.log_params({"bank_layers": ",".join(map(str, spec.bank_layers)), "image_size": spec.image_size,
                            "weights_kind": kind, "weights_fingerprint": spec.weights_fingerprint,
                            "products": ",".join(sorted(spec.products))})
+        for e in summary["epochs"]:
+            mlflow.log_metrics({k: v for k, v in e.items() if k != "epoch"}, step=int(e["epoch"]))
+        mlflow.log_params({"resolved.bank_layers": ",".join(map(str, spec.anople["bank_layers"])),
+                           "resolved.decoder_layers": ",".join(map(str, spec.anople["decoder_layers"])),
+                           "resolved.prompt_depth": spec.anople["prompt_depth"]})
         metrics = {"fit_seconds": time.time() - t0, "n_products": len(spec.products)}
         for p, ps in spec.products.items():
             key = _metric_key(p)

@@ -1,17 +1,22 @@
-"""Scoring with a trained deployment artifact: backbone + memory banks + thresholds.
+"""Scoring with a trained deployment artifact: prompted backbone + memory banks + thresholds.
 
-Used by the Ray Data inference actors (one Scorer per actor, loaded in ``__init__``) and by training
-for threshold calibration. No Ray in here.
+One visual forward per image (global view, prefix c_0 only); text features are computed once per
+product at load time and cached. The anomaly map is the harmonic mean of the decoder's text map and the
+memory-bank map (or either alone, per the config's fusion), upsampled and Gaussian-smoothed; the image
+score is its maximum. Used by the Ray Data actors and by training's threshold calibration. No Ray here.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
 
 from pipeline import artifact, storage
 from pipeline.bank import MemoryBank, pick_backend
-from pipeline.model.anomaly_map import image_score, patch_scores_to_map
-from pipeline.model.backbone import PatchFeatureExtractor, fingerprint
+from pipeline.model.anople import AnoPLe, build_tokenizer, pixel_map
+from pipeline.model.anomaly_map import blur, harmonic_fusion, image_score, patch_scores_to_map
+from pipeline.model.backbone import fingerprint
+from pipeline.model.config import AnoPLeConfig
 from pipeline.weights import load_clip
 
 
@@ -25,29 +30,50 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load_extractor(spec: artifact.ModelSpec, device: str) -> PatchFeatureExtractor:
-    """The frozen backbone of an artifact, verified to be the very weights it was trained with."""
-    clip = load_clip(spec.backbone, spec.weights, seed=spec.seed)
-    got = fingerprint(clip)
-    if got != spec.weights_fingerprint:
-        raise RuntimeError(
-            f"backbone {spec.backbone} with weights {spec.weights!r} has fingerprint {got}, but the model "
-            f"was trained on {spec.weights_fingerprint}: the weights changed since training")
-    return PatchFeatureExtractor(clip, tuple(spec.bank_layers)).to(device)
+def build_model(backbone: str, weights: str, seed: int, cfg: AnoPLeConfig, device: str,
+                expect_fingerprint: str | None = None) -> AnoPLe:
+    """The frozen backbone wrapped in AnoPLe; with `expect_fingerprint`, proven to be the very weights
+    the model was trained with."""
+    clip = load_clip(backbone, weights, seed=seed)
+    if expect_fingerprint is not None:
+        got = fingerprint(clip)
+        if got != expect_fingerprint:
+            raise RuntimeError(
+                f"backbone {backbone} with weights {weights!r} has fingerprint {got}, but the model was "
+                f"trained on {expect_fingerprint}: the weights changed since training")
+    return AnoPLe(clip, cfg, build_tokenizer(backbone)).to(device).eval()
+
+
+def select(enc: dict, rows) -> dict:
+    """Rows of an encode() result."""
+    return {"z0": enc["z0"][rows], "patches": {k: v[rows] for k, v in enc["patches"].items()}}
 
 
 class Scorer:
     """Image batch -> (image scores, anomaly maps) for the products whose banks it holds."""
 
-    def __init__(self, extractor: PatchFeatureExtractor, banks: dict[str, MemoryBank],
-                 blur_sigma: float, device: str, spec: artifact.ModelSpec | None = None):
-        self.extractor, self.banks, self.blur_sigma, self.device = extractor, banks, blur_sigma, device
-        self.spec = spec
+    def __init__(self, model: AnoPLe, banks: dict[str, MemoryBank], device: str,
+                 spec: artifact.ModelSpec | None = None):
+        self.model, self.banks, self.device, self.spec = model, banks, device, spec
+        self.text: dict[str, torch.Tensor] = {}  # product -> [2, D] cached text features
+        if model.decoder is not None:
+            self.cache_text(list(banks))
+
+    @torch.inference_mode()
+    def cache_text(self, products: list[str]) -> None:
+        todo = [p for p in products if p not in self.text]
+        if todo and self.model.decoder is not None:
+            feats = self.model.encode_text(todo)  # [P, 2, D]
+            self.text.update({p: feats[i] for i, p in enumerate(todo)})
 
     @classmethod
     def load(cls, artifact_uri: str, products: list[str] | None = None, device: str = "auto") -> "Scorer":
         device = pick_device(device)
         spec = artifact.load_spec(artifact_uri)
+        cfg = AnoPLeConfig.from_dict(spec.anople)
+        model = build_model(spec.backbone, spec.weights, spec.seed, cfg, device, spec.weights_fingerprint)
+        if spec.prompts_file:
+            model.load_prompt_state(st_load(storage.read_bytes(storage.join(artifact_uri, spec.prompts_file))))
         wanted = sorted(spec.products) if products is None else products
         backend = pick_backend(device)
         banks = {}
@@ -56,13 +82,14 @@ class Scorer:
                 raise UnknownProductError(p)
             data = storage.read_bytes(storage.join(artifact_uri, spec.products[p].bank_file))
             banks[p] = MemoryBank.from_bytes(data, backend)
-        return cls(load_extractor(spec, device), banks, spec.blur_sigma, device, spec)
+        return cls(model, banks, device, spec)
 
     @torch.inference_mode()
-    def features(self, pixels: np.ndarray) -> list[torch.Tensor]:
-        """[B, 3, S, S] normalised pixels -> per bank layer [B, h*w, C]."""
+    def encode(self, pixels: np.ndarray) -> dict:
+        """[B, 3, S, S] normalised pixels -> the one visual forward (global view, prefix c_0)."""
         x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
-        return self.extractor(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
+            return self.model.encode_image(x)
 
     @torch.inference_mode()
     def score(self, pixels: np.ndarray, products: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -70,16 +97,30 @@ class Scorer:
         missing = sorted({p for p in products if p not in self.banks})
         if missing:
             raise UnknownProductError(", ".join(missing))
-        feats = self.features(pixels)
-        return self.score_features(feats, products)
+        return self.score_encoded(self.encode(pixels), products)
 
-    def score_features(self, feats: list[torch.Tensor], products: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        b, hw = feats[0].shape[:2]
-        patch = torch.empty(b, hw, device=feats[0].device)  # [B, h*w] visual anomaly per patch
-        for p in sorted(set(products)):
-            rows = [i for i, q in enumerate(products) if q == p]
-            queries = [f[rows].reshape(-1, f.shape[-1]) for f in feats]  # per layer [len(rows)*h*w, C]
-            patch[rows] = self.banks[p].distance(queries).reshape(len(rows), hw).to(patch.device)
-        grid = (self.extractor.grid.height, self.extractor.grid.width)
-        amap = patch_scores_to_map(patch, grid, self.extractor.image_size, self.blur_sigma)  # [B, S, S]
+    @torch.inference_mode()
+    def score_encoded(self, enc: dict, products: list[str], banks: dict[str, MemoryBank] | None = None):
+        banks = self.banks if banks is None else banks
+        model, cfg = self.model, self.model.cfg
+        S = model.image_size
+        B = enc["z0"].shape[0]
+        maps = []
+        if cfg.fusion in ("bank", "harmonic"):
+            feats = model.bank_features(enc)  # per layer [B, HW, C]
+            hw = feats[0].shape[1]
+            patch = torch.empty(B, hw, device=feats[0].device)  # visual anomaly per patch
+            for p in sorted(set(products)):
+                rows = [i for i, q in enumerate(products) if q == p]
+                queries = [f[rows].reshape(-1, f.shape[-1]) for f in feats]
+                patch[rows] = banks[p].distance(queries).reshape(len(rows), hw).to(patch.device)
+            maps.append(patch_scores_to_map(patch, model.grid, S, sigma=0))  # [B, S, S]
+        if cfg.fusion in ("text", "harmonic"):
+            self.cache_text(sorted(set(products)))
+            text = torch.stack([self.text[p] for p in products])  # [B, 2, D]
+            head = model.text_head(enc, text.to(enc["z0"].dtype))
+            maps.append(pixel_map(head["logits"].float(), S))  # [B, S, S]
+        amap = maps[0] if len(maps) == 1 else harmonic_fusion(maps[1], maps[0])
+        amap = blur(amap.float(), cfg.blur_sigma)
         return image_score(amap).cpu().numpy(), amap.cpu().numpy()
+

@@ -7,14 +7,17 @@ The prompt-learning half (next issue) trains inside the same loop.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import archive, artifact, storage
+from pipeline.model.config import AnoPLeConfig
 
 
 @dataclass
@@ -25,56 +28,96 @@ class TrainConfig:
     seed: int = 0
     backbone: str = "ViT-B-16-plus-240"  # open_clip architecture
     weights: str = "laion400m_e32"       # hub tag, local file, s3:// URI, or "random"
-    bank_layers: tuple[int, ...] = ()    # 1-based blocks; () = PromptAD's 3 and 8 scaled to the depth
-    blur_sigma: float = 4.0
+    anople: AnoPLeConfig = field(default_factory=AnoPLeConfig)
     num_workers: int = 1
     use_gpu: bool = False
-    storage_path: str = ""               # where Ray Train writes checkpoints (local or s3://)
+    storage_path: str = ""               # Ray Train storage and prompt checkpoints (local or s3://)
+    restart: bool = False                # ignore earlier epoch checkpoints of the same run key
+
+    def run_key(self) -> str:
+        """Same data, shots, seed, backbone and config -> same key: a rerun resumes that run."""
+        blob = json.dumps([self.deployment, storage.normalize(self.archive), self.shots, self.seed, self.backbone,
+                           self.weights, self.anople.to_dict()], sort_keys=True)
+        return f"anople-{self.deployment}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _load_shots(cfg: dict, products: list[str], size: int) -> tuple[dict, dict]:
+    """Per product: (all train images by id, chosen shot ids, held-out normal ids)."""
+    from pipeline.fitting import choose_shots
+
+    data = {}
+    for product in products:
+        table = archive.read_table(cfg["archive"], cfg["deployment"], split="train", products=[product],
+                                   columns=["image_id", "image", "label"])
+        ids = table["image_id"].to_pylist()
+        normal = [i for i, lab in zip(ids, table["label"].to_pylist()) if lab in (0, None)]
+        try:
+            shots, heldout = choose_shots(normal, cfg["shots"], cfg["seed"])
+        except ValueError as e:
+            raise RuntimeError(f"product {product!r}: {e}") from e
+        data[product] = (dict(zip(ids, table["image"].to_pylist())), shots, heldout)
+    return data
 
 
 def _fit_worker(cfg: dict) -> None:
-    """Ray Train per-worker loop (runs in the worker process)."""
+    """Ray Train per-worker loop: prompt learning (data-parallel over products), then banks and
+    thresholds for this worker's products."""
     import ray.train
     import torch
+    from safetensors.torch import save as st_save
 
     from pipeline.bank import pick_backend
-    from pipeline.fitting import choose_shots, fit_product
-    from pipeline.model.backbone import PatchFeatureExtractor, default_bank_layers, fingerprint
-    from pipeline.scorer import Scorer
-    from pipeline.weights import load_clip
+    from pipeline.fitting import fit_product
+    from pipeline.images import decode_image, to_model_input
+    from pipeline.model.backbone import fingerprint
+    from pipeline.prompt_training import PromptTrainer, all_reduce_grads, shots_batch
+    from pipeline.scorer import Scorer, build_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     mine = cfg["products"][rank::world]
     device = "cuda" if cfg["use_gpu"] and torch.cuda.is_available() else "cpu"
-    clip = load_clip(cfg["backbone"], cfg["weights"], seed=cfg["seed"])
-    depth = len(clip.visual.transformer.resblocks)
-    layers = tuple(cfg["bank_layers"]) or default_bank_layers(depth)
-    extractor = PatchFeatureExtractor(clip, layers).to(device)
-    backend = pick_backend(device)
+    acfg = AnoPLeConfig.from_dict(cfg["anople"])
+    model = build_model(cfg["backbone"], cfg["weights"], cfg["seed"], acfg, device)
+    data = _load_shots(cfg, mine, model.image_size)
 
-    def features(pixels):  # [B, 3, S, S] float32 -> per layer [B, h*w, C]
-        with torch.inference_mode():
-            return extractor(torch.from_numpy(pixels).to(device))
-
-    def score_fn(bank, feats):
-        return Scorer(extractor, {"_": bank}, cfg["blur_sigma"], device).score_features(feats, ["_"] * feats[0].shape[0])[0]
+    epoch_log = []
+    if acfg.trains:
+        pix = {p: [to_model_input(decode_image(images[i]), model.image_size) for i in shots]
+               for p, (images, shots, _) in data.items()}
+        trainer = PromptTrainer(model, shots_batch(pix, cfg["products"]), device,
+                                grad_sync=all_reduce_grads if world > 1 else None, amp=device == "cuda")
+        ckpts = storage.join(cfg["storage_path"], cfg["run_key"], "prompt-checkpoints")
+        latest = None if cfg["restart"] else _latest_checkpoint(ckpts)
+        if latest:
+            trainer.load_state_bytes(storage.read_bytes(latest))
+        while trainer.epoch < acfg.epochs:
+            t0 = time.time()
+            metrics = trainer.run_epoch()
+            metrics["epoch_seconds"] = time.time() - t0
+            epoch_log.append(metrics)
+            if rank == 0:  # every epoch: resumable from storage
+                storage.write_bytes(storage.join(ckpts, f"epoch-{trainer.epoch:04d}.pt"), trainer.state_bytes())
+            ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
 
     with tempfile.TemporaryDirectory() as out:
         os.makedirs(os.path.join(out, "banks"), exist_ok=True)
         os.makedirs(os.path.join(out, "fits"), exist_ok=True)
-        meta = {"fingerprint": fingerprint(clip), "bank_layers": list(layers), "image_size": extractor.image_size,
-                "feature_dim": int(clip.visual.transformer.width), "device": device, "backend": backend}
+        meta = {"fingerprint": fingerprint(model.clip), "bank_layers": list(model.bank_layers),
+                "decoder_layers": list(model.decoder_layers), "prompt_depth": model.J,
+                "image_size": model.image_size, "feature_dim": int(model.d_v), "device": device,
+                "backend": pick_backend(device)}
         with open(os.path.join(out, f"worker-{rank}.json"), "w") as f:
             json.dump(meta, f)
-        for product in mine:
-            table = archive.read_table(cfg["archive"], cfg["deployment"], split="train", products=[product],
-                                       columns=["image_id", "image", "label"])
-            normal = [i for i, lab in zip(table["image_id"].to_pylist(), table["label"].to_pylist()) if lab in (0, None)]
-            images = dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist()))
+        if acfg.trains and rank == 0:
+            with open(os.path.join(out, "prompts.safetensors"), "wb") as f:
+                f.write(st_save(model.prompt_state()))
+            with open(os.path.join(out, "train_log.json"), "w") as f:
+                json.dump(epoch_log, f)
+        scorer = Scorer(model, {}, device)
+        for product, (images, shots, heldout) in data.items():
             try:
-                shots, heldout = choose_shots(normal, cfg["shots"], cfg["seed"])
-                fit = fit_product(product, images, shots, heldout, features, score_fn, extractor.image_size, backend)
+                fit = fit_product(product, images, shots, heldout, scorer, pick_backend(device))
             except Exception as e:
                 raise RuntimeError(f"product {product!r}: {e}") from e
             with open(os.path.join(out, artifact.bank_file(product)), "wb") as f:
@@ -85,13 +128,34 @@ def _fit_worker(cfg: dict) -> None:
             with open(os.path.join(out, "fits", f"{quote_name(product)}.json"), "w") as f:
                 json.dump({"product": product, "spec": spec.__dict__,
                            "calibration_scores": fit.calibration_scores}, f)
-        ray.train.report({"products_fitted": len(mine)},
-                         checkpoint=ray.train.Checkpoint.from_directory(out))
+        ray.train.report({"products_fitted": len(mine)}, checkpoint=ray.train.Checkpoint.from_directory(out))
+
+
+def _latest_checkpoint(uri: str) -> str | None:
+    try:
+        files = [u for u in storage.list_files(uri) if u.rsplit("/", 1)[-1].startswith("epoch-")]
+    except FileNotFoundError:
+        return None
+    return max(files) if files else None
 
 
 def quote_name(product: str) -> str:
     from urllib.parse import quote
     return quote(product, safe="")
+
+
+def check_weights(backbone: str, weights: str) -> None:
+    """Fail on the driver, before any worker starts, for an unknown architecture or hub tag."""
+    import open_clip
+
+    from pipeline.weights import weights_kind
+
+    if backbone not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {backbone!r}")
+    if weights_kind(weights) == "hub" and weights not in open_clip.list_pretrained_tags_by_model(backbone):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(backbone)) or "none"
+        raise ValueError(f"{weights!r} is neither a file nor a pretrained tag of {backbone} (tags: {tags}); "
+                         "pass a tag, a local file, an s3:// URI, or 'random'")
 
 
 def products_in(archive_uri: str, deployment: str) -> list[str]:
@@ -109,10 +173,12 @@ def fit_deployment(cfg: TrainConfig, out_dir: str) -> tuple[artifact.ModelSpec, 
 
     from pipeline.weights import weights_kind
 
+    check_weights(cfg.backbone, cfg.weights)
     products = products_in(cfg.archive, cfg.deployment)
     loop_cfg = {"products": products, "archive": storage.normalize(cfg.archive), "deployment": cfg.deployment,
                 "shots": cfg.shots, "seed": cfg.seed, "backbone": cfg.backbone, "weights": cfg.weights,
-                "bank_layers": list(cfg.bank_layers), "blur_sigma": cfg.blur_sigma, "use_gpu": cfg.use_gpu}
+                "anople": cfg.anople.to_dict(), "use_gpu": cfg.use_gpu, "restart": cfg.restart,
+                "storage_path": storage.normalize(cfg.storage_path), "run_key": cfg.run_key()}
     trainer = TorchTrainer(
         _fit_worker,
         train_loop_config=loop_cfg,
@@ -133,11 +199,17 @@ def fit_deployment(cfg: TrainConfig, out_dir: str) -> tuple[artifact.ModelSpec, 
     if len({w["fingerprint"] for w in workers}) != 1:
         raise RuntimeError(f"workers built different backbones: {[w['fingerprint'] for w in workers]}")
     w0 = workers[0]
+    resolved = cfg.anople.to_dict() | {"bank_layers": w0["bank_layers"], "decoder_layers": w0["decoder_layers"],
+                                        "prompt_depth": w0["prompt_depth"]}
     spec = artifact.ModelSpec(
         deployment=cfg.deployment, backbone=cfg.backbone, weights=cfg.weights, weights_kind=weights_kind(cfg.weights),
         weights_fingerprint=w0["fingerprint"], seed=cfg.seed, image_size=w0["image_size"],
-        bank_layers=w0["bank_layers"], shots=cfg.shots, feature_dim=w0["feature_dim"], blur_sigma=cfg.blur_sigma)
-    summary = {"device": w0["device"], "knn_backend": w0["backend"], "calibration": {}}
+        bank_layers=w0["bank_layers"], shots=cfg.shots, feature_dim=w0["feature_dim"], anople=resolved,
+        prompts_file="prompts.safetensors" if cfg.anople.trains else "")
+    summary = {"device": w0["device"], "knn_backend": w0["backend"], "calibration": {}, "epochs": []}
+    log_path = os.path.join(out_dir, "train_log.json")
+    if os.path.exists(log_path):
+        summary["epochs"] = json.load(open(log_path))
     for p in products:
         path = os.path.join(out_dir, "fits", f"{quote_name(p)}.json")
         if not os.path.exists(path):

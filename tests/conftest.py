@@ -20,9 +20,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def s3_server():
-    """A moto S3 server on loopback; the standard AWS variables point every client at it."""
+    """A moto S3 server on loopback; the standard AWS variables point every client at it. Autouse, so
+    the variables are set before any test starts Ray (local workers copy the environment at start)."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()

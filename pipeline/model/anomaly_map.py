@@ -20,12 +20,19 @@ def patch_scores_to_map(patch_scores: torch.Tensor, grid: tuple[int, int], size:
     b = patch_scores.shape[0]
     m = patch_scores.reshape(b, 1, grid[0], grid[1]).float()  # [B, 1, h, w]
     m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)  # [B, 1, S, S]
-    if sigma > 0:
-        k = gaussian_kernel(sigma).to(m.device)
-        r = k.numel() // 2
-        m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-        m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return m[:, 0]  # [B, S, S]
+    return blur(m[:, 0], sigma)  # [B, S, S]
+
+
+def blur(amap: torch.Tensor, sigma: float) -> torch.Tensor:
+    """[B, S, S] separable Gaussian smoothing (replicate padding); sigma <= 0 leaves it as is."""
+    if sigma <= 0:
+        return amap
+    k = gaussian_kernel(sigma).to(amap.device)
+    r = k.numel() // 2
+    m = amap.unsqueeze(1)
+    m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return m[:, 0]
 
 
 def harmonic_fusion(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

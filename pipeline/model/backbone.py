@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 
 import open_clip
 import torch
@@ -68,43 +67,3 @@ def fingerprint(module: nn.Module) -> str:
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
         h.update(str(float(p.detach().float().sum())).encode())
     return h.hexdigest()[:16]
-
-
-def default_bank_layers(depth: int) -> tuple[int, ...]:
-    """PromptAD's layers 3 and 8 of a 12-block ViT (1-based), scaled to the backbone's depth."""
-    return tuple(sorted({max(1, round(depth * 3 / 12)), max(1, round(depth * 8 / 12))}))
-
-
-@dataclass(frozen=True)
-class PatchGrid:
-    height: int  # patches per column
-    width: int  # patches per row
-
-
-class PatchFeatureExtractor(nn.Module):
-    """Frozen CLIP visual tower -> L2-normalised patch tokens of chosen blocks (the memory bank's input)."""
-
-    def __init__(self, clip: nn.Module, layers: tuple[int, ...]):
-        super().__init__()
-        self.visual = clip.visual
-        depth = len(self.visual.transformer.resblocks)
-        if not layers or min(layers) < 1 or max(layers) > depth:
-            raise ValueError(f"bank layers {layers} outside 1..{depth} for this backbone")
-        self.layers = tuple(layers)
-        size = self.visual.image_size
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        patch = self.visual.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        self.grid = PatchGrid(self.image_size // self.patch_size, self.image_size // self.patch_size)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x [B, 3, S, S] -> one [B, h*w, C] tensor per bank layer, unit-norm along C."""
-        out = self.visual.forward_intermediates(
-            x, indices=[j - 1 for j in self.layers], intermediates_only=True
-        )
-        feats = []
-        for f in out["image_intermediates"]:  # [B, C, h, w], CLS token already dropped
-            f = f.flatten(2).transpose(1, 2).float()  # [B, h*w, C]
-            feats.append(torch.nn.functional.normalize(f, dim=-1))
-        return feats

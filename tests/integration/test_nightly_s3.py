@@ -61,7 +61,7 @@ def nightly(request, bucket, ray_local, synthetic_src, tmp_path_factory):
     rc["ingest_gear"] = ingest_job.main([f"s3://{bucket}/incoming/night/gear", "--archive", arch,
                                          "--deployment", "line1", "--date", "2026-11-21", "--product", "gear"])
     rc["train"] = train_job.main(["--deployment", "line1", "--archive", arch, "--shots", "2", "--seed", "0",
-                                  "--backbone", TINY, "--weights", "random"])
+                                  "--backbone", TINY, "--weights", "random", "--epochs", "2"])
     rc["evaluate"] = evaluate_job.main(["--deployment", "line1", "--archive", arch])
     rc["promote_refused"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production"])
     rc["promote"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production", "--force"])

@@ -80,7 +80,7 @@ def test_train_job_through_ray_job_submit(cluster, synthetic_src, tmp_path):
     runtime_env = {"env_vars": {"ANOPLE_ROOT": str(root), "HF_HUB_OFFLINE": "1"}}
     cmd = [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={json.dumps(runtime_env)}",
            "--", sys.executable, "-m", "jobs.train", "--deployment", "line2", "--archive", arch,
-           "--shots", "1", "--backbone", TINY, "--weights", "random"]
+           "--shots", "1", "--backbone", TINY, "--weights", "random", "--prompt-mode", "none"]
     t0 = time.time()
     for _ in range(45):  # the head's job agent takes a few seconds to come up after `ray start`
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.getcwd())

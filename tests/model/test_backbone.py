@@ -5,17 +5,28 @@ import pytest
 import torch
 
 from pipeline.model.anomaly_map import gaussian_kernel, harmonic_fusion, image_score, patch_scores_to_map
-from pipeline.model.backbone import (BackboneLoadError, PatchFeatureExtractor, create_clip, default_bank_layers,
-                                     fingerprint)
+from pipeline.model.anople import AnoPLe, build_tokenizer
+from pipeline.model.backbone import BackboneLoadError, create_clip, fingerprint
+from pipeline.model.config import AnoPLeConfig
 from tests.conftest import TINY
 
 
-def test_patch_features_shapes_and_unit_norm():
+def _bank_only(clip, layers=(2, 4)):
+    return AnoPLe(clip, AnoPLeConfig(prompt_mode="none", fusion="bank", bank_layers=layers), build_tokenizer(TINY))
+
+
+def test_bank_features_shapes_unit_norm_and_equal_to_open_clips_own_intermediates():
     clip = create_clip(TINY, "random", seed=0)
-    ext = PatchFeatureExtractor(clip, (2, 4))
-    feats = ext(torch.randn(3, 3, 64, 64))
+    model = _bank_only(clip)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.bank_features(model.encode_image(x))
+        ref = clip.visual.forward_intermediates(x, indices=[1, 3], intermediates_only=True)["image_intermediates"]
     assert [tuple(f.shape) for f in feats] == [(3, 16, 64), (3, 16, 64)]  # 4x4 patches, width 64
     assert torch.allclose(feats[0].norm(dim=-1), torch.ones(3, 16), atol=1e-5)
+    for f, r in zip(feats, ref):  # our own block loop == open_clip's, when nothing is prompted
+        r = torch.nn.functional.normalize(r.flatten(2).transpose(1, 2), dim=-1)
+        assert torch.allclose(f, r, atol=1e-5)
     assert not any(p.requires_grad for p in clip.parameters())  # frozen
 
 
@@ -41,10 +52,10 @@ def test_unfetchable_hub_tag_is_an_error_not_a_fallback():
 
 
 def test_bank_layers_default_and_validation():
-    assert default_bank_layers(12) == (3, 8)
-    assert default_bank_layers(4) == (1, 3)
+    clip = create_clip(TINY, "random")
+    assert _bank_only(clip, ()).bank_layers == (1, 3)  # PromptAD's 3 and 8 of 12, scaled to 4 blocks
     with pytest.raises(ValueError):
-        PatchFeatureExtractor(create_clip(TINY, "random"), (5,))
+        _bank_only(clip, (5,))
 
 
 def test_anomaly_map_upsamples_blurs_and_scores():

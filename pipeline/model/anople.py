@@ -1,0 +1,246 @@
+"""AnoPLe (arXiv 2408.13516) on a frozen open_clip CLIP: bidirectional deep prompts, scale-aware prefix,
+decoder on patch-text similarities, fused at inference with the memory-bank map.
+
+Only the prompts, the prompt maps f_v->t / f_t->v, the prefixes, the [abnormal] tokens, the decoder and
+the alignment weights train; every CLIP parameter stays frozen (requires_grad False, eval mode).
+
+Token layout of the visual sequence (prompted layers j = 0..J-1):
+    [CLS] [c_s] [patch_1 .. patch_HW] [P_j^v, f_t->v(P_j^t)]
+and of the text sequence (77 tokens, causal):
+    [SOS] [P_j^t, f_v->t(P_j^v)] ([abnormal] for the abnormal prompt) [class words] [.] [EOT] ...
+At layer j >= 1 the prompt slots are replaced by layer j's prompts (deep prompting); the prefix and the
+[abnormal] tokens are inserted at the input only.
+"""
+from __future__ import annotations
+
+import math
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AnoPLeConfig
+
+
+def _scaled(depth: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    return tuple(sorted({min(depth, max(1, round(depth * f))) for f in fractions}))
+
+
+class AnoPLe(nn.Module):
+    def __init__(self, clip: nn.Module, cfg: AnoPLeConfig, tokenizer):
+        super().__init__()
+        if not hasattr(clip, "token_embedding"):
+            raise ValueError("AnoPLe needs an open_clip CLIP with the built-in text tower (token_embedding)")
+        self.clip = clip.eval().requires_grad_(False)  # frozen backbone
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        v = clip.visual
+        self.depth = len(v.transformer.resblocks)
+        self.d_v = v.transformer.width
+        self.d_t = clip.transformer.width
+        size, patch = v.image_size, v.patch_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.grid = (self.image_size // int(patch[0] if isinstance(patch, (tuple, list)) else patch),) * 2
+        self.J = min(self.depth, cfg.prompt_depth or max(1, round(self.depth * 3 / 4)))
+        self.bank_layers = cfg.bank_layers or _scaled(self.depth, (3 / 12, 8 / 12))
+        self.decoder_layers = cfg.decoder_layers or _scaled(self.depth, (1 / 2, 3 / 4, 1.0))
+        for name, layers in (("bank", self.bank_layers), ("decoder", self.decoder_layers)):
+            if min(layers) < 1 or max(layers) > self.depth:
+                raise ValueError(f"{name} layers {layers} outside 1..{self.depth}")
+        # every learnable part is initialised from the run's seed (nn.Linear / Conv2d draw from the
+        # global RNG, so fork it): same seed, same model, whatever ran before in the process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self._init_learnable(cfg)
+
+    def _init_learnable(self, cfg: AnoPLeConfig) -> None:
+        n_t, n_v = cfg.n_ctx_text, cfg.n_ctx_visual
+
+        def param(*shape, std=0.02):
+            return nn.Parameter(torch.randn(*shape) * std)
+
+        # deep prompts, one set per prompted layer: P^t [J, n_t, d_t], P^v [J, n_v, d_v]
+        self.text_ctx = param(self.J, n_t, self.d_t) if cfg.text_prompts else None
+        self.visual_ctx = param(self.J, n_v, self.d_v) if cfg.visual_prompts else None
+        # the learnable maps exchanging prompts between the towers (one linear map per layer)
+        self.f_t2v = nn.ModuleList(nn.Linear(self.d_t, self.d_v) for _ in range(self.J)) if cfg.t2v else None
+        self.f_v2t = nn.ModuleList(nn.Linear(self.d_v, self.d_t) for _ in range(self.J)) if cfg.v2t else None
+        self.abnormal = param(cfg.n_abnormal, self.d_t) if cfg.text_prompts else None
+        # scale-aware prefix c in R^{(N+1) x d_v}: c_0 global view, c_1..c_4 quadrant crops
+        self.prefix = param(5, self.d_v) if cfg.use_prefix and cfg.trains else None
+        # decoder: per-layer abnormal probabilities [B, L, h, w] -> anomaly logits [B, 1, h, w]
+        L = len(self.decoder_layers)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(L, cfg.decoder_hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(cfg.decoder_hidden, cfg.decoder_hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(cfg.decoder_hidden, 1, 1)) if cfg.trains else None
+        # alignment weights M_ij = softmax_ij(a * logit_ij + b) of L_align
+        self.align = nn.Linear(1, 1) if cfg.trains else None
+
+    # ---------------------------------------------------------------- prompts
+    @property
+    def n_text_slots(self) -> int:
+        return (self.cfg.n_ctx_text + (self.cfg.n_ctx_visual if self.cfg.v2t else 0)) if self.cfg.text_prompts else 0
+
+    @property
+    def n_visual_slots(self) -> int:
+        if not self.cfg.visual_prompts:
+            return 0
+        return self.cfg.n_ctx_visual + (self.cfg.n_ctx_text if self.cfg.t2v else 0)
+
+    def text_slots(self, j: int) -> torch.Tensor:
+        """[P_j^t, f_v->t(P_j^v)]: [n_text_slots, d_t]."""
+        parts = [self.text_ctx[j]]
+        if self.cfg.v2t:
+            parts.append(self.f_v2t[j](self.visual_ctx[j]))
+        return torch.cat(parts)
+
+    def visual_slots(self, j: int) -> torch.Tensor:
+        """[P_j^v, f_t->v(P_j^t)]: [n_visual_slots, d_v]."""
+        parts = [self.visual_ctx[j]]
+        if self.cfg.t2v:
+            parts.append(self.f_t2v[j](self.text_ctx[j]))
+        return torch.cat(parts)
+
+    # ---------------------------------------------------------------- text tower
+    def _tokens(self, products: list[str]) -> tuple[torch.Tensor, int]:
+        """Token ids [2P, 77]: (normal, abnormal) per product; placeholders 'X' hold the learnable slots."""
+        names = [p.replace("_", " ") for p in products]
+        if not self.cfg.text_prompts:  # visual-only / bank-only: hand-crafted prompts, nothing learnable
+            texts = [t for n in names for t in (f"a photo of a flawless {n}.", f"a photo of a damaged {n}.")]
+            return self.tokenizer(texts), 0
+        s, a = self.n_text_slots, self.cfg.n_abnormal
+        texts = [t for n in names for t in ("X " * s + f"{n}.", "X " * (s + a) + f"{n}.")]
+        return self.tokenizer(texts), s
+
+    def encode_text(self, products: list[str]) -> torch.Tensor:
+        """-> unit text features [P, 2, D] (index 0 normal, 1 abnormal) for the products."""
+        clip = self.clip
+        device = clip.token_embedding.weight.device
+        ids, s = self._tokens(products)
+        ids = ids.to(device)
+        x = clip.token_embedding(ids)  # [2P, 77, d_t]
+        if s:
+            x = x.clone()
+            x[:, 1:1 + s] = self.text_slots(0).to(x.dtype)
+            a = self.cfg.n_abnormal
+            x[1::2, 1 + s:1 + s + a] = self.abnormal.to(x.dtype)  # abnormal prompts only
+        x = x + clip.positional_embedding.to(x.dtype)
+        for j, block in enumerate(clip.transformer.resblocks):
+            if s and 1 <= j < self.J:  # deep text prompts replace the slots
+                x = torch.cat([x[:, :1], self.text_slots(j).expand(x.shape[0], -1, -1).to(x.dtype), x[:, 1 + s:]], 1)
+            x = block(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=device), ids.argmax(dim=-1)]  # EOT token [2P, d_t]
+        x = x @ clip.text_projection if not isinstance(clip.text_projection, nn.Linear) else clip.text_projection(x)
+        return F.normalize(x, dim=-1).view(len(products), 2, -1)
+
+    # ---------------------------------------------------------------- visual tower
+    def encode_image(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                     latent_noise: torch.Tensor | None = None) -> dict:
+        """x [B, 3, S, S]; scale [B] prefix index (0 = global view); latent_noise [B, HW, d_v] standard
+        normal noise, zero outside the pseudo-anomalous patch tokens (training only). Returns z0 [B, D]
+        (unit) and per-layer patch tokens {layer: [B, HW, d_v]} for the bank and decoder layers."""
+        v = self.clip.visual
+        B = x.shape[0]
+        h = v._embeds(x)  # [B, 1 + HW, d_v] (CLS, patches; pos-embedded, ln_pre)
+        hw = h.shape[1] - 1
+        n_pre = 0
+        if self.prefix is not None:
+            idx = torch.zeros(B, dtype=torch.long, device=h.device) if scale is None else scale.to(h.device)
+            h = torch.cat([h[:, :1], self.prefix[idx].unsqueeze(1).to(h.dtype), h[:, 1:]], 1)
+            n_pre = 1
+        p0 = 1 + n_pre  # first patch token
+        nvs = self.n_visual_slots
+        if nvs:
+            h = torch.cat([h, self.visual_slots(0).expand(B, -1, -1).to(h.dtype)], 1)
+        want = set(self.bank_layers) | (set(self.decoder_layers) if self.decoder is not None else set())
+        noise_at = max(1, self.depth // 4)  # latent perturbation after this block (early-middle features)
+        out = {}
+        for j, block in enumerate(v.transformer.resblocks):
+            if nvs and 1 <= j < self.J:  # deep visual prompts replace the slots
+                h = torch.cat([h[:, :-nvs], self.visual_slots(j).expand(B, -1, -1).to(h.dtype)], 1)
+            h = block(h)
+            if latent_noise is not None and j + 1 == noise_at:
+                patches = h[:, p0:p0 + hw]
+                noise = latent_noise.to(h.dtype) * patches.detach().std() * self.cfg.latent_noise_std
+                h = torch.cat([h[:, :p0], patches + noise, h[:, p0 + hw:]], 1)
+            if j + 1 in want:
+                out[j + 1] = h[:, p0:p0 + hw]
+        z0 = v.ln_post(h[:, 0]) @ v.proj  # [B, D]
+        return {"z0": F.normalize(z0, dim=-1), "patches": out}
+
+    def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Residual-stream patch tokens [B, HW, d_v] -> unit joint-space embeddings [B, HW, D]."""
+        v = self.clip.visual
+        return F.normalize(v.ln_post(tokens) @ v.proj, dim=-1)
+
+    # ---------------------------------------------------------------- heads
+    def text_head(self, enc: dict, text: torch.Tensor) -> dict:
+        """Patch-text similarities -> decoder logits; image-text logits; alignment vector s.
+
+        text [B, 2, D] (each image's product's normal/abnormal features)."""
+        B = text.shape[0]
+        h, w = self.grid
+        probs, last = [], None
+        for l in self.decoder_layers:
+            p = self.project_patches(enc["patches"][l])  # [B, HW, D]
+            sim = torch.einsum("bnd,bkd->bnk", p, text) / self.cfg.temperature  # [B, HW, 2]
+            probs.append(sim.softmax(-1)[..., 1].view(B, 1, h, w))  # abnormal probability per patch
+            last = p
+        logits = self.decoder(torch.cat(probs, 1))  # [B, 1, h, w]
+        img = torch.einsum("bd,bkd->bk", enc["z0"], text) / self.cfg.temperature  # [B, 2]
+        # L_align's s = sum_ij M_ij D_ij(z): anomaly-weighted patch embeddings, pooled with learned weights
+        flat = logits.flatten(1)  # [B, HW]
+        M = self.align(flat.unsqueeze(-1)).squeeze(-1).softmax(-1)  # [B, HW]
+        D = torch.sigmoid(flat).unsqueeze(-1) * last  # [B, HW, D]
+        s = torch.einsum("bn,bnd->bd", M, D)
+        return {"logits": logits, "image_logits": img, "s": s}
+
+    def bank_features(self, enc: dict) -> list[torch.Tensor]:
+        """Unit patch tokens of the bank layers: per layer [B, HW, d_v]."""
+        return [F.normalize(enc["patches"][l].float(), dim=-1) for l in self.bank_layers]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("clip.")]
+
+    def prompt_state(self) -> dict[str, torch.Tensor]:
+        """Everything that trains (what the artifact stores as safetensors)."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if not n.startswith("clip.")}
+
+    def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters())
+        missing = sorted(n for n in own if not n.startswith("clip.") and n not in state)
+        extra = sorted(n for n in state if n not in own)
+        if missing or extra:
+            raise ValueError(f"prompt state does not fit this config: missing {missing}, unexpected {extra}")
+        with torch.no_grad():
+            for n, t in state.items():
+                own[n].copy_(t.to(own[n].device, own[n].dtype))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # the backbone never leaves eval mode (no dropout / stat updates)
+        return self
+
+
+def build_tokenizer(arch: str):
+    return open_clip.get_tokenizer(arch)
+
+
+def pixel_map(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """Decoder logits [B, 1, h, w] -> anomaly probability map [B, size, size]."""
+    return torch.sigmoid(F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False))[:, 0]
+
+
+def quadrant_views(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The N=4 non-overlapping quadrant crops of the 2x resize: [B, C, S, S] -> [4B, C, S, S], ordered
+    (top-left, top-right, bottom-left, bottom-right) per image, i.e. prefixes c_1..c_4."""
+    big = F.interpolate(x, size=(2 * size, 2 * size), mode="bilinear", align_corners=False)
+    q = [big[..., :size, :size], big[..., :size, size:], big[..., size:, :size], big[..., size:, size:]]
+    return torch.stack(q, 1).flatten(0, 1)
+
+
+def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))

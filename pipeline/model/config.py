@@ -1,0 +1,88 @@
+"""AnoPLe's knobs, one typed config. The numbers the paper leaves open default to PromptAD's (DESIGN.md)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+PROMPT_MODES = ("bi", "t2i", "i2t", "text", "visual", "none")
+FUSIONS = ("harmonic", "text", "bank")
+
+
+@dataclass
+class AnoPLeConfig:
+    # prompts (paper Sec. 3.2); ablations: text only, visual only, T->I only, I->T only, bidirectional
+    prompt_mode: str = "bi"          # bi | t2i | i2t | text | visual | none (= memory bank only)
+    n_ctx_text: int = 4              # learnable text context tokens P^t per layer (PromptAD: 4)
+    n_ctx_visual: int = 4            # learnable visual prompt tokens P^v per layer
+    n_abnormal: int = 1              # learnable [abnormal] state tokens of the abnormal prompt
+    prompt_depth: int = 0            # prompted layers J; 0 = 3/4 of the backbone depth (9 of 12)
+    # scale-aware prefix c in R^{(N+1) x d_v} (Sec. 3.3)
+    use_prefix: bool = True
+    multiscale: bool = True          # train on the global view + N=4 quadrant crops of the 2x resize
+    # decoder on patch-text similarities (Sec. 3.4)
+    decoder_layers: tuple[int, ...] = ()  # 1-based blocks; () = depth/2, 3/4, 1 (6, 9, 12 of 12)
+    decoder_hidden: int = 32
+    temperature: float = 0.07        # patch/image-text similarity temperature
+    # losses: L = L_pixel (focal + dice) + L_img + L_align
+    use_pixel_loss: bool = True
+    use_img_loss: bool = True
+    use_align_loss: bool = True
+    focal_gamma: float = 2.0
+    # pseudo-anomalies from normal shots only
+    pseudo_pixel: bool = True        # pasted / noised / texture patches with exact masks
+    pseudo_latent: bool = True       # noise on a region of patch tokens
+    pseudo_prob: float = 0.5         # share of training views given a pseudo-anomaly
+    latent_noise_std: float = 1.0    # relative to the tokens' own std
+    # memory bank and fusion (Sec. 3.5)
+    bank_layers: tuple[int, ...] = ()  # 1-based; () = PromptAD's 3 and 8 scaled to the depth
+    fusion: str = "harmonic"         # harmonic | text | bank
+    blur_sigma: float = 4.0
+    # optimisation (PromptAD's): SGD, cosine to lr_min
+    epochs: int = 100
+    lr: float = 0.002
+    lr_min: float = 1e-5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode {self.prompt_mode!r} not in {PROMPT_MODES}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion {self.fusion!r} not in {FUSIONS}")
+        if self.prompt_mode == "none" and self.fusion != "bank":
+            raise ValueError("prompt_mode 'none' has no text map: use fusion 'bank'")
+        self.decoder_layers = tuple(self.decoder_layers)
+        self.bank_layers = tuple(self.bank_layers)
+
+    @property
+    def text_prompts(self) -> bool:   # deep learnable text prompts P^t
+        return self.prompt_mode in ("bi", "t2i", "i2t", "text")
+
+    @property
+    def visual_prompts(self) -> bool:  # deep learnable visual prompts P^v
+        return self.prompt_mode in ("bi", "t2i", "i2t", "visual")
+
+    @property
+    def t2v(self) -> bool:  # f_t->v maps text prompts into the visual prompts
+        return self.prompt_mode in ("bi", "t2i")
+
+    @property
+    def v2t(self) -> bool:  # f_v->t maps visual prompts into the text prompts
+        return self.prompt_mode in ("bi", "i2t")
+
+    @property
+    def trains(self) -> bool:
+        return self.prompt_mode != "none"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["decoder_layers"], d["bank_layers"] = list(self.decoder_layers), list(self.bank_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AnoPLeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AnoPLe config keys: {', '.join(unknown)}")
+        return cls(**d)

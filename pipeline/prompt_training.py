@@ -1,0 +1,167 @@
+"""AnoPLe prompt learning on a deployment's normal shots (no Ray here: the Ray Train worker calls it).
+
+One step: every shot gets, with probability pseudo_prob, a pixel-space pseudo-anomaly (exact mask) or a
+latent-space one (noised patch tokens); each image is seen as the global view (prefix c_0) and, with
+multiscale, as the 4 quadrant crops of its 2x resize (prefixes c_1..c_4); then
+L = L_pixel (focal + dice) + L_img + L_align. SGD with cosine decay; checkpoints every epoch.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from pipeline.model.anople import AnoPLe, cosine_lr, quadrant_views
+from pipeline.model.losses import align_loss, dice_loss, focal_loss, image_loss
+from pipeline.model.pseudo import KINDS, latent_mask_pixels, latent_region, pixel_anomaly
+
+
+@dataclass
+class ShotBatch:
+    pixels: torch.Tensor        # [N, 3, S, S] normalised normal shots
+    product_index: torch.Tensor  # [N] index into products
+    products: list[str]
+
+
+def make_views(model: AnoPLe, shots: ShotBatch, gen: torch.Generator):
+    """Pseudo-anomalies + multi-scale views. Returns (x [V,3,S,S], scale [V], product_index [V],
+    mask [V,S,S], label [V], latent noise [V,HW,d_v] or None)."""
+    cfg, S = model.cfg, model.image_size
+    xs, masks, latents = [], [], []
+    for img in shots.pixels:
+        mask = torch.zeros(S, S)
+        region = torch.zeros(model.grid[0] * model.grid[1], dtype=torch.bool)
+        if torch.rand(1, generator=gen).item() < cfg.pseudo_prob:
+            kinds = (["pixel"] if cfg.pseudo_pixel else []) + (["latent"] if cfg.pseudo_latent else [])
+            if kinds:
+                kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=gen))]
+                if kind == "pixel":
+                    img, mask = pixel_anomaly(img, KINDS[int(torch.randint(0, len(KINDS), (1,), generator=gen))], gen)
+                else:
+                    region = latent_region(model.grid, gen)
+                    mask = latent_mask_pixels(region, model.grid, S)
+        xs.append(img)
+        masks.append(mask)
+        latents.append(region)
+    x, mask, region = torch.stack(xs), torch.stack(masks), torch.stack(latents)
+    n = x.shape[0]
+    scale = torch.zeros(n, dtype=torch.long)
+    pidx = shots.product_index
+    if cfg.multiscale:
+        # latent noise lives on the global view's tokens only; quadrants carry the pixel masks
+        pix_mask = mask * (~region.any(1)).float().view(n, 1, 1)
+        qx = quadrant_views(x, S)  # [4n, 3, S, S]
+        qm = (quadrant_views(pix_mask.unsqueeze(1), S)[:, 0] > 0.5).float()  # [4n, S, S]
+        x = torch.cat([x, qx])
+        mask = torch.cat([mask, qm])
+        scale = torch.cat([scale, torch.arange(1, 5).repeat(n)])
+        pidx = torch.cat([pidx, pidx.repeat_interleave(4)])
+        region = torch.cat([region, torch.zeros(4 * n, region.shape[1], dtype=torch.bool)])
+    label = (mask.flatten(1).amax(1) > 0).long()
+    if not region.any():
+        return x, scale, pidx, mask, label, None
+    # latent-space pseudo-anomaly: noise on the region's patch tokens (drawn here, from the run's generator)
+    noise = torch.randn(*region.shape, model.d_v, generator=gen) * region.unsqueeze(-1)
+    return x, scale, pidx, mask, label, noise
+
+
+def step_losses(model: AnoPLe, x, scale, pidx, mask, label, latent, products: list[str]) -> dict:
+    """Forward one batch of views; returns each loss term and their sum."""
+    cfg = model.cfg
+    text = model.encode_text(products)  # [P, 2, D]
+    enc = model.encode_image(x, scale=scale if model.prefix is not None else None, latent_noise=latent)
+    head = model.text_head(enc, text[pidx.to(text.device)])
+    logits = F.interpolate(head["logits"], size=mask.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    m = mask.to(logits.device)
+    zero = logits.sum() * 0
+    losses = {
+        "pixel": focal_loss(logits, m, cfg.focal_gamma) + dice_loss(logits, m) if cfg.use_pixel_loss else zero,
+        "img": image_loss(head["image_logits"], label.to(logits.device)) if cfg.use_img_loss else zero,
+        "align": align_loss(enc["z0"], head["s"]) if cfg.use_align_loss else zero,
+    }
+    losses["total"] = losses["pixel"] + losses["img"] + losses["align"]
+    return losses
+
+
+class PromptTrainer:
+    """Epoch loop state: model, optimiser, epoch, RNG; save/load as bytes for checkpoints."""
+
+    def __init__(self, model: AnoPLe, shots: ShotBatch, device: str, batch_size: int = 8,
+                 grad_sync=None, amp: bool = False):
+        cfg = model.cfg
+        self.model, self.shots, self.device, self.batch_size = model, shots, device, batch_size
+        self.opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        self.epoch = 0
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.grad_sync = grad_sync  # all-reduce of gradients across Ray Train workers
+        self.amp = amp and device.startswith("cuda")
+
+    def run_epoch(self) -> dict:
+        cfg, model = self.model.cfg, self.model
+        model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = cosine_lr(self.epoch, cfg.epochs, cfg.lr, cfg.lr_min)
+        order = torch.randperm(len(self.shots.pixels), generator=self.gen)
+        totals: dict[str, float] = {}
+        n = 0
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            sub = ShotBatch(self.shots.pixels[idx], self.shots.product_index[idx], self.shots.products)
+            x, scale, pidx, mask, label, latent = make_views(model, sub, self.gen)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                losses = step_losses(model, x.to(self.device), scale, pidx, mask, label,
+                                     None if latent is None else latent.to(self.device), self.shots.products)
+            self.opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if self.grad_sync is not None:
+                self.grad_sync(model.trainable_parameters())
+            self.opt.step()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+            n += 1
+        self.epoch += 1
+        model.eval()
+        return {f"loss_{k}": v / max(n, 1) for k, v in totals.items()} | {"epoch": self.epoch}
+
+    def state_bytes(self) -> bytes:
+        """Prompt weights (safetensors) + optimiser, epoch and RNG (torch.save of tensors/ints only)."""
+        buf = io.BytesIO()
+        torch.save({"prompts": st_save(self.model.prompt_state()), "opt": self.opt.state_dict(),
+                    "epoch": self.epoch, "gen": self.gen.get_state()}, buf)
+        return buf.getvalue()
+
+    def load_state_bytes(self, data: bytes) -> None:
+        # weights_only: a checkpoint is data, never code
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        self.model.load_prompt_state(st_load(state["prompts"]))
+        self.opt.load_state_dict(state["opt"])
+        self.epoch = int(state["epoch"])
+        self.gen.set_state(state["gen"])
+
+
+def all_reduce_grads(params) -> None:
+    """Average gradients over the torch.distributed group (data-parallel prompt training)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+
+
+def shots_batch(images: dict[str, list[np.ndarray]], products: list[str]) -> ShotBatch:
+    """{product: [normalised [3,S,S] arrays]} -> ShotBatch."""
+    xs, idx = [], []
+    for i, p in enumerate(products):
+        for a in images.get(p, []):
+            xs.append(torch.from_numpy(a))
+            idx.append(i)
+    return ShotBatch(torch.stack(xs), torch.tensor(idx), products)
