@@ -1,11 +1,21 @@
-"""python -m jobs.evaluate --deployment D --archive URI [--model-alias candidate]"""
+"""python -m jobs.evaluate --deployment D --archive URI [--model-alias candidate]
+
+With --protocol, the paper's protocol instead of one registered model: for each k in --shots and each
+seed, fit a model (multi-class: one for all products; unseen: leave-one-product-out) and evaluate it;
+prints mean +- std over seeds in the paper's table layout. Nothing is registered.
+  python -m jobs.evaluate --deployment D --archive URI --protocol --shots 1,2,4 --seeds 0,1,2 \
+      [--setting multi-class|unseen] [--backbone ARCH] [--weights W] [--config YAML] [--epochs N]
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from pipeline import registry
-from pipeline.cluster import init_ray
+import numpy as np
+
+from pipeline.cluster import has_gpus, init_ray
+from pipeline.runs import PROTOCOL_METRICS
 from pipeline.runs import evaluate
 
 COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
@@ -21,13 +31,75 @@ def format_table(per_product: dict, mean: dict) -> str:
     return "\n".join(lines)
 
 
+def format_protocol(table: dict, setting: str) -> str:
+    """Paper layout: one row per product (+ mean), per k a group of I-AUROC / P-AUROC / PRO (mean+-std %)."""
+    ks = sorted(table)
+    products = sorted({p for k in ks for p in table[k]})
+    head1 = f"{'':<20}" + "".join(f"{f'{k}-shot ({setting})':^45}" for k in ks)
+    head2 = f"{'product':<20}" + "".join(f"{'I-AUROC':>15}{'P-AUROC':>15}{'PRO':>15}" for _ in ks)
+    lines = [head1, head2, "-" * len(head2)]
+
+    def cell(vals):
+        return f"{100 * np.mean(vals):>9.1f}+-{100 * np.std(vals):<4.1f}"
+
+    for p in products:
+        lines.append(f"{p:<20}" + "".join(cell(table[k][p][m]) for k in ks for m in PROTOCOL_METRICS))
+    lines.append("-" * len(head2))
+    # the mean row: per seed, the mean over products; then mean +- std over seeds
+    row = f"{'mean':<20}"
+    for k in ks:
+        for m in PROTOCOL_METRICS:
+            per_seed = np.mean([table[k][p][m] for p in table[k]], axis=0)
+            row += cell(per_seed)
+    lines.append(row)
+    return "\n".join(lines)
+
+
+def _protocol(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.runs import evaluate_protocol
+    from pipeline.training import TrainConfig, check_weights
+
+    try:
+        check_weights(args.backbone, args.weights)
+        anople = load_config(args.config, epochs=args.epochs)
+        shots = [int(x) for x in args.shots.split(",")]
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    init_ray()
+    base = TrainConfig(deployment=args.deployment, archive=args.archive, backbone=args.backbone,
+                       weights=args.weights, anople=anople, use_gpu=has_gpus())
+    try:
+        table = evaluate_protocol(base, shots, seeds, args.setting, args.batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if args.weights == "random":
+        print(registry.RANDOM_WEIGHTS_BANNER)
+    print(f"{args.deployment}: {args.setting}, seeds {seeds}, metrics in % (PRO = AUPRO to FPR 0.3)")
+    print(format_protocol(table, args.setting))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="jobs.evaluate", description="Evaluate a registered model on the labelled test split.")
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
     ap.add_argument("--model-alias", default="candidate")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--protocol", action="store_true", help="run the paper's k-shot x seeds protocol")
+    ap.add_argument("--shots", default="1,2,4")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--setting", default="multi-class", choices=["multi-class", "unseen"])
+    ap.add_argument("--backbone", default="ViT-B-16-plus-240")
+    ap.add_argument("--weights", default="laion400m_e32")
+    ap.add_argument("--config")
+    ap.add_argument("--epochs", type=int)
     args = ap.parse_args(argv)
+    if args.protocol:
+        return _protocol(args)
     init_ray()
     try:
         r = evaluate(args.deployment, args.archive, args.model_alias, args.batch_size)

@@ -227,7 +227,7 @@ def product_counts(archive_uri: str, deployment: str, date: str | None, split: s
 def score_partition(archive_uri: str, deployment: str, date: str | None, artifact_uri: str,
                     spec: artifact.ModelSpec, info: RunInfo, split: str | None = None,
                     budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16,
-                    use_gpu: bool = False):
+                    use_gpu: bool = False, only: list[str] | None = None):
     """Archive rows -> Datasets of score rows (SCORE_SCHEMA, plus map/mask/label with keep_maps): one
     for the rows of unknown products (error rows), then one per bank shard.
 
@@ -241,13 +241,15 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     known = sorted(spec.products)
     present = product_counts(archive_uri, deployment, date, split)
     branches = []
-    if any(p not in spec.products for p in present):
+    if only is None and any(p not in spec.products for p in present):
         cols = ["image_id", "product"] + (["label"] if info.keep_maps else [])
         branches.append(read_rows(archive_uri, deployment, date, cols, known, exclude=True, split=split)
                         .map_batches(unknown_product_rows, batch_format="numpy",
                                      fn_kwargs={"info": info, "known": known}))
     cols = ["image_id", "product", "image"] + (["label", "mask"] if info.keep_maps else [])
     for products in plan_shards(spec, budget_mb):
+        if only is not None:  # evaluation of some products only (e.g. the unseen one)
+            products = [p for p in products if p in only]
         if not any(p in present for p in products):
             continue  # no rows tonight for this shard: start no actor for it
         rows = read_rows(archive_uri, deployment, date, cols, products, split=split)

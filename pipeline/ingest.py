@@ -1,7 +1,11 @@
-"""Source images -> archive shards. Two source layouts:
+"""Source images -> archive shards. Source layouts (detected):
 
 - MVTec-AD: ``<product>/train/good/``, ``<product>/test/<defect>/``,
   ``<product>/ground_truth/<defect>/<name>_mask.png`` (split=train for reference normals, test otherwise).
+- VisA: ``split_csv/1cls.csv`` (columns object, split, label, image, mask; paths relative to the root).
+- Real-IAD: ``realiad_jsons/<product>.json`` ({"meta": {"prefix", "normal_class"}, "train": [...],
+  "test": [...]}, entries with category, anomaly_class, image_path, mask_path) and images under one of
+  ``realiad_1024``, ``realiad_512``, ``realiad_256``, ``realiad_raw``.
 - Flat: a folder or S3 prefix of images (recursively), all of one ``product``; split=test, label unknown.
 
 Bytes are stored as captured; an image that does not decode is still archived (and counted), so the
@@ -42,6 +46,11 @@ def _is_image(uri: str) -> bool:
 
 
 def detect_layout(files: list[str], root: str) -> str:
+    rels = [_rel(f, root) for f in files]
+    if "split_csv/1cls.csv" in rels:
+        return "visa"
+    if any(r.startswith("realiad_jsons/") and r.endswith(".json") for r in rels):
+        return "realiad"
     for f in files:
         parts = _rel(f, root).split("/")
         if len(parts) >= 4 and parts[1] in ("train", "test") and _is_image(f):
@@ -74,6 +83,61 @@ def _mvtec_rows(files: list[str], root: str, report: IngestReport):
         }
 
 
+def _visa_rows(root: str, report: IngestReport):
+    import csv
+    import io
+    text = storage.read_bytes(storage.join(root, "split_csv", "1cls.csv")).decode()
+    for r in csv.DictReader(io.StringIO(text)):
+        product, split, label = r["object"], r["split"].strip(), r["label"].strip().lower()
+        if split not in ("train", "test"):
+            raise ValueError(f"VisA split csv: unknown split {split!r} for {r['image']}")
+        lab = 0 if label == "normal" else 1
+        mask = r.get("mask") or None
+        if lab and not mask:
+            report.missing_masks.append(r["image"])
+        stem = posixpath.splitext(posixpath.basename(r["image"]))[0]
+        yield {"image_id": f"{product}/{split}/{'good' if lab == 0 else 'anomaly'}/{stem}", "product": product,
+               "split": split, "label": lab, "defect": "good" if lab == 0 else "anomaly",
+               "source_uri": storage.join(root, r["image"]),
+               "mask_uri": storage.join(root, mask) if (lab and mask) else None}
+
+
+def _realiad_rows(files: list[str], root: str, report: IngestReport):
+    import json
+    rels = {_rel(f, root) for f in files}
+    image_dirs = [d for d in ("realiad_1024", "realiad_512", "realiad_256", "realiad_raw")
+                  if any(r.startswith(d + "/") for r in rels)]
+    if not image_dirs:
+        raise ValueError(f"{root}: realiad_jsons/ found but no realiad_1024|512|256|raw image folder")
+    img_dir = image_dirs[0]
+    for jf in sorted(r for r in rels if r.startswith("realiad_jsons/") and r.endswith(".json")):
+        doc = json.loads(storage.read_bytes(storage.join(root, jf)).decode())
+        meta = doc.get("meta", {})
+        normal = meta.get("normal_class", "OK")
+        for split in ("train", "test"):
+            for e in doc.get(split, []):
+                product = e["category"]
+                prefix = meta.get("prefix") or product
+                path = None
+                for cand in (f"{img_dir}/{prefix}/{e['image_path']}", f"{img_dir}/{product}/{e['image_path']}",
+                             f"{img_dir}/{e['image_path']}"):
+                    if cand in rels:
+                        path = cand
+                        break
+                if path is None:
+                    raise ValueError(f"Real-IAD: image {e['image_path']} of {jf} not found under {img_dir}/")
+                lab = 0 if e.get("anomaly_class", normal) == normal else 1
+                mask = None
+                if lab and e.get("mask_path"):
+                    mask = path[: -len(e["image_path"])] + e["mask_path"]
+                elif lab:
+                    report.missing_masks.append(path)
+                stem = posixpath.splitext(e["image_path"])[0]
+                yield {"image_id": f"{product}/{split}/{stem}", "product": product, "split": split, "label": lab,
+                       "defect": e.get("anomaly_class", normal), "source_uri": storage.join(root, path),
+                       "mask_uri": storage.join(root, mask) if mask else None}
+
+
 def _flat_rows(files: list[str], root: str, product: str):
     for f in files:
         if not _is_image(f):
@@ -93,13 +157,17 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
     archive.check_date(date)
     files = storage.list_files(source)
     report = IngestReport(layout=detect_layout(files, source))
+    if report.layout != "flat" and product is not None:
+        raise ValueError(f"--product is for a flat folder of images; this source has the {report.layout} layout")
     if report.layout == "mvtec":
-        if product is not None:
-            raise ValueError("--product is for a flat folder of images; this source has the MVTec layout")
         rows = _mvtec_rows(files, source, report)
+    elif report.layout == "visa":
+        rows = _visa_rows(source, report)
+    elif report.layout == "realiad":
+        rows = _realiad_rows(files, source, report)
     else:
         if not product:
-            raise ValueError(f"{source} is not in the MVTec layout (<product>/train|test/<defect>/...): "
+            raise ValueError(f"{source} is not in the MVTec, VisA or Real-IAD layout: "
                              "pass --product for a flat folder of images")
         rows = _flat_rows(files, source, product)
     ingested_at = dt.datetime.now(dt.timezone.utc)

@@ -161,3 +161,74 @@ def evaluate(deployment: str, archive: str, alias: str = "candidate", batch_size
     clipped = sum(m.pixel.clipped for m in per.values())
     return {"per_product": results, "mean": mean, "errors": errors, "unlabelled": unlabelled,
             "model_version": mv.version, "random_weights": spec.is_random, "clipped_pixels": clipped}
+
+
+PROTOCOL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def _eval_artifact(deployment: str, archive: str, uri: str, spec: ModelSpec, only: list[str] | None,
+                   batch_size: int) -> dict:
+    """Per-product metrics of an artifact on the labelled test split (streamed through Ray Data)."""
+    from pipeline.batch import RunInfo, score_partition
+    from pipeline.cluster import has_gpus
+    from pipeline.metrics import ProductMetrics
+
+    info = RunInfo(deployment=deployment, date="", model_name="protocol", model_version="-", run_id="",
+                   keep_maps=True)
+    parts = score_partition(archive, deployment, None, uri, spec, info, split="test", batch_size=batch_size,
+                            use_gpu=has_gpus(), only=only)
+    per: dict[str, ProductMetrics] = {}
+    for ds in parts:
+        for b in ds.iter_batches(batch_format="numpy", batch_size=batch_size):
+            for i in range(len(b["image_id"])):
+                if b["label"][i] < 0 or b["status"][i] != "ok":
+                    continue
+                per.setdefault(str(b["product"][i]), ProductMetrics()).update(
+                    b["score"][i], int(b["label"][i]), b["map"][i].astype(np.float32), b["mask"][i])
+    return {p: m.compute() for p, m in sorted(per.items())}
+
+
+def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int], setting: str = "multi-class",
+                      batch_size: int = 16) -> dict:
+    """The paper's protocol: for each k and seed, fit (multi-class: one model on every product;
+    unseen: per product, prompts trained on all the others) and evaluate on the test split.
+    Returns {k: {product: {metric: [value per seed]}}} and logs it to MLflow."""
+    import dataclasses
+
+    from pipeline.training import products_in
+
+    if setting not in ("multi-class", "unseen"):
+        raise ValueError(f"setting {setting!r} is 'multi-class' or 'unseen'")
+    mlflow = registry._mlflow()
+    if not base.storage_path:
+        base.storage_path = os.path.join(registry.local_root(), "ray_results")
+    products = products_in(base.archive, base.deployment)
+    if setting == "unseen" and len(products) < 2:
+        raise ValueError("leave-one-product-out needs at least two products")
+    table: dict = {}
+    with mlflow.start_run(experiment_id=registry.experiment_id(base.deployment), run_name=f"protocol-{setting}"):
+        mlflow.set_tags({"job": "evaluate-protocol", "setting": setting})
+        mlflow.log_params({"shots": ",".join(map(str, shots_list)), "seeds": ",".join(map(str, seeds)),
+                           "backbone": base.backbone, "weights": base.weights})
+        mlflow.log_params({f"anople.{k}": str(v) for k, v in base.anople.to_dict().items()})
+        for k in shots_list:
+            for seed in seeds:
+                groups = [(None, ())] if setting == "multi-class" else [
+                    ([p], tuple(q for q in products if q != p)) for p in products]
+                for only, teach in groups:
+                    cfg = dataclasses.replace(base, shots=k, seed=seed, prompt_products=teach,
+                                              anople=dataclasses.replace(base.anople, seed=seed))
+                    with tempfile.TemporaryDirectory() as out:
+                        spec, _ = fit_deployment(cfg, out)
+                        uri = storage.join(storage.normalize(cfg.storage_path), cfg.run_key(), "artifact")
+                        storage.remove_tree(uri)
+                        storage.upload_tree(out, uri)  # where every actor can read it
+                    for p, r in _eval_artifact(base.deployment, base.archive, uri, spec, only, batch_size).items():
+                        for m in PROTOCOL_METRICS:
+                            table.setdefault(k, {}).setdefault(p, {}).setdefault(m, []).append(r[m])
+            for m in PROTOCOL_METRICS:
+                for p, r in table[k].items():
+                    mlflow.log_metric(f"k{k}.{m}.{_metric_key(p)}", float(np.mean(r[m])))
+                mlflow.log_metric(f"k{k}.{m}.mean", float(np.mean([np.mean(r[m]) for r in table[k].values()])))
+        mlflow.log_dict({str(k): v for k, v in table.items()}, "protocol.json")
+    return table

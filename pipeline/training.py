@@ -33,11 +33,13 @@ class TrainConfig:
     use_gpu: bool = False
     storage_path: str = ""               # Ray Train storage and prompt checkpoints (local or s3://)
     restart: bool = False                # ignore earlier epoch checkpoints of the same run key
+    prompt_products: tuple[str, ...] = ()  # products whose shots train the prompts; () = all
+                                           # (leave-one-product-out: all but the unseen one)
 
     def run_key(self) -> str:
         """Same data, shots, seed, backbone and config -> same key: a rerun resumes that run."""
         blob = json.dumps([self.deployment, storage.normalize(self.archive), self.shots, self.seed, self.backbone,
-                           self.weights, self.anople.to_dict()], sort_keys=True)
+                           self.weights, self.anople.to_dict(), sorted(self.prompt_products)], sort_keys=True)
         return f"anople-{self.deployment}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -70,7 +72,7 @@ def _fit_worker(cfg: dict) -> None:
     from pipeline.fitting import fit_product
     from pipeline.images import decode_image, to_model_input
     from pipeline.model.backbone import fingerprint
-    from pipeline.prompt_training import PromptTrainer, all_reduce_grads, shots_batch
+    from pipeline.prompt_training import PromptTrainer, ShotBatch, all_reduce_grads, shots_batch
     from pipeline.scorer import Scorer, build_model
 
     ctx = ray.train.get_context()
@@ -79,13 +81,18 @@ def _fit_worker(cfg: dict) -> None:
     device = "cuda" if cfg["use_gpu"] and torch.cuda.is_available() else "cpu"
     acfg = AnoPLeConfig.from_dict(cfg["anople"])
     model = build_model(cfg["backbone"], cfg["weights"], cfg["seed"], acfg, device)
-    data = _load_shots(cfg, mine, model.image_size)
+    teach = cfg["prompt_products"] or cfg["products"]
+    data = _load_shots(cfg, sorted(set(mine) | set(teach)), model.image_size)
 
     epoch_log = []
     if acfg.trains:
-        pix = {p: [to_model_input(decode_image(images[i]), model.image_size) for i in shots]
-               for p, (images, shots, _) in data.items()}
-        trainer = PromptTrainer(model, shots_batch(pix, cfg["products"]), device,
+        pix = {p: [to_model_input(decode_image(data[p][0][i]), model.image_size) for i in data[p][1]] for p in teach}
+        batch = shots_batch(pix, teach)
+        if world > 1:  # data-parallel: each worker takes every world-th shot, gradients are averaged
+            if len(batch.pixels) < world:
+                raise RuntimeError(f"{len(batch.pixels)} training shots cannot feed {world} workers")
+            batch = ShotBatch(batch.pixels[rank::world], batch.product_index[rank::world], batch.products)
+        trainer = PromptTrainer(model, batch, device,
                                 grad_sync=all_reduce_grads if world > 1 else None, amp=device == "cuda")
         ckpts = storage.join(cfg["storage_path"], cfg["run_key"], "prompt-checkpoints")
         latest = None if cfg["restart"] else _latest_checkpoint(ckpts)
@@ -115,7 +122,8 @@ def _fit_worker(cfg: dict) -> None:
             with open(os.path.join(out, "train_log.json"), "w") as f:
                 json.dump(epoch_log, f)
         scorer = Scorer(model, {}, device)
-        for product, (images, shots, heldout) in data.items():
+        for product in mine:
+            images, shots, heldout = data[product]
             try:
                 fit = fit_product(product, images, shots, heldout, scorer, pick_backend(device))
             except Exception as e:
@@ -175,10 +183,14 @@ def fit_deployment(cfg: TrainConfig, out_dir: str) -> tuple[artifact.ModelSpec, 
 
     check_weights(cfg.backbone, cfg.weights)
     products = products_in(cfg.archive, cfg.deployment)
+    unknown = sorted(set(cfg.prompt_products) - set(products))
+    if unknown:
+        raise ValueError(f"prompt products {unknown} have no train images in the archive")
     loop_cfg = {"products": products, "archive": storage.normalize(cfg.archive), "deployment": cfg.deployment,
                 "shots": cfg.shots, "seed": cfg.seed, "backbone": cfg.backbone, "weights": cfg.weights,
                 "anople": cfg.anople.to_dict(), "use_gpu": cfg.use_gpu, "restart": cfg.restart,
-                "storage_path": storage.normalize(cfg.storage_path), "run_key": cfg.run_key()}
+                "storage_path": storage.normalize(cfg.storage_path), "run_key": cfg.run_key(),
+                "prompt_products": list(cfg.prompt_products)}
     trainer = TorchTrainer(
         _fit_worker,
         train_loop_config=loop_cfg,

@@ -75,3 +75,51 @@ def test_ingest_from_s3_prefix(bucket, tmp_path):
 def test_bad_dates_are_refused(tmp_path, synthetic_src, date):
     with pytest.raises(ValueError):
         ingest(synthetic_src, str(tmp_path), "line1", date)
+
+
+def _img(path, value=100, size=(32, 32)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+
+
+def test_visa_layout_from_its_split_csv(tmp_path):
+    root = tmp_path / "visa"
+    rows = ["object,split,label,image,mask"]
+    for i in range(2):
+        _img(root / f"candle/Data/Images/Normal/{i:04d}.JPG")
+        rows.append(f"candle,train,normal,candle/Data/Images/Normal/{i:04d}.JPG,")
+    _img(root / "candle/Data/Images/Anomaly/0100.JPG")
+    m = np.zeros((32, 32), np.uint8)
+    m[3:9, 3:9] = 255
+    (root / "candle/Data/Masks/Anomaly").mkdir(parents=True)
+    Image.fromarray(m).save(root / "candle/Data/Masks/Anomaly/0100.png")
+    rows.append("candle,test,anomaly,candle/Data/Images/Anomaly/0100.JPG,candle/Data/Masks/Anomaly/0100.png")
+    (root / "split_csv").mkdir()
+    (root / "split_csv/1cls.csv").write_text("\n".join(rows) + "\n")
+    rep = ingest(str(root), str(tmp_path / "a"), "v", "2026-01-01")
+    assert rep.layout == "visa" and rep.rows == 3
+    t = archive.read_table(str(tmp_path / "a"), "v", "2026-01-01").to_pylist()
+    bad = [r for r in t if r["label"] == 1]
+    assert len(bad) == 1 and decode_mask(bad[0]["mask"]).sum() == 36
+    assert sorted(r["split"] for r in t) == ["test", "train", "train"]
+
+
+def test_realiad_layout_from_its_jsons(tmp_path):
+    import json
+    root = tmp_path / "realiad"
+    _img(root / "realiad_256/audiojack/S0001/OK/a_C1.jpg")
+    _img(root / "realiad_256/audiojack/S0002/NG/HS/b_C1.jpg")
+    m = np.zeros((32, 32), np.uint8)
+    m[0:4, 0:4] = 255
+    Image.fromarray(m).save(root / "realiad_256/audiojack/S0002/NG/HS/b_C1.png")
+    doc = {"meta": {"prefix": "audiojack", "normal_class": "OK"},
+           "train": [{"category": "audiojack", "anomaly_class": "OK", "image_path": "S0001/OK/a_C1.jpg", "mask_path": None}],
+           "test": [{"category": "audiojack", "anomaly_class": "HS", "image_path": "S0002/NG/HS/b_C1.jpg",
+                     "mask_path": "S0002/NG/HS/b_C1.png"}]}
+    (root / "realiad_jsons").mkdir(parents=True)
+    (root / "realiad_jsons/audiojack.json").write_text(json.dumps(doc))
+    rep = ingest(str(root), str(tmp_path / "a"), "r", "2026-01-01")
+    assert rep.layout == "realiad" and rep.rows == 2
+    t = {r["split"]: r for r in archive.read_table(str(tmp_path / "a"), "r", "2026-01-01").to_pylist()}
+    assert t["train"]["label"] == 0 and t["test"]["label"] == 1 and t["test"]["defect"] == "HS"
+    assert decode_mask(t["test"]["mask"]).sum() == 16
