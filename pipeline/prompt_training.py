@@ -95,8 +95,11 @@ class PromptTrainer:
                  grad_sync=None, amp: bool = False):
         cfg = model.cfg
         self.model, self.shots, self.device, self.batch_size = model, shots, device, batch_size
-        self.opt = torch.optim.SGD(model.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(model.parameter_groups(), lr=cfg.lr, momentum=cfg.momentum,
+                                       weight_decay=cfg.weight_decay)
         self.epoch = 0
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.grad_sync = grad_sync  # all-reduce of gradients across Ray Train workers
@@ -105,8 +108,8 @@ class PromptTrainer:
     def run_epoch(self) -> dict:
         cfg, model = self.model.cfg, self.model
         model.train()
-        for g in self.opt.param_groups:
-            g["lr"] = cosine_lr(self.epoch, cfg.epochs, cfg.lr, cfg.lr_min)
+        for g in self.opt.param_groups:  # cosine decay of each group's own base rate
+            g["lr"] = cosine_lr(self.epoch, cfg.epochs, g["base_lr"], cfg.lr_min)
         order = torch.randperm(len(self.shots.pixels), generator=self.gen)
         totals: dict[str, float] = {}
         n = 0

@@ -69,11 +69,20 @@ class AnoPLe(nn.Module):
         self.abnormal = param(cfg.n_abnormal, self.d_t) if cfg.text_prompts else None
         # scale-aware prefix c in R^{(N+1) x d_v}: c_0 global view, c_1..c_4 quadrant crops
         self.prefix = param(5, self.d_v) if cfg.use_prefix and cfg.trains else None
-        # decoder: per-layer abnormal probabilities [B, L, h, w] -> anomaly logits [B, 1, h, w]
+        # decoder, part 1: one linear adapter per decoder layer taking patch tokens into the joint space,
+        # initialised to CLIP's own projection (so a pretrained CLIP starts from its zero-shot similarity)
+        D = self.clip.visual.proj.shape[1]
+        self.adapters = nn.ModuleList(nn.Linear(self.d_v, D) for _ in self.decoder_layers) if cfg.trains else None
+        if self.adapters is not None:
+            with torch.no_grad():
+                for a in self.adapters:
+                    a.weight.copy_(self.clip.visual.proj.T)
+                    a.bias.zero_()
+        # decoder, part 2: per-layer abnormal probabilities [B, L, h, w] -> anomaly logits [B, 1, h, w]
         L = len(self.decoder_layers)
         self.decoder = nn.Sequential(
-            nn.Conv2d(L, cfg.decoder_hidden, 3, padding=1), nn.GELU(),
-            nn.Conv2d(cfg.decoder_hidden, cfg.decoder_hidden, 3, padding=1), nn.GELU(),
+            nn.Conv2d(L, cfg.decoder_hidden, 3, padding=1, padding_mode="replicate"), nn.GELU(),
+            nn.Conv2d(cfg.decoder_hidden, cfg.decoder_hidden, 3, padding=1, padding_mode="replicate"), nn.GELU(),
             nn.Conv2d(cfg.decoder_hidden, 1, 1)) if cfg.trains else None
         # alignment weights M_ij = softmax_ij(a * logit_ij + b) of L_align
         self.align = nn.Linear(1, 1) if cfg.trains else None
@@ -184,8 +193,8 @@ class AnoPLe(nn.Module):
         B = text.shape[0]
         h, w = self.grid
         probs, last = [], None
-        for l in self.decoder_layers:
-            p = self.project_patches(enc["patches"][l])  # [B, HW, D]
+        for l, adapter in zip(self.decoder_layers, self.adapters):
+            p = F.normalize(adapter(self.clip.visual.ln_post(enc["patches"][l])), dim=-1)  # [B, HW, D]
             sim = torch.einsum("bnd,bkd->bnk", p, text) / self.cfg.temperature  # [B, HW, 2]
             probs.append(sim.softmax(-1)[..., 1].view(B, 1, h, w))  # abnormal probability per patch
             last = p
@@ -204,6 +213,14 @@ class AnoPLe(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("clip.")]
+
+    def parameter_groups(self) -> list[dict]:
+        """Prompts (lr) and heads (head_lr) as optimiser parameter groups."""
+        heads = ("decoder.", "adapters.", "align.")
+        named = [(n, p) for n, p in self.named_parameters() if not n.startswith("clip.")]
+        return [{"params": [p for n, p in named if not n.startswith(heads)], "lr": self.cfg.lr, "base_lr": self.cfg.lr},
+                {"params": [p for n, p in named if n.startswith(heads)], "lr": self.cfg.head_lr,
+                 "base_lr": self.cfg.head_lr}]
 
     def prompt_state(self) -> dict[str, torch.Tensor]:
         """Everything that trains (what the artifact stores as safetensors)."""

@@ -36,9 +36,12 @@ class AnoPLeConfig:
     bank_layers: tuple[int, ...] = ()  # 1-based; () = PromptAD's 3 and 8 scaled to the depth
     fusion: str = "harmonic"         # harmonic | text | bank
     blur_sigma: float = 4.0
-    # optimisation (PromptAD's): SGD, cosine to lr_min
+    # optimisation: PromptAD's SGD, cosine to lr_min; "adamw" for heads learned from scratch or random backbones
+    optimizer: str = "sgd"           # sgd | adamw
     epochs: int = 100
-    lr: float = 0.002
+    lr: float = 0.002                # prompts, prefixes and prompt maps (PromptAD's)
+    head_lr: float = 0.05            # decoder, adapters, alignment weights: new layers learned from
+                                     # scratch (PromptAD has none); at 0.002 they barely move in 100 epochs
     lr_min: float = 1e-5
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -47,6 +50,8 @@ class AnoPLeConfig:
     def __post_init__(self):
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode {self.prompt_mode!r} not in {PROMPT_MODES}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer {self.optimizer!r} is 'sgd' or 'adamw'")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} not in {FUSIONS}")
         if self.prompt_mode == "none" and self.fusion != "bank":

@@ -175,7 +175,7 @@ def test_losses_match_hand_computed_values():
     # focal: -(1 - p_t)^2 log p_t with p_t = 0.5 and sigmoid(2)
     pt = torch.tensor([0.5, float(torch.sigmoid(torch.tensor(2.0)))])
     assert float(focal_loss(logits, target, 2.0)) == pytest.approx(float((-(1 - pt) ** 2 * pt.log()).mean()), rel=1e-6)
-    # dice: 1 - (2 * sum(p t) + 1) / (sum p + sum t + 1)
+    # dice over the batch: 1 - (2 * sum(p t) + 1) / (sum p + sum t + 1)
     ref = 1 - (2 * p[0, 1] + 1) / (p.sum() + 1 + 1)
     assert float(dice_loss(logits, target)) == pytest.approx(float(ref), rel=1e-6)
     il = torch.tensor([[2.0, 0.0]])
