@@ -167,4 +167,6 @@ def shots_batch(images: dict[str, list[np.ndarray]], products: list[str]) -> Sho
         for a in images.get(p, []):
             xs.append(torch.from_numpy(a))
             idx.append(i)
+    if not xs:
+        raise ValueError(f"no normal shots to train the prompts on (products {products})")
     return ShotBatch(torch.stack(xs), torch.tensor(idx), products)

@@ -89,7 +89,9 @@ class Scorer:
         """[B, 3, S, S] normalised pixels -> the one visual forward (global view, prefix c_0)."""
         x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
-            return self.model.encode_image(x)
+            enc = self.model.encode_image(x)  # bf16 backbone on GPU (mixed precision)
+        # heads, bank search and maps run in float32 (they are small; the bank distances need the bits)
+        return {"z0": enc["z0"].float(), "patches": {k: v.float() for k, v in enc["patches"].items()}}
 
     @torch.inference_mode()
     def score(self, pixels: np.ndarray, products: list[str]) -> tuple[np.ndarray, np.ndarray]:

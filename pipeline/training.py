@@ -43,8 +43,8 @@ class TrainConfig:
         return f"anople-{self.deployment}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _load_shots(cfg: dict, products: list[str], size: int) -> tuple[dict, dict]:
-    """Per product: (all train images by id, chosen shot ids, held-out normal ids)."""
+def _load_shots(cfg: dict, products: list[str]) -> dict[str, tuple[dict, list[str], list[str]]]:
+    """Per product: (its train images by id, the chosen shot ids, the held-out normal ids)."""
     from pipeline.fitting import choose_shots
 
     data = {}
@@ -82,7 +82,7 @@ def _fit_worker(cfg: dict) -> None:
     acfg = AnoPLeConfig.from_dict(cfg["anople"])
     model = build_model(cfg["backbone"], cfg["weights"], cfg["seed"], acfg, device)
     teach = cfg["prompt_products"] or cfg["products"]
-    data = _load_shots(cfg, sorted(set(mine) | set(teach)), model.image_size)
+    data = _load_shots(cfg, sorted(set(mine) | set(teach)))
 
     epoch_log = []
     if acfg.trains:

@@ -75,6 +75,18 @@ def test_every_job_succeeded_and_the_gate_held(nightly):
                              "promote_refused": 3, "promote": 0, "score": 0}
 
 
+def test_prompt_training_checkpointed_every_epoch_and_logged(nightly):
+    mv = registry.get_version("line1", alias="candidate")
+    run = registry._mlflow().get_run(mv.run_id)
+    key = run.data.params["run_key"]
+    ckpts = storage.list_files(os.path.join(os.environ["ANOPLE_ROOT"], "ray_results", key, "prompt-checkpoints"))
+    assert [c.rsplit("/", 1)[1] for c in ckpts] == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert run.data.params["anople.prompt_mode"] == "bi" and run.data.params["anople.epochs"] == "2"
+    history = registry.client().get_metric_history(mv.run_id, "loss_total")
+    assert [m.step for m in history] == [1, 2]
+    assert storage.exists(registry.artifact_uri(mv) + "/prompts.safetensors")
+
+
 def test_registry_holds_the_version_with_both_aliases(nightly):
     mv = registry.get_version("line1", alias="production")
     assert set(mv.aliases) == {"candidate", "production"}
@@ -123,4 +135,7 @@ def test_sharded_and_unsharded_scoring_agree(nightly, capsys):
     sharded = {r["image_id"]: r["score"] for r in _read_scores(f"{nightly['out']}/sharded/scores/deployment=line1/date=2026-11-20")}
     assert whole.keys() == sharded.keys() and len(whole) == 30
     assert all(np.isfinite(v) for v in whole.values())
-    assert [whole[k] for k in sorted(whole)] == [sharded[k] for k in sorted(whole)]
+    # Same scores. Bit-for-bit for the bank path; the decoder's convolutions and matmuls see batches of
+    # other sizes when routed per shard, which moves float32 results in the 8th digit, never more.
+    keys = sorted(whole)
+    assert np.allclose([whole[k] for k in keys], [sharded[k] for k in keys], rtol=1e-6, atol=0)
