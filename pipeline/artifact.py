@@ -67,6 +67,11 @@ def bank_file(product: str) -> str:
     return f"banks/{quote(product, safe='')}.npz"
 
 
+def fit_file(product: str) -> str:
+    """Per-product calibration record written by training (thresholds' evidence, for audits)."""
+    return f"fits/{quote(product, safe='')}.json"
+
+
 def save_spec(spec: ModelSpec, uri: str) -> None:
     storage.write_bytes(storage.join(uri, "model.json"), spec.to_json().encode())
 

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.bank import MemoryBank
 from pipeline.images import decode_image, to_model_input
+from pipeline.scorer import select as select_rows
 
 MAX_CALIBRATION = 64  # held-out normals scored per product; more adds time, not much precision
 
@@ -72,7 +73,6 @@ def fit_product(product: str, images: dict[str, bytes], shots: list[str], heldou
         n = enc["z0"].shape[0]
         return list(scorer.score_encoded(enc, [product] * n, banks={product: bank})[0])
 
-    from pipeline.scorer import select
     shot_rgb = [decode_image(images[i]) for i in shots]
     enc = encode(shot_rgb)
     bank = bank_of(enc, list(range(len(shots))))
@@ -83,7 +83,7 @@ def fit_product(product: str, images: dict[str, bytes], shots: list[str], heldou
         cal = []
         for j in range(len(shots)):
             rest = [i for i in range(len(shots)) if i != j]
-            cal += scores(bank_of(enc, rest), select(enc, [j]))
+            cal += scores(bank_of(enc, rest), select_rows(enc, [j]))
         how = "shots_leave_one_out"
     else:
         cal = scores(bank, encode(_crops(shot_rgb[0])))

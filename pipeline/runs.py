@@ -1,7 +1,6 @@
 """The jobs' bodies: what one training, evaluation or scoring run does end to end (Ray + MLflow glue)."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -125,28 +124,13 @@ def _summarize_scores(out_scores: str) -> dict:
 def evaluate(deployment: str, archive: str, alias: str = "candidate", batch_size: int = 16) -> dict:
     """Score the labelled test split, stream the metrics, log them to the version's run. Returns
     {"per_product": {...}, "mean": {...}, "errors": n, "model_version": v}."""
-    from pipeline.batch import RunInfo, score_partition
-    from pipeline.cluster import has_gpus
-    from pipeline.metrics import ProductMetrics, summarize
+    from pipeline.batch import RunInfo
+    from pipeline.metrics import summarize
 
     mv, uri, spec = _resolve(deployment, alias=alias)
     info = RunInfo(deployment=deployment, date="", model_name=mv.name, model_version=str(mv.version),
                    run_id=mv.run_id or "", keep_maps=True)
-    parts = score_partition(archive, deployment, None, uri, spec, info, split="test", batch_size=batch_size,
-                            use_gpu=has_gpus())
-    per: dict[str, ProductMetrics] = {}
-    errors, unlabelled = [], 0
-    batches = (b for ds in parts for b in ds.iter_batches(batch_format="numpy", batch_size=batch_size))
-    for batch in batches:
-        for i in range(len(batch["image_id"])):
-            if batch["label"][i] < 0:  # nightly rows carry no label: not part of the evaluation
-                unlabelled += 1
-                continue
-            if batch["status"][i] != "ok":
-                errors.append(f"{batch['image_id'][i]}: {batch['error'][i]}")
-                continue
-            m = per.setdefault(str(batch["product"][i]), ProductMetrics())
-            m.update(batch["score"][i], int(batch["label"][i]), batch["map"][i].astype(np.float32), batch["mask"][i])
+    per, errors, unlabelled = _stream_metrics(archive, deployment, uri, spec, info, None, batch_size)
     if not per:
         raise ValueError(f"no labelled, scorable test images for deployment {deployment!r} in {archive}")
     results = {p: m.compute() for p, m in sorted(per.items())}
@@ -166,26 +150,29 @@ def evaluate(deployment: str, archive: str, alias: str = "candidate", batch_size
 PROTOCOL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
-def _eval_artifact(deployment: str, archive: str, uri: str, spec: ModelSpec, only: list[str] | None,
-                   batch_size: int) -> dict:
-    """Per-product metrics of an artifact on the labelled test split (streamed through Ray Data)."""
-    from pipeline.batch import RunInfo, score_partition
+def _stream_metrics(archive: str, deployment: str, uri: str, spec: ModelSpec, info, only: list[str] | None,
+                    batch_size: int):
+    """Score the labelled test split through Ray Data and fold each image into its product's streaming
+    metrics. Returns ({product: ProductMetrics}, error lines of labelled rows, count of unlabelled rows)."""
+    from pipeline.batch import score_partition
     from pipeline.cluster import has_gpus
     from pipeline.metrics import ProductMetrics
 
-    info = RunInfo(deployment=deployment, date="", model_name="protocol", model_version="-", run_id="",
-                   keep_maps=True)
     parts = score_partition(archive, deployment, None, uri, spec, info, split="test", batch_size=batch_size,
                             use_gpu=has_gpus(), only=only)
     per: dict[str, ProductMetrics] = {}
+    errors, unlabelled = [], 0
     for ds in parts:
         for b in ds.iter_batches(batch_format="numpy", batch_size=batch_size):
             for i in range(len(b["image_id"])):
-                if b["label"][i] < 0 or b["status"][i] != "ok":
-                    continue
-                per.setdefault(str(b["product"][i]), ProductMetrics()).update(
-                    b["score"][i], int(b["label"][i]), b["map"][i].astype(np.float32), b["mask"][i])
-    return {p: m.compute() for p, m in sorted(per.items())}
+                if b["label"][i] < 0:  # nightly rows carry no label: not part of the evaluation
+                    unlabelled += 1
+                elif b["status"][i] != "ok":
+                    errors.append(f"{b['image_id'][i]}: {b['error'][i]}")
+                else:
+                    per.setdefault(str(b["product"][i]), ProductMetrics()).update(
+                        b["score"][i], int(b["label"][i]), b["map"][i].astype(np.float32), b["mask"][i])
+    return per, errors, unlabelled
 
 
 def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int], setting: str = "multi-class",
@@ -195,6 +182,7 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
     Returns {k: {product: {metric: [value per seed]}}} and logs it to MLflow."""
     import dataclasses
 
+    from pipeline.batch import RunInfo
     from pipeline.training import products_in
 
     if setting not in ("multi-class", "unseen"):
@@ -223,7 +211,10 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
                         uri = storage.join(storage.normalize(cfg.storage_path), cfg.run_key(), "artifact")
                         storage.remove_tree(uri)
                         storage.upload_tree(out, uri)  # where every actor can read it
-                    for p, r in _eval_artifact(base.deployment, base.archive, uri, spec, only, batch_size).items():
+                    info = RunInfo(deployment=base.deployment, date="", model_name="protocol", model_version="-",
+                                   run_id="", keep_maps=True)
+                    per, _, _ = _stream_metrics(base.archive, base.deployment, uri, spec, info, only, batch_size)
+                    for p, r in ((p, m.compute()) for p, m in per.items()):
                         for m in PROTOCOL_METRICS:
                             table.setdefault(k, {}).setdefault(p, {}).setdefault(m, []).append(r[m])
             for m in PROTOCOL_METRICS:

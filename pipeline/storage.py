@@ -107,19 +107,6 @@ def modified_time(uri: str):
         return None
 
 
-def download_tree(uri: str, local_dir: str) -> str:
-    """Copy a prefix to a local folder (for libraries that need real files); returns local_dir."""
-    os.makedirs(local_dir, exist_ok=True)
-    if not is_remote(uri):
-        src = normalize(uri)
-        import shutil
-        shutil.copytree(src, local_dir, dirs_exist_ok=True)
-        return local_dir
-    fs, path = filesystem(uri)
-    fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
-    return local_dir
-
-
 def upload_tree(local_dir: str, uri: str) -> None:
     for root, _, files in os.walk(local_dir):
         for name in files:

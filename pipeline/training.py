@@ -1,9 +1,10 @@
-"""Fitting a deployment with Ray Train: each TorchTrainer worker fits its share of the products.
+"""Fitting a deployment with Ray Train.
 
-Worker w of W takes products[w::W], builds their banks and thresholds on its device (a GPU per worker
-when the cluster has GPUs) and reports them as its part of one checkpoint; Ray Train merges the parts
-into one folder in `storage_path`, and the driver turns that folder into the model artifact.
-The prompt-learning half (next issue) trains inside the same loop.
+Every worker first learns the shared prompts (data-parallel over the shots, gradients averaged, a
+checkpoint on storage every epoch); then worker w of W takes products[w::W] and builds their banks and
+thresholds with the trained encoder on its device (a GPU per worker when the cluster has GPUs). Each
+reports its files as its part of one checkpoint; Ray Train merges the parts into one folder, and the
+driver turns that folder into the model artifact.
 """
 from __future__ import annotations
 
@@ -47,17 +48,19 @@ def _load_shots(cfg: dict, products: list[str]) -> dict[str, tuple[dict, list[st
     """Per product: (its train images by id, the chosen shot ids, the held-out normal ids)."""
     from pipeline.fitting import choose_shots
 
+    table = archive.read_table(cfg["archive"], cfg["deployment"], split="train", products=products,
+                               columns=["image_id", "product", "image", "label"])
+    rows: dict[str, list] = {p: [] for p in products}
+    for r in table.to_pylist():
+        rows[r["product"]].append(r)
     data = {}
-    for product in products:
-        table = archive.read_table(cfg["archive"], cfg["deployment"], split="train", products=[product],
-                                   columns=["image_id", "image", "label"])
-        ids = table["image_id"].to_pylist()
-        normal = [i for i, lab in zip(ids, table["label"].to_pylist()) if lab in (0, None)]
+    for product, rs in rows.items():
+        normal = [r["image_id"] for r in rs if r["label"] in (0, None)]
         try:
             shots, heldout = choose_shots(normal, cfg["shots"], cfg["seed"])
         except ValueError as e:
             raise RuntimeError(f"product {product!r}: {e}") from e
-        data[product] = (dict(zip(ids, table["image"].to_pylist())), shots, heldout)
+        data[product] = ({r["image_id"]: r["image"] for r in rs}, shots, heldout)
     return data
 
 
@@ -133,7 +136,7 @@ def _fit_worker(cfg: dict) -> None:
             spec = artifact.ProductSpec(threshold=fit.threshold, calibration=fit.calibration,
                                         n_calibration=len(fit.calibration_scores), shots=fit.shots,
                                         n_patches=fit.bank.n_patches, bank_file=artifact.bank_file(product))
-            with open(os.path.join(out, "fits", f"{quote_name(product)}.json"), "w") as f:
+            with open(os.path.join(out, artifact.fit_file(product)), "w") as f:
                 json.dump({"product": product, "spec": spec.__dict__,
                            "calibration_scores": fit.calibration_scores}, f)
         ray.train.report({"products_fitted": len(mine)}, checkpoint=ray.train.Checkpoint.from_directory(out))
@@ -145,11 +148,6 @@ def _latest_checkpoint(uri: str) -> str | None:
     except FileNotFoundError:
         return None
     return max(files) if files else None
-
-
-def quote_name(product: str) -> str:
-    from urllib.parse import quote
-    return quote(product, safe="")
 
 
 def check_weights(backbone: str, weights: str) -> None:
@@ -223,7 +221,7 @@ def fit_deployment(cfg: TrainConfig, out_dir: str) -> tuple[artifact.ModelSpec, 
     if os.path.exists(log_path):
         summary["epochs"] = json.load(open(log_path))
     for p in products:
-        path = os.path.join(out_dir, "fits", f"{quote_name(p)}.json")
+        path = os.path.join(out_dir, artifact.fit_file(p))
         if not os.path.exists(path):
             raise RuntimeError(f"no worker fitted product {p!r}")
         fit = json.load(open(path))

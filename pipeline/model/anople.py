@@ -180,11 +180,6 @@ class AnoPLe(nn.Module):
         z0 = v.ln_post(h[:, 0]) @ v.proj  # [B, D]
         return {"z0": F.normalize(z0, dim=-1), "patches": out}
 
-    def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Residual-stream patch tokens [B, HW, d_v] -> unit joint-space embeddings [B, HW, D]."""
-        v = self.clip.visual
-        return F.normalize(v.ln_post(tokens) @ v.proj, dim=-1)
-
     # ---------------------------------------------------------------- heads
     def text_head(self, enc: dict, text: torch.Tensor) -> dict:
         """Patch-text similarities -> decoder logits; image-text logits; alignment vector s.

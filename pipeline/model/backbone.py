@@ -24,15 +24,6 @@ class BackboneLoadError(RuntimeError):
     """The backbone could not be created with the weights asked for (never silently replaced)."""
 
 
-def weights_kind(weights: str) -> str:
-    """'random', 'file' (a local checkpoint) or 'hub' (an open_clip pretrained tag)."""
-    if weights == RANDOM:
-        return "random"
-    if os.path.isfile(weights):
-        return "file"
-    return "hub"
-
-
 def create_clip(arch: str, weights: str, seed: int = 0) -> nn.Module:
     """The whole CLIP model, frozen and in eval mode.
 
@@ -41,9 +32,8 @@ def create_clip(arch: str, weights: str, seed: int = 0) -> nn.Module:
     """
     if arch not in open_clip.list_models():
         raise BackboneLoadError(f"unknown open_clip architecture {arch!r}")
-    kind = weights_kind(weights)
     try:
-        if kind == "random":
+        if weights == RANDOM:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = open_clip.create_model(arch, pretrained=None)
