@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from pipeline import registry
 from pipeline.cluster import has_gpus, init_ray
 from pipeline.config import load_config
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                       backbone=args.backbone, weights=args.weights, anople=anople, restart=args.restart,
                       num_workers=args.num_workers, use_gpu=has_gpus(), storage_path=args.storage_path)
     try:
-        mv, spec = train_and_register(cfg)
+        mv, spec, summary = train_and_register(cfg)
     except (BackboneLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
           f"run {mv.run_id}; products: {', '.join(sorted(spec.products))}")
     print(f"  AnoPLe: prompts {spec.anople['prompt_mode']}, fusion {spec.anople['fusion']}, "
           f"epochs {spec.anople['epochs'] if spec.prompts_file else 0}")
+    secs = [e["epoch_seconds"] for e in summary["epochs"]]
+    if secs:  # this run's epochs (a resumed run trains only the rest)
+        print(f"  prompt learning on {summary['device']}: {len(secs)} epoch(s) this run, "
+              f"{np.mean(secs):.2f} s/epoch (first {secs[0]:.2f} s, median {np.median(secs):.2f} s)")
     for p, ps in sorted(spec.products.items()):
         print(f"  {p}: threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
     return 0

@@ -12,8 +12,9 @@ from pipeline.artifact import ModelSpec
 from pipeline.training import TrainConfig, fit_deployment
 
 
-def train_and_register(cfg: TrainConfig) -> tuple[object, ModelSpec]:
-    """Fit with Ray Train, log params/metrics/artifact to MLflow, register a version, alias 'candidate'."""
+def train_and_register(cfg: TrainConfig) -> tuple[object, ModelSpec, dict]:
+    """Fit with Ray Train, log params/metrics/artifact to MLflow, register a version, alias 'candidate'.
+    Returns (model version, spec, fit summary: device, k-NN backend, per-epoch metrics)."""
     mlflow = registry._mlflow()
     if not cfg.storage_path:
         cfg.storage_path = os.path.join(registry.local_root(), "ray_results")
@@ -50,7 +51,7 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, ModelSpec]:
         mlflow.log_artifacts(out, artifact_path="anople")
         mv = registry.register(cfg.deployment, run.info.run_id, "anople", tags={
             "weights_kind": kind, "backbone": spec.backbone, "weights": spec.weights, "shots": str(spec.shots)})
-    return mv, spec
+    return mv, spec, summary
 
 
 def _metric_key(name: str) -> str:

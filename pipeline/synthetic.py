@@ -15,34 +15,53 @@ PRODUCTS = ("tile", "washer", "fabric", "pill", "grid")
 DEFECTS = ("scratch", "stain", "hole")
 
 
+def product_names(n: int) -> tuple[str, ...]:
+    """n distinct product names: the base patterns first, then variants ``tile-2``, ``washer-2``, ...
+    (same pattern, other colours and scale), so a deployment can hold as many products as a real line."""
+    return tuple(PRODUCTS[i % len(PRODUCTS)] + (f"-{i // len(PRODUCTS) + 1}" if i >= len(PRODUCTS) else "")
+                 for i in range(n))
+
+
+def _variant(product: str) -> tuple[str, np.ndarray, float]:
+    """'tile' -> ('tile', no tint, scale 1); 'tile-3' -> ('tile', a fixed tint, a fixed pattern scale)."""
+    base, _, k = product.partition("-")
+    if not k:
+        return base, np.ones(3, np.float32), 1.0
+    if not k.isdigit() or int(k) < 2:
+        raise ValueError(f"synthetic product variant {product!r}: use <pattern>-<n>, n >= 2")
+    vr = np.random.default_rng([int(k), PRODUCTS.index(base) if base in PRODUCTS else 99])
+    return base, vr.uniform(0.6, 1.3, 3).astype(np.float32), float(vr.uniform(0.7, 1.4))
+
+
 def _base(product: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A normal specimen, uint8 [size, size, 3]."""
+    product, tint, f = _variant(product)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     dx, dy = rng.uniform(-2, 2, size=2)
     light = rng.uniform(0.9, 1.1)
     if product == "tile":  # checkerboard ceramic
-        period = size / 8
+        period = size * f / 8
         v = ((np.floor((xx + dx) / period) + np.floor((yy + dy) / period)) % 2) * 80 + 120
         img = np.stack([v, v * 0.9, v * 0.8], axis=-1)
     elif product == "washer":  # metal ring on a dark belt
         c = size / 2
         r = np.hypot(xx - c - dx, yy - c - dy)
-        ring = (r > size * 0.18) & (r < size * 0.38)
+        ring = (r > size * 0.18 * f) & (r < size * 0.38 * min(f, 1.3))
         img = np.where(ring[..., None], [170, 170, 180], [40, 45, 50]).astype(np.float32)
     elif product == "fabric":  # woven stripes
-        v = 110 + 40 * np.sin((xx + dx) * 2 * np.pi / (size / 16)) * np.sin((yy + dy) * 2 * np.pi / (size / 16))
+        v = 110 + 40 * np.sin((xx + dx) * 2 * np.pi / (size * f / 16)) * np.sin((yy + dy) * 2 * np.pi / (size * f / 16))
         img = np.stack([v * 0.6, v * 0.8, v], axis=-1)
     elif product == "pill":  # white capsule on grey
         c = size / 2
-        inside = ((xx - c - dx) / (size * 0.35)) ** 2 + ((yy - c - dy) / (size * 0.18)) ** 2 < 1
+        inside = ((xx - c - dx) / (size * 0.35 * min(f, 1.3))) ** 2 + ((yy - c - dy) / (size * 0.18 * f)) ** 2 < 1
         img = np.where(inside[..., None], [235, 230, 220], [120, 120, 120]).astype(np.float32)
     elif product == "grid":  # wire mesh
-        period = size / 10
+        period = size * f / 10
         line = (((xx + dx) % period) < 2) | (((yy + dy) % period) < 2)
         img = np.where(line[..., None], [200, 190, 160], [60, 60, 70]).astype(np.float32)
     else:
         raise ValueError(f"unknown synthetic product {product!r}; choose from {PRODUCTS}")
-    img = img * light + rng.normal(0, 4, size=img.shape)
+    img = img * tint * light + rng.normal(0, 4, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -50,10 +50,13 @@ def create_clip(arch: str, weights: str, seed: int = 0) -> nn.Module:
 
 
 def fingerprint(module: nn.Module) -> str:
-    """Short hash of all parameters: proves two processes hold identical backbone weights."""
+    """Short hash of every parameter's bytes: proves two processes hold identical backbone weights.
+
+    Exact bytes, never a float sum: a sum's rounding depends on the thread count (a Ray worker runs
+    1 thread, a driver many), which made the same weights look different.
+    """
     h = hashlib.sha256()
     for name, p in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
-        h.update(str(float(p.detach().float().sum())).encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

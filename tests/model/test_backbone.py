@@ -34,6 +34,19 @@ def test_random_init_is_seeded_and_fingerprinted():
     assert fingerprint(a) == fingerprint(b) != fingerprint(c)
 
 
+def test_fingerprint_does_not_depend_on_thread_count():
+    # Ray workers run 1 thread, drivers several: a float sum's rounding used to differ between them
+    clip = create_clip(TINY, "random", seed=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fingerprint(clip)
+        torch.set_num_threads(4)
+        assert fingerprint(clip) == one
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_local_checkpoint_file_loads_by_path(tmp_path):
     src = create_clip(TINY, "random", seed=3)
     path = tmp_path / "weights.pt"
