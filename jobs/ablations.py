@@ -10,6 +10,7 @@ the paper's; what it shows is whether each part learns (vs. the untrained model)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ ROWS = [  # (row name, AnoPLeConfig overrides, train?)
     ("T<->I (full AnoPLe)", {}, True),
     ("T<->I, no L_align", {"use_align_loss": False}, True),
     ("T<->I, no multi-scale/prefix", {"multiscale": False, "use_prefix": False}, True),
+    ("T<->I, uncalibrated harmonic fusion", {"fusion_calibrated": False}, True),
     ("T<->I, text/decoder map only", {"fusion": "text"}, True),
     ("untrained, text/decoder map only", {"fusion": "text"}, False),
     ("memory bank only", {"prompt_mode": "none", "fusion": "bank"}, False),
@@ -56,7 +58,7 @@ def run_row(clip_args, overrides, train, data, products, epochs, seed, device):
     scorer = Scorer(model, {}, device)
     for p in products:
         fit = fit_product(p, data[p]["images"], data[p]["shots"], data[p]["heldout"], scorer, pick_backend(device))
-        scorer.banks[p] = fit.bank
+        scorer.banks[p] = fit.bank  # (fit_product also set scorer.scales[p], the calibrated fusion's levels)
     per = {}
     for p in products:
         m = ProductMetrics()
@@ -84,6 +86,33 @@ def load_data(root, products, shots, seed):
     return data
 
 
+def print_table(rows, results: dict, times: dict) -> None:
+    print()
+    head = f"{'ablation':<38}" + "".join(f"{k:>18}" for k in ("I-AUROC", "P-AUROC", "AUPRO")) + f"{'train s':>10}{'n':>4}"
+    print(head)
+    print("-" * len(head))
+    for name, _, _ in rows:
+        rs = results.get(name, [])
+        if not rs:
+            continue
+        cells = "".join(f"{100 * np.mean([r[k] for r in rs]):>11.1f} +-{100 * np.std([r[k] for r in rs]):4.1f}"
+                        for k in METRICS)
+        print(f"{name:<38}{cells}{np.mean(times[name]):>10.1f}{len(rs):>4}")
+
+
+def merge(paths: list[str]) -> int:
+    """One table from several --json files (e.g. seeds run in separate sessions)."""
+    results, times = {}, {}
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        for name, rs in d["results"].items():
+            results.setdefault(name, []).extend(rs)
+            times.setdefault(name, []).extend(d["train_s"][name])
+    print_table(ROWS, results, times)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="jobs.ablations", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="anople-small-vit")
@@ -97,7 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"],
                     help="adamw by default here: on a random-init backbone PromptAD's SGD at 0.002 barely moves "
                          "the from-scratch heads in a CPU-sized number of epochs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="AnoPLe config override for every row (repeatable), e.g. --set head_lr=0.002")
+    ap.add_argument("--json", default="", help="also write every (seed, row) result to this JSON file")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only print one table from earlier --json files")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
+    import yaml
+    common = {"optimizer": args.optimizer}
+    for kv in args.set:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            ap.error(f"--set wants KEY=VALUE, got {kv!r}")
+        common[k] = yaml.safe_load(v)
     from pipeline.synthetic import make_mvtec_folder
 
     products = args.products.split(",")
@@ -107,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights == "random":
         print("NOTE: random-init backbone: absolute numbers are not the paper's.")
     print(f"backbone {args.backbone} ({args.weights}), {args.shots} shot(s), {args.epochs} epochs "
-          f"({args.optimizer}), seeds {seeds}, "
+          f"({args.optimizer}), config overrides {common}, seeds {seeds}, "
           f"products {', '.join(products)}, device {device}")
     results = {name: [] for name, _, _ in rows}
     times = {name: [] for name, _, _ in rows}
@@ -117,20 +159,16 @@ def main(argv: list[str] | None = None) -> int:
                               n_test_defect=2, size=args.size, seed=100 + seed)
             data = load_data(root, products, args.shots, seed)
             for name, overrides, train in rows:
-                r, t = run_row((args.backbone, args.weights, seed), {"optimizer": args.optimizer, **overrides},
+                r, t = run_row((args.backbone, args.weights, seed), {**common, **overrides},
                                train, data, products, args.epochs, seed, device)
                 results[name].append(r)
                 times[name].append(t)
+                if args.json:  # after every row: a run cut short keeps what it finished
+                    with open(args.json, "w") as f:
+                        json.dump({"args": vars(args), "results": results, "train_s": times}, f, indent=1)
                 print(f"  seed {seed} {name:<32}" + "".join(f" {k} {100 * r[k]:5.1f}" for k in METRICS)
                       + f"  (train {t:.1f}s)", flush=True)
-    print()
-    head = f"{'ablation':<34}" + "".join(f"{k:>18}" for k in ("I-AUROC", "P-AUROC", "AUPRO")) + f"{'train s':>10}"
-    print(head)
-    print("-" * len(head))
-    for name, _, _ in rows:
-        cells = "".join(f"{100 * np.mean([r[k] for r in results[name]]):>11.1f} +-{100 * np.std([r[k] for r in results[name]]):4.1f}"
-                        for k in METRICS)
-        print(f"{name:<34}{cells}{np.mean(times[name]):>10.1f}")
+    print_table(rows, results, times)
     return 0
 
 

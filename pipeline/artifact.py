@@ -28,6 +28,8 @@ class ProductSpec:
     shots: list[str]          # image_ids of the K normal shots in the bank
     n_patches: int            # bank size per layer
     bank_file: str            # relative path of the bank inside the artifact
+    map_scales: dict = field(default_factory=dict)  # {"text", "bank"}: each map's level on the normal
+                                                    # calibration images (calibrated fusion); {} = 1
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Nightly scoring with Ray Data: read shards -> decode (CPU tasks) -> score (actor pools holding the
-banks) -> one output row per input row, heatmaps written by the actors.
+banks) -> write heatmaps (CPU tasks) -> one output row per input row.
 
 Routing: the products' banks are packed into shards no larger than the per-actor budget; each shard gets
 its own actor pool, and only rows of its products flow to it. Rows that cannot be scored (undecodable
@@ -170,8 +170,11 @@ class ScoreActor:
         status, error = list(batch["status"]), list(batch["error"])  # decode errors pass straight through
         todo = [i for i in range(n) if status[i] == "ok"]
         results = dict(zip(todo, self._score_rows(batch["pixels"][todo], [products[i] for i in todo]))) if todo else {}
-        score, thr, uri, scale = np.full(n, np.nan), np.full(n, np.nan), [None] * n, np.full(n, np.nan)
-        maps = np.zeros((n, spec.image_size, spec.image_size), dtype=np.float16) if info.keep_maps else None
+        score, thr, scale = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+        # maps leave the actor for the heatmap writer (float32: the PNG gets 16 bits) or for evaluation
+        maps = None
+        if info.output or info.keep_maps:
+            maps = np.zeros((n, spec.image_size, spec.image_size), dtype=np.float32 if info.output else np.float16)
         for i, (s, amap, err) in results.items():
             if err:
                 status[i], error[i] = "error", err
@@ -179,15 +182,36 @@ class ScoreActor:
             score[i] = s
             if maps is not None:
                 maps[i] = amap
-            if info.output:
-                try:
-                    png, scale[i] = encode_heatmap(amap, int(batch["height"][i]), int(batch["width"][i]))
-                    uri[i] = heatmap_uri(info.output, info.deployment, info.date, str(batch["image_id"][i]))
-                    storage.write_bytes(uri[i], png)
-                except Exception as e:
-                    status[i], error[i], uri[i] = "error", f"heatmap write failed: {type(e).__name__}: {e}", None
         thr[:] = [spec.products[p].threshold for p in products]
-        return _rows(batch, info, score, thr, uri, scale, status, error, maps)
+        out = _rows(batch, info, score, thr, [None] * n, scale, status, error, maps)
+        if info.output:  # what write_heatmaps needs; it drops these columns again
+            out.update(map=maps, height=batch["height"], width=batch["width"])
+        return out
+
+
+def write_heatmaps(batch: dict, info: RunInfo) -> dict:
+    """CPU task after the actors: each scored row's map -> 16-bit PNG at the image's own resolution, at
+    its deterministic key. Encoding and writing here, not in the actor, keeps the GPU actor scoring
+    (encoding in the actor made the whole job run at the PNG encoder's pace). A failed write turns its
+    row into an error row; it never fails the batch."""
+    n = len(batch["image_id"])
+    status, error = list(batch["status"]), list(batch["error"])
+    uri = [None] * n
+    scale = np.full(n, np.nan)
+    for i in range(n):
+        if status[i] != "ok":
+            continue
+        try:
+            png, scale[i] = encode_heatmap(batch["map"][i], int(batch["height"][i]), int(batch["width"][i]))
+            uri[i] = heatmap_uri(info.output, info.deployment, info.date, str(batch["image_id"][i]))
+            storage.write_bytes(uri[i], png)
+        except Exception as e:
+            status[i], error[i], uri[i], scale[i] = "error", f"heatmap write failed: {type(e).__name__}: {e}", None, np.nan
+    out = {k: v for k, v in batch.items() if k not in ("height", "width") and (k != "map" or info.keep_maps)}
+    out.update(heatmap_uri=np.asarray(uri, dtype=object), heatmap_scale=scale,
+               status=np.asarray(status, dtype=object), error=np.asarray(error, dtype=object))
+    out["is_anomalous"] = out["is_anomalous"] & (out["status"] == "ok")
+    return out
 
 
 def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list[str],
@@ -255,11 +279,14 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
         rows = read_rows(archive_uri, deployment, date, cols, products, split=split)
         decoded = rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
                                    fn_kwargs={"image_size": spec.image_size, "keep_masks": info.keep_maps})
-        branches.append(decoded.map_batches(
+        scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,
             fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors_per_shard)),
-            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1))
+            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+        if info.output:
+            scored = scored.map_batches(write_heatmaps, batch_format="numpy", fn_kwargs={"info": info})
+        branches.append(scored)
     return branches
 
 

@@ -5,7 +5,8 @@ normal images only, never from test data:
 - ``heldout_normals``: train-split normals beyond the K shots, scored against the bank;
 - ``shots_leave_one_out`` (no extra normals, K >= 2): each shot scored against a bank of the others;
 - ``shots_augmented`` (K == 1): mild crops of the one shot scored against its own bank.
-threshold = max(max(s), mean(s) + 3 std(s)) over those normal scores s.
+threshold = max(max(s), mean(s) + 3 std(s)) over those normal scores s. The same images give each
+component map's level (mean per-image maximum) for the calibrated fusion, set before the scores s.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class ProductFit:
     calibration: str
     calibration_scores: list[float]
     shots: list[str]
+    map_scales: dict[str, float]  # each component map's level on the calibration normals
 
 
 def choose_shots(image_ids: list[str], k: int, seed: int) -> tuple[list[str], list[str]]:
@@ -69,24 +71,29 @@ def fit_product(product: str, images: dict[str, bytes], shots: list[str], heldou
         feats = scorer.model.bank_features(enc)  # per layer [N, HW, C]
         return MemoryBank([f[rows].reshape(-1, f.shape[-1]).cpu().numpy() for f in feats], backend)
 
-    def scores(bank, enc):
+    def maps(bank, enc):  # component maps of calibration images, scored against `bank`
         n = enc["z0"].shape[0]
-        return list(scorer.score_encoded(enc, [product] * n, banks={product: bank})[0])
+        return scorer.component_maps(enc, [product] * n, banks={product: bank})
 
     shot_rgb = [decode_image(images[i]) for i in shots]
     enc = encode(shot_rgb)
     bank = bank_of(enc, list(range(len(shots))))
     if heldout:
-        cal = scores(bank, encode([decode_image(images[i]) for i in heldout]))
+        parts = [maps(bank, encode([decode_image(images[i]) for i in heldout]))]
         how = "heldout_normals"
     elif len(shots) >= 2:
-        cal = []
+        parts = []
         for j in range(len(shots)):
             rest = [i for i in range(len(shots)) if i != j]
-            cal += scores(bank_of(enc, rest), select_rows(enc, [j]))
+            parts.append(maps(bank_of(enc, rest), select_rows(enc, [j])))
         how = "shots_leave_one_out"
     else:
-        cal = scores(bank, encode(_crops(shot_rgb[0])))
+        parts = [maps(bank, encode(_crops(shot_rgb[0])))]
         how = "shots_augmented"
-    cal = [float(s) for s in cal]
-    return ProductFit(product, bank, threshold_from(cal), how, cal, list(shots))
+    comp = {k: torch.cat([m[k] for m in parts]) for k in parts[0]}  # each [N, S, S]
+    n = next(iter(comp.values())).shape[0]
+    # each map's level on normal images: the mean of its per-image maxima (calibrated fusion)
+    scales = {k: max(float(v.flatten(1).amax(1).mean()), 1e-8) for k, v in comp.items()}
+    scorer.scales[product] = scales
+    cal = [float(x) for x in scorer.fuse(comp, [product] * n)[0]]
+    return ProductFit(product, bank, threshold_from(cal), how, cal, list(shots), scales)

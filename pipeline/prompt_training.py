@@ -91,10 +91,11 @@ def step_losses(model: AnoPLe, x, scale, pidx, mask, label, latent, products: li
 class PromptTrainer:
     """Epoch loop state: model, optimiser, epoch, RNG; save/load as bytes for checkpoints."""
 
-    def __init__(self, model: AnoPLe, shots: ShotBatch, device: str, batch_size: int = 8,
+    def __init__(self, model: AnoPLe, shots: ShotBatch, device: str, batch_size: int | None = None,
                  grad_sync=None, amp: bool = False):
         cfg = model.cfg
-        self.model, self.shots, self.device, self.batch_size = model, shots, device, batch_size
+        self.model, self.shots, self.device = model, shots, device
+        self.batch_size = batch_size or cfg.batch_shots  # shots per optimiser step
         if cfg.optimizer == "adamw":
             self.opt = torch.optim.AdamW(model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:

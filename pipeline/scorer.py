@@ -2,8 +2,8 @@
 
 One visual forward per image (global view, prefix c_0 only); text features are computed once per
 product at load time and cached. The anomaly map is the harmonic mean of the decoder's text map and the
-memory-bank map (or either alone, per the config's fusion), upsampled and Gaussian-smoothed; the image
-score is its maximum. Used by the Ray Data actors and by training's threshold calibration. No Ray here.
+memory-bank map, each first scaled by its level on the product's normal images (or either map alone, per
+the config's fusion), upsampled and Gaussian-smoothed; the image score is its maximum. Used by the Ray Data actors and by training's threshold calibration. No Ray here.
 """
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ class Scorer:
                  spec: artifact.ModelSpec | None = None):
         self.model, self.banks, self.device, self.spec = model, banks, device, spec
         self.text: dict[str, torch.Tensor] = {}  # product -> [2, D] cached text features
+        # product -> {"text": level, "bank": level} of each map on normal images (calibrated fusion)
+        self.scales: dict[str, dict[str, float]] = {p: dict(ps.map_scales) for p, ps in spec.products.items()} if spec else {}
         if model.decoder is not None:
             self.cache_text(list(banks))
 
@@ -103,11 +105,19 @@ class Scorer:
 
     @torch.inference_mode()
     def score_encoded(self, enc: dict, products: list[str], banks: dict[str, MemoryBank] | None = None):
+        """One encode() result -> scores [B] and fused, smoothed maps [B, S, S] (numpy float32)."""
+        return self.fuse(self.component_maps(enc, products, banks), products)
+
+    @torch.inference_mode()
+    def component_maps(self, enc: dict, products: list[str], banks: dict[str, MemoryBank] | None = None) -> dict:
+        """The evidence before fusion, at model resolution: {"bank": [B, S, S], "text": [B, S, S]}
+        (whichever the config's fusion uses). Bank map: mean halved cosine distance to the nearest bank
+        patch; text map: the decoder's anomaly probability."""
         banks = self.banks if banks is None else banks
         model, cfg = self.model, self.model.cfg
         S = model.image_size
         B = enc["z0"].shape[0]
-        maps = []
+        maps = {}
         if cfg.fusion in ("bank", "harmonic"):
             feats = model.bank_features(enc)  # per layer [B, HW, C]
             hw = feats[0].shape[1]
@@ -116,13 +126,30 @@ class Scorer:
                 rows = [i for i, q in enumerate(products) if q == p]
                 queries = [f[rows].reshape(-1, f.shape[-1]) for f in feats]
                 patch[rows] = banks[p].distance(queries).reshape(len(rows), hw).to(patch.device)
-            maps.append(patch_scores_to_map(patch, model.grid, S, sigma=0))  # [B, S, S]
+            maps["bank"] = patch_scores_to_map(patch, model.grid, S, sigma=0)  # [B, S, S]
         if cfg.fusion in ("text", "harmonic"):
             self.cache_text(sorted(set(products)))
             text = torch.stack([self.text[p] for p in products])  # [B, 2, D]
             head = model.text_head(enc, text.to(enc["z0"].dtype))
-            maps.append(pixel_map(head["logits"].float(), S))  # [B, S, S]
-        amap = maps[0] if len(maps) == 1 else harmonic_fusion(maps[1], maps[0])
+            maps["text"] = pixel_map(head["logits"].float(), S)  # [B, S, S]
+        return maps
+
+    def fuse(self, maps: dict, products: list[str]):
+        """Component maps -> (scores [B], maps [B, S, S]) as numpy float32.
+
+        Harmonic mean HM(t, b) = 2tb / (t + b) (Sec. 3.5). HM follows the smaller input (HM ~ 2t when
+        t << b), so with `fusion_calibrated` each map is first divided by its own level on the product's
+        normal calibration images (ProductSpec.map_scales): both then read "1 = as high as on normal
+        images", and neither map silences the other merely by living on a smaller scale."""
+        cfg = self.model.cfg
+        if len(maps) == 1:
+            amap = next(iter(maps.values()))
+        else:
+            t, b = maps["text"], maps["bank"]
+            if cfg.fusion_calibrated:
+                st = torch.tensor([self.scales.get(p, {}).get("text", 1.0) for p in products], device=t.device)
+                sb = torch.tensor([self.scales.get(p, {}).get("bank", 1.0) for p in products], device=b.device)
+                t, b = t / st.view(-1, 1, 1), b / sb.view(-1, 1, 1)
+            amap = harmonic_fusion(t, b)
         amap = blur(amap.float(), cfg.blur_sigma)
         return image_score(amap).cpu().numpy(), amap.cpu().numpy()
-

@@ -135,7 +135,8 @@ def _fit_worker(cfg: dict) -> None:
                 f.write(fit.bank.to_bytes())
             spec = artifact.ProductSpec(threshold=fit.threshold, calibration=fit.calibration,
                                         n_calibration=len(fit.calibration_scores), shots=fit.shots,
-                                        n_patches=fit.bank.n_patches, bank_file=artifact.bank_file(product))
+                                        n_patches=fit.bank.n_patches, bank_file=artifact.bank_file(product),
+                                        map_scales=fit.map_scales)
             with open(os.path.join(out, artifact.fit_file(product)), "w") as f:
                 json.dump({"product": product, "spec": spec.__dict__,
                            "calibration_scores": fit.calibration_scores}, f)

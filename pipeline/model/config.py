@@ -35,10 +35,14 @@ class AnoPLeConfig:
     # memory bank and fusion (Sec. 3.5)
     bank_layers: tuple[int, ...] = ()  # 1-based; () = PromptAD's 3 and 8 scaled to the depth
     fusion: str = "harmonic"         # harmonic | text | bank
+    fusion_calibrated: bool = True   # divide each map by its level on normal calibration images before
+                                     # the harmonic mean (False: raw maps, as the paper's equation reads)
     blur_sigma: float = 4.0
     # optimisation: PromptAD's SGD, cosine to lr_min; "adamw" for heads learned from scratch or random backbones
     optimizer: str = "sgd"           # sgd | adamw
     epochs: int = 100
+    batch_shots: int = 8             # normal shots per optimiser step (each gives 5 views with multiscale);
+                                     # an epoch is one pass over the shots, so few shots = few steps
     lr: float = 0.002                # prompts, prefixes and prompt maps (PromptAD's)
     head_lr: float = 0.05            # decoder, adapters, alignment weights: new layers learned from
                                      # scratch (PromptAD has none); at 0.002 they barely move in 100 epochs

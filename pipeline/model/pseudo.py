@@ -1,15 +1,18 @@
 """Pseudo-anomalies from normal images only, with exact masks.
 
 Pixel space: a rectangle of the image replaced by a patch cut from elsewhere in the same image
-(CutPaste-like), by Gaussian noise, or by a synthetic texture; the mask is exactly the set of pixels
-whose value changed. Latent space: a rectangle of patch tokens marked for noise (applied inside the
+(CutPaste-like), by Gaussian noise, or by a synthetic texture; or (DRAEM-style) an irregular region cut
+out of thresholded smooth noise, where the image is blended with a foreign source: a smooth colour field,
+or a rolled and flipped copy of the image itself (no external texture set is available offline). The mask
+is exactly the set of pixels whose value changed. Latent space: a rectangle of patch tokens marked for noise (applied inside the
 visual tower), the mask is that rectangle at pixel resolution.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-KINDS = ("paste", "noise", "texture")
+KINDS = ("paste", "noise", "texture", "perlin")
 
 
 def _box(gen: torch.Generator, size: int, lo: float = 0.08, hi: float = 0.3) -> tuple[int, int, int, int]:
@@ -33,6 +36,15 @@ def pixel_anomaly(img: torch.Tensor, kind: str, gen: torch.Generator) -> tuple[t
         out[:, y:y + h, x:x + w] = patch * (0.7 + 0.6 * torch.rand(1, generator=gen).item())
     elif kind == "noise":
         out[:, y:y + h, x:x + w] = img[:, y:y + h, x:x + w] + torch.randn(c, h, w, generator=gen) * img.std()
+    elif kind == "perlin":
+        region = perlin_mask(size, gen)  # [S, S] bool, irregular blobs
+        if torch.rand(1, generator=gen).item() < 0.5:  # source: smooth colour field
+            source = smooth_noise(size, gen, channels=c) * 2 * img.std() + img.mean()
+        else:  # source: the same product elsewhere (rolled, flipped)
+            shift = [int(torch.randint(size // 4, 3 * size // 4, (1,), generator=gen)) for _ in range(2)]
+            source = torch.roll(img, shifts=shift, dims=(1, 2)).flip(1)
+        beta = 0.8 * torch.rand(1, generator=gen).item()  # DRAEM's opacity: beta * image + (1 - beta) * source
+        out = torch.where(region, beta * img + (1 - beta) * source, img)
     elif kind == "texture":
         yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         freq = 0.3 + torch.rand(1, generator=gen).item()
@@ -43,6 +55,25 @@ def pixel_anomaly(img: torch.Tensor, kind: str, gen: torch.Generator) -> tuple[t
         raise ValueError(f"unknown pseudo-anomaly kind {kind!r}; choose from {KINDS}")
     mask = (out != img).any(0).float()  # exactly the changed pixels
     return out, mask
+
+
+def smooth_noise(size: int, gen: torch.Generator, channels: int = 1, octaves: int = 2) -> torch.Tensor:
+    """Band-limited noise [channels, S, S], about unit std: random grids of 4, 8, ... cells upsampled
+    bicubically and summed (a cheap Perlin-like field)."""
+    field = torch.zeros(channels, size, size)
+    for o in range(octaves):
+        cells = 4 * 2 ** o
+        grid = torch.randn(1, channels, cells + 1, cells + 1, generator=gen)
+        field += F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0] / 2 ** o
+    return field / field.std().clamp_min(1e-6)
+
+
+def perlin_mask(size: int, gen: torch.Generator, min_frac: float = 0.01, max_frac: float = 0.25) -> torch.Tensor:
+    """Irregular blob region [S, S] bool: smooth noise above a threshold chosen so that the region
+    covers between min_frac and max_frac of the image."""
+    field = smooth_noise(size, gen)[0]
+    frac = min_frac + (max_frac - min_frac) * torch.rand(1, generator=gen).item()
+    return field > torch.quantile(field.flatten(), 1 - frac)
 
 
 def latent_region(grid: tuple[int, int], gen: torch.Generator) -> torch.Tensor:

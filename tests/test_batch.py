@@ -1,0 +1,52 @@
+"""The heatmap writer stage of nightly scoring (the CPU task after the scoring actors)."""
+import os
+
+import numpy as np
+from PIL import Image
+
+from pipeline.batch import RunInfo, _rows, heatmap_uri, write_heatmaps
+from pipeline.images import decode_heatmap
+
+
+def _scored_batch(info, n=3):
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 0.4, size=(n, 16, 16)).astype(np.float32)
+    batch = {"image_id": np.array([f"img/{i}" for i in range(n)], dtype=object),
+             "product": np.array(["tile"] * n, dtype=object)}
+    status, error = ["ok"] * n, [""] * n
+    status[1], error[1] = "error", "image does not decode"
+    score = maps.reshape(n, -1).max(1)
+    score[1] = np.nan
+    out = _rows(batch, info, score, np.full(n, 0.1), [None] * n, np.full(n, np.nan), status, error, maps)
+    out.update(map=maps, height=np.array([40, 40, 40]), width=np.array([30, 30, 30]))
+    return out, maps
+
+
+def test_writes_a_16bit_png_per_scored_row_at_the_image_resolution(tmp_path):
+    info = RunInfo("d", "2026-11-22", "anople-d", "1", "run", output=str(tmp_path))
+    batch, maps = _scored_batch(info)
+    out = write_heatmaps(batch, info)
+    assert "map" not in out and "height" not in out  # the writer's inputs do not reach the score table
+    assert list(out["status"]) == ["ok", "error", "ok"]
+    assert out["heatmap_uri"][1] is None and np.isnan(out["heatmap_scale"][1])
+    for i in (0, 2):
+        uri = out["heatmap_uri"][i]
+        assert uri == heatmap_uri(str(tmp_path), "d", "2026-11-22", f"img/{i}")
+        with Image.open(uri) as im:
+            assert im.size == (30, 40) and im.mode.startswith("I")
+        back = decode_heatmap(open(uri, "rb").read(), out["heatmap_scale"][i])
+        assert abs(back.max() - out["heatmap_scale"][i]) < 1e-6
+        assert abs(out["heatmap_scale"][i] - maps[i].max()) < 0.05  # bilinear resize keeps the peak near
+    assert out["is_anomalous"][0] == (out["score"][0] > 0.1) and not out["is_anomalous"][1]
+
+
+def test_a_failed_write_becomes_an_error_row_not_a_failed_batch(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output folder should be")
+    info = RunInfo("d", "2026-11-22", "anople-d", "1", "run", output=str(blocker))
+    batch, _ = _scored_batch(info)
+    out = write_heatmaps(batch, info)
+    assert list(out["status"]) == ["error"] * 3
+    assert out["error"][0].startswith("heatmap write failed") and out["error"][1] == "image does not decode"
+    assert not out["is_anomalous"].any() and all(u is None for u in out["heatmap_uri"])
+    assert not os.path.isdir(blocker)
