@@ -35,8 +35,9 @@ class AnoPLeConfig:
     # memory bank and fusion (Sec. 3.5)
     bank_layers: tuple[int, ...] = ()  # 1-based; () = PromptAD's 3 and 8 scaled to the depth
     fusion: str = "harmonic"         # harmonic | text | bank
-    fusion_calibrated: bool = True   # divide each map by its level on normal calibration images before
-                                     # the harmonic mean (False: raw maps, as the paper's equation reads)
+    fusion_calibrated: bool = False  # True: divide each map by its level on normal calibration images
+                                     # before the harmonic mean; False: raw maps, as the paper's equation
+                                     # reads (better once the decoder is trained: see the ablation table)
     blur_sigma: float = 4.0
     # optimisation: PromptAD's SGD, cosine to lr_min; "adamw" for heads learned from scratch or random backbones
     optimizer: str = "sgd"           # sgd | adamw
