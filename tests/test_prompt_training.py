@@ -72,3 +72,16 @@ def test_full_size_backbone_from_a_checkpoint_file_forward_and_backward_on_cpu(t
     losses["total"].backward()
     assert torch.isfinite(losses["total"])
     assert model.visual_ctx.grad is not None and all(p.grad is None for p in model.clip.parameters())
+
+
+@pytest.mark.parametrize("batch_shots,steps", [(1, 4), (3, 2), (8, 1)])
+def test_batch_shots_sets_the_optimiser_steps_per_epoch(batch_shots, steps):
+    clip = create_clip(TINY, "random", seed=0)
+    model = AnoPLe(clip, AnoPLeConfig(epochs=1, batch_shots=batch_shots), build_tokenizer(TINY))
+    shots = ShotBatch(torch.randn(4, 3, 64, 64), torch.tensor([0, 0, 1, 1]), PRODUCTS)
+    trainer = PromptTrainer(model, shots, "cpu")
+    calls = []
+    step = trainer.opt.step
+    trainer.opt.step = lambda *a, **k: (calls.append(1), step(*a, **k))[1]
+    trainer.run_epoch()
+    assert len(calls) == steps
