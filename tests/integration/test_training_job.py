@@ -1,0 +1,44 @@
+"""jobs.train the way a user reruns it: two data-parallel Ray Train workers, a rerun that resumes from the
+epoch checkpoints instead of training again, and --restart that trains from scratch."""
+import pytest
+from safetensors.torch import load as st_load
+
+from jobs import ingest as ingest_job
+from jobs import train as train_job
+from pipeline import registry, storage
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.integration
+
+
+def _prompts(version):
+    mv = registry.get_version("line2", version=version)
+    uri = registry.artifact_uri(mv)
+    return st_load(storage.read_bytes(storage.join(uri, "prompts.safetensors")))
+
+
+def test_two_workers_then_resume_then_restart(ray_local, synthetic_src, mlflow_root, tmp_path, capsys):
+    arch = str(tmp_path / "archive")
+    assert ingest_job.main([synthetic_src, "--archive", arch, "--deployment", "line2", "--date", "2026-11-20"]) == 0
+    args = ["--deployment", "line2", "--archive", arch, "--shots", "1", "--backbone", TINY, "--weights", "random",
+            "--epochs", "2", "--num-workers", "2"]
+    capsys.readouterr()
+
+    assert train_job.main(args) == 0
+    first = capsys.readouterr().out
+    assert "2 epoch(s) this run" in first
+    assert "products: fabric, tile, washer" in first  # worker 0 fitted two products, worker 1 one
+    ckpts = [u.rsplit("/", 1)[-1] for u in storage.list_files(str(mlflow_root / "ray_results"))
+             if "prompt-checkpoints" in u]
+    assert sorted(ckpts) == ["epoch-0001.pt", "epoch-0002.pt"]
+    files = storage.list_files(registry.artifact_uri(registry.get_version("line2", version=1)))
+    assert sorted(u.rsplit("/", 1)[-1] for u in files if "worker-" in u) == ["worker-0.json", "worker-1.json"]
+
+    assert train_job.main(args) == 0  # same data, shots, seed, config: resumes at epoch 2 of 2
+    second = capsys.readouterr().out
+    assert "epoch(s) this run" not in second and "version 2" in second
+    a, b = _prompts(1), _prompts(2)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # the checkpoint's prompts, exactly
+
+    assert train_job.main(args + ["--restart"]) == 0
+    assert "2 epoch(s) this run" in capsys.readouterr().out
