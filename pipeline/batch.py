@@ -1,5 +1,5 @@
 """Nightly scoring with Ray Data: read shards -> decode (CPU tasks) -> score (actor pools holding the
-banks) -> write heatmaps (CPU tasks) -> one output row per input row.
+banks) -> write heatmaps (CPU tasks after GPU actors; in the actor on CPU) -> one output row per input row.
 
 Routing: the products' banks are packed into shards no larger than the per-actor budget; each shard gets
 its own actor pool, and only rows of its products flow to it. Rows that cannot be scored (undecodable
@@ -144,10 +144,11 @@ def unknown_product_rows(batch: dict, info: RunInfo, known: list[str]) -> dict:
 class ScoreActor:
     """Holds one bank shard; loads the artifact from storage in __init__ (survives actor restarts)."""
 
-    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo):
+    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, write_maps: bool = True):
         from pipeline.scorer import Scorer
         self.scorer = Scorer.load(artifact_uri, products)
         self.info = info
+        self.write_maps = write_maps  # False: a CPU stage after this actor writes the heatmaps
 
     def _score_rows(self, pixels, products):
         try:
@@ -186,14 +187,16 @@ class ScoreActor:
         out = _rows(batch, info, score, thr, [None] * n, scale, status, error, maps)
         if info.output:  # what write_heatmaps needs; it drops these columns again
             out.update(map=maps, height=batch["height"], width=batch["width"])
+            if self.write_maps:
+                return write_heatmaps(out, info)
         return out
 
 
 def write_heatmaps(batch: dict, info: RunInfo) -> dict:
-    """CPU task after the actors: each scored row's map -> 16-bit PNG at the image's own resolution, at
-    its deterministic key. Encoding and writing here, not in the actor, keeps the GPU actor scoring
-    (encoding in the actor made the whole job run at the PNG encoder's pace). A failed write turns its
-    row into an error row; it never fails the batch."""
+    """Each scored row's map -> 16-bit PNG at the image's own resolution, at its deterministic key. With
+    GPU actors this is a CPU stage after them, so the GPU actor only scores (encoding in the actor held the
+    H100 job to the PNG encoder's pace); CPU actors call it themselves (a separate stage would need a CPU
+    the actors may all hold). A failed write turns its row into an error row; it never fails the batch."""
     n = len(batch["image_id"])
     status, error = list(batch["status"]), list(batch["error"])
     uri = [None] * n
@@ -281,10 +284,11 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
                                    fn_kwargs={"image_size": spec.image_size, "keep_masks": info.keep_maps})
         scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,
-            fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info},
+            fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info,
+                                   "write_maps": not use_gpu},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors_per_shard)),
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
-        if info.output:
+        if info.output and use_gpu:
             scored = scored.map_batches(write_heatmaps, batch_format="numpy", fn_kwargs={"info": info})
         branches.append(scored)
     return branches
