@@ -2,8 +2,9 @@
 
 One visual forward per image (global view, prefix c_0 only); text features are computed once per
 product at load time and cached. The anomaly map is the harmonic mean of the decoder's text map and the
-memory-bank map, each first scaled by its level on the product's normal images (or either map alone, per
-the config's fusion), upsampled and Gaussian-smoothed; the image score is its maximum. Used by the Ray Data actors and by training's threshold calibration. No Ray here.
+memory-bank map (optionally each first scaled by its level on the product's normal images; or either map
+alone, per the config's fusion), upsampled and Gaussian-smoothed; the image score is its maximum. Used by
+the Ray Data actors and by training's threshold calibration. No Ray here.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class Scorer:
         self.model, self.banks, self.device, self.spec = model, banks, device, spec
         self.text: dict[str, torch.Tensor] = {}  # product -> [2, D] cached text features
         # product -> {"text": level, "bank": level} of each map on normal images (calibrated fusion)
-        self.scales: dict[str, dict[str, float]] = {p: dict(ps.map_scales) for p, ps in spec.products.items()} if spec else {}
+        self.scales: dict[str, dict[str, float]] = (
+            {p: dict(ps.map_scales) for p, ps in spec.products.items()} if spec else {})
         if model.decoder is not None:
             self.cache_text(list(banks))
 
