@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default="random")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--shots", type=int, default=1)
-    ap.add_argument("--epochs", type=int, default=100, help="PromptAD's 100; ~4 min per trained row on 2 CPU cores")
+    ap.add_argument("--epochs", type=int, default=100, help="PromptAD's 100; ~100 s per trained row on 2 CPU cores")
     ap.add_argument("--products", default="tile,washer,fabric,pill,grid")
     ap.add_argument("--size", type=int, default=128, help="synthetic image size")
     ap.add_argument("--rows", default="", help="comma-separated row numbers to run (default: all)")
