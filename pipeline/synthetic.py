@@ -25,11 +25,13 @@ def product_names(n: int) -> tuple[str, ...]:
 def _variant(product: str) -> tuple[str, np.ndarray, float]:
     """'tile' -> ('tile', no tint, scale 1); 'tile-3' -> ('tile', a fixed tint, a fixed pattern scale)."""
     base, _, k = product.partition("-")
+    if base not in PRODUCTS:
+        raise ValueError(f"unknown synthetic product {product!r}; choose from {PRODUCTS} or their variants")
     if not k:
         return base, np.ones(3, np.float32), 1.0
     if not k.isdigit() or int(k) < 2:
         raise ValueError(f"synthetic product variant {product!r}: use <pattern>-<n>, n >= 2")
-    vr = np.random.default_rng([int(k), PRODUCTS.index(base) if base in PRODUCTS else 99])
+    vr = np.random.default_rng([int(k), PRODUCTS.index(base)])
     return base, vr.uniform(0.6, 1.3, 3).astype(np.float32), float(vr.uniform(0.7, 1.4))
 
 
@@ -55,12 +57,10 @@ def _base(product: str, size: int, rng: np.random.Generator) -> np.ndarray:
         c = size / 2
         inside = ((xx - c - dx) / (size * 0.35 * min(f, 1.3))) ** 2 + ((yy - c - dy) / (size * 0.18 * f)) ** 2 < 1
         img = np.where(inside[..., None], [235, 230, 220], [120, 120, 120]).astype(np.float32)
-    elif product == "grid":  # wire mesh
+    else:  # "grid": wire mesh (_variant admits only the patterns above)
         period = size * f / 10
         line = (((xx + dx) % period) < 2) | (((yy + dy) % period) < 2)
         img = np.where(line[..., None], [200, 190, 160], [60, 60, 70]).astype(np.float32)
-    else:
-        raise ValueError(f"unknown synthetic product {product!r}; choose from {PRODUCTS}")
     img = img * tint * light + rng.normal(0, 4, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

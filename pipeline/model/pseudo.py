@@ -4,8 +4,9 @@ Pixel space: a rectangle of the image replaced by a patch cut from elsewhere in 
 (CutPaste-like), by Gaussian noise, or by a synthetic texture; or (DRAEM-style) an irregular region cut
 out of thresholded smooth noise, where the image is blended with a foreign source: a smooth colour field,
 or a rolled and flipped copy of the image itself (no external texture set is available offline). The mask
-is exactly the set of pixels whose value changed. Latent space: a rectangle of patch tokens marked for noise (applied inside the
-visual tower), the mask is that rectangle at pixel resolution.
+is exactly the set of pixels whose value changed.
+Latent space: a rectangle of patch tokens marked for noise (applied inside the visual tower), the mask is
+that rectangle at pixel resolution.
 """
 from __future__ import annotations
 
