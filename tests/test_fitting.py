@@ -87,6 +87,9 @@ def test_map_levels_survive_the_artifact_round_trip():
                      seed=0, image_size=64, bank_layers=[1], shots=1, feature_dim=8, products={"a": ps})
     back = ModelSpec.from_json(spec.to_json())
     assert back.products["a"].map_scales == {"text": 0.4, "bank": 0.05}
+    _, scorer, _ = _fitted(fusion_calibrated=True)
+    from pipeline.scorer import Scorer
+    assert Scorer(scorer.model, {}, "cpu", back).scales == {"a": {"text": 0.4, "bank": 0.05}}  # what actors use
     # an artifact written before map levels existed still loads (levels default to none = 1)
     import json
     d = json.loads(spec.to_json())
