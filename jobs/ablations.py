@@ -18,6 +18,18 @@ import time
 
 import numpy as np
 import torch
+import yaml
+
+from pipeline import archive
+from pipeline.fitting import fit_products, load_shots, shot_batch
+from pipeline.images import decode_image, decode_mask, resize_mask, to_model_input
+from pipeline.ingest import ingest
+from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
+from pipeline.model.config import AnoPLeConfig
+from pipeline.prompt_training import train_prompts
+from pipeline.scorer import Scorer
+from pipeline.synthetic import make_mvtec_folder
+from pipeline.weights import build_model
 
 ROWS = [  # (row name, AnoPLeConfig overrides, train?)
     ("untrained (T<->I, 0 epochs)", {}, False),
@@ -33,57 +45,38 @@ ROWS = [  # (row name, AnoPLeConfig overrides, train?)
     ("untrained, text/decoder map only", {"fusion": "text"}, False),
     ("memory bank only", {"prompt_mode": "none", "fusion": "bank"}, False),
 ]
-METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
-def run_row(clip_args, overrides, train, data, products, epochs, seed, device):
-    from pipeline.bank import pick_backend
-    from pipeline.fitting import fit_product
-    from pipeline.images import decode_image, decode_mask, resize_mask, to_model_input
-    from pipeline.metrics import ProductMetrics, summarize
-    from pipeline.model.config import AnoPLeConfig
-    from pipeline.prompt_training import PromptTrainer, shots_batch
-    from pipeline.scorer import Scorer, build_model
-
+def run_row(clip_args, overrides, train, data, test, products, epochs, seed, device):
+    """Train (or not) one row's model on the shots, fit every product, score the test images."""
     cfg = AnoPLeConfig(**{"epochs": epochs, "seed": seed, **overrides})
     model = build_model(*clip_args, cfg, device)
     S = model.image_size
     t0 = time.time()
     if train and cfg.trains:
-        pix = {p: [to_model_input(decode_image(data[p]["images"][i]), S) for i in data[p]["shots"]] for p in products}
-        trainer = PromptTrainer(model, shots_batch(pix, products), device, amp=device == "cuda")
-        while trainer.epoch < cfg.epochs:
-            trainer.run_epoch()
+        train_prompts(model, shot_batch(data, products, S), device)
     train_s = time.time() - t0
-    scorer = Scorer(model, {}, device)
-    for p in products:
-        fit = fit_product(p, data[p]["images"], data[p]["shots"], data[p]["heldout"], scorer, pick_backend(device))
-        scorer.banks[p] = fit.bank  # (fit_product also set scorer.scales[p], the calibrated fusion's levels)
+    scorer = Scorer.from_fits(model, fit_products(model, data, products, device), device)
     per = {}
     for p in products:
         m = ProductMetrics()
-        for img, label, mask in data[p]["test"]:
-            s, amap = scorer.score(to_model_input(decode_image(img), S)[None], [p])
-            gt = resize_mask(decode_mask(mask, decode_image(img).shape[:2]), S)
-            m.update(s[0], label, amap[0], gt)
+        for img, label, mask in test[p]:
+            rgb = decode_image(img)
+            s, amap = scorer.score(to_model_input(rgb, S)[None], [p])
+            m.update(s[0], label, amap[0], resize_mask(decode_mask(mask, rgb.shape[:2]), S))
         per[p] = m.compute()
     return summarize(per), train_s
 
 
 def load_data(root, products, shots, seed):
-    from pipeline import archive
-    from pipeline.fitting import choose_shots
-    from pipeline.ingest import ingest
+    """Ingest the generated products; -> (shots and held-out normals per product, test rows per product)."""
     arch = os.path.join(root, "archive")
     ingest(root + "/src", arch, "bench", "2026-01-01")
-    t = archive.read_table(arch, "bench", "2026-01-01").to_pylist()
-    data = {}
-    for p in products:
-        train = [r for r in t if r["product"] == p and r["split"] == "train"]
-        s, held = choose_shots([r["image_id"] for r in train], shots, seed)
-        data[p] = {"images": {r["image_id"]: r["image"] for r in train}, "shots": s, "heldout": held,
-                   "test": [(r["image"], r["label"], r["mask"]) for r in t if r["product"] == p and r["split"] == "test"]}
-    return data
+    data = load_shots(arch, "bench", list(products), shots, seed)
+    t = archive.read_table(arch, "bench", "2026-01-01", archive.Rows(split="test"),
+                           columns=["product", "image", "label", "mask"]).to_pylist()
+    test = {p: [(r["image"], r["label"], r["mask"]) for r in t if r["product"] == p] for p in products}
+    return data, test
 
 
 def print_table(rows, results: dict, times: dict) -> None:
@@ -96,7 +89,7 @@ def print_table(rows, results: dict, times: dict) -> None:
         if not rs:
             continue
         cells = "".join(f"{100 * np.mean([r[k] for r in rs]):>11.1f} +-{100 * np.std([r[k] for r in rs]):4.1f}"
-                        for k in METRICS)
+                        for k in PAPER_METRICS)
         print(f"{name:<38}{cells}{np.mean(times[name]):>10.1f}{len(rs):>4}")
 
 
@@ -133,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge)
-    import yaml
     # 2 shots per step: with 1 shot of 5 products an epoch is then 3 optimiser steps, not 1. head_lr 0.002:
     # AdamW at the SGD head rate (0.05) jumps around; chosen by pseudo-anomaly AUROC on held-out normals
     common = {"optimizer": args.optimizer, "batch_shots": 2, "head_lr": 0.002}
@@ -142,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             ap.error(f"--set wants KEY=VALUE, got {kv!r}")
         common[k] = yaml.safe_load(v)
-    from pipeline.synthetic import make_mvtec_folder
 
     products = args.products.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -159,16 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as root:
             make_mvtec_folder(root + "/src", tuple(products), n_train=args.shots + 4, n_test_good=6,
                               n_test_defect=2, size=args.size, seed=100 + seed)
-            data = load_data(root, products, args.shots, seed)
+            data, test = load_data(root, products, args.shots, seed)
             for name, overrides, train in rows:
                 r, t = run_row((args.backbone, args.weights, seed), {**common, **overrides},
-                               train, data, products, args.epochs, seed, device)
+                               train, data, test, products, args.epochs, seed, device)
                 results[name].append(r)
                 times[name].append(t)
                 if args.json:  # after every row: a run cut short keeps what it finished
                     with open(args.json, "w") as f:
                         json.dump({"args": vars(args), "results": results, "train_s": times}, f, indent=1)
-                print(f"  seed {seed} {name:<32}" + "".join(f" {k} {100 * r[k]:5.1f}" for k in METRICS)
+                print(f"  seed {seed} {name:<32}" + "".join(f" {k} {100 * r[k]:5.1f}" for k in PAPER_METRICS)
                       + f"  (train {t:.1f}s)", flush=True)
     print_table(rows, results, times)
     return 0

@@ -12,9 +12,10 @@ import socket
 import sys
 import time
 
+from pipeline.model import DEFAULT_BACKBONE as BACKBONE
+from pipeline.model import DEFAULT_WEIGHTS as TAG
 from pipeline.synthetic import DEFECTS, make_mvtec_folder
 
-BACKBONE, TAG = "ViT-B-16-plus-240", "laion400m_e32"  # the product's default (DESIGN.md)
 PRODUCTS = ("tile", "washer", "fabric")
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: backbone {BACKBONE} ({weights}), 240 px model input, synthetic 128 px images, "
           f"products {', '.join(PRODUCTS)}, 1 shot, {args.epochs} prompt epochs; root {root}")
     t0 = time.time()
-    from jobs import evaluate, ingest, promote, score, train
+    from jobs import evaluate, ingest, promote, score, train  # after HF_HUB_OFFLINE: huggingface_hub reads it on import
 
     src = make_mvtec_folder(os.path.join(root, "source", "reference"), PRODUCTS, n_train=4, n_test_good=3,
                             n_test_defect=1, size=128, seed=0)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     _step("promote", promote.main(promote_args + (["--force"] if weights == "random" else [])))
     _step("score", score.main(["--deployment", "demo", "--archive", archive, "--date", "2026-11-22",
                                "--output", output]))
-    from pipeline.registry import tracking_uri
+    from pipeline.registry import tracking_uri  # (imported with the jobs above)
     print()
     print(f"demo finished in {time.time() - t0:.0f} s ({len(DEFECTS)} defect types per product)")
     print(f"  archive:   {archive}")

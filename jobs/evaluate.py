@@ -11,23 +11,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import registry
 import numpy as np
 
+from jobs.cli import entrypoint
+from pipeline import registry
 from pipeline.cluster import has_gpus, init_ray
-from pipeline.runs import PROTOCOL_METRICS
-from pipeline.runs import evaluate
-
-COLUMNS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+from pipeline.config import load_config
+from pipeline.metrics import METRICS, PAPER_METRICS
+from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
+from pipeline.runs import evaluate, evaluate_protocol
+from pipeline.training import TrainConfig
+from pipeline.weights import check_weights
 
 
 def format_table(per_product: dict, mean: dict) -> str:
-    head = f"{'product':<20}" + "".join(f"{c:>14}" for c in COLUMNS)
+    head = f"{'product':<20}" + "".join(f"{c:>14}" for c in METRICS)
     lines = [head, "-" * len(head)]
     for p, r in per_product.items():
-        lines.append(f"{p:<20}" + "".join(f"{100 * r[c]:>14.1f}" for c in COLUMNS))
+        lines.append(f"{p:<20}" + "".join(f"{100 * r[c]:>14.1f}" for c in METRICS))
     lines.append("-" * len(head))
-    lines.append(f"{'mean':<20}" + "".join(f"{100 * mean[c]:>14.1f}" for c in COLUMNS))
+    lines.append(f"{'mean':<20}" + "".join(f"{100 * mean[c]:>14.1f}" for c in METRICS))
     return "\n".join(lines)
 
 
@@ -43,12 +46,12 @@ def format_protocol(table: dict, setting: str) -> str:
         return f"{100 * np.mean(vals):>9.1f}+-{100 * np.std(vals):<4.1f}"
 
     for p in products:
-        lines.append(f"{p:<20}" + "".join(cell(table[k][p][m]) for k in ks for m in PROTOCOL_METRICS))
+        lines.append(f"{p:<20}" + "".join(cell(table[k][p][m]) for k in ks for m in PAPER_METRICS))
     lines.append("-" * len(head2))
     # the mean row: per seed, the mean over products; then mean +- std over seeds
     row = f"{'mean':<20}"
     for k in ks:
-        for m in PROTOCOL_METRICS:
+        for m in PAPER_METRICS:
             per_seed = np.mean([table[k][p][m] for p in table[k]], axis=0)
             row += cell(per_seed)
     lines.append(row)
@@ -56,26 +59,14 @@ def format_protocol(table: dict, setting: str) -> str:
 
 
 def _protocol(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.runs import evaluate_protocol
-    from pipeline.training import TrainConfig, check_weights
-
-    try:
-        check_weights(args.backbone, args.weights)
-        anople = load_config(args.config, epochs=args.epochs)
-        shots = [int(x) for x in args.shots.split(",")]
-        seeds = [int(x) for x in args.seeds.split(",")]
-    except ValueError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+    check_weights(args.backbone, args.weights)
+    anople = load_config(args.config, epochs=args.epochs)
+    shots = [int(x) for x in args.shots.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
     init_ray()
     base = TrainConfig(deployment=args.deployment, archive=args.archive, backbone=args.backbone,
                        weights=args.weights, anople=anople, use_gpu=has_gpus())
-    try:
-        table = evaluate_protocol(base, shots, seeds, args.setting, args.batch_size)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+    table = evaluate_protocol(base, shots, seeds, args.setting, args.batch_size)
     if args.weights == "random":
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"{args.deployment}: {args.setting}, seeds {seeds}, metrics in % (PRO = AUPRO to FPR 0.3)")
@@ -83,29 +74,39 @@ def _protocol(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _int_list(text: str) -> str:
+    """argparse type: a comma-separated list of integers (kept as text)."""
+    try:
+        [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants comma-separated integers, got {text!r}") from None
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jobs.evaluate", description="Evaluate a registered model on the labelled test split.")
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
     ap.add_argument("--model-alias", default="candidate")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--protocol", action="store_true", help="run the paper's k-shot x seeds protocol")
-    ap.add_argument("--shots", default="1,2,4")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--shots", default="1,2,4", type=_int_list)
+    ap.add_argument("--seeds", default="0,1,2", type=_int_list)
     ap.add_argument("--setting", default="multi-class", choices=["multi-class", "unseen"])
-    ap.add_argument("--backbone", default="ViT-B-16-plus-240")
-    ap.add_argument("--weights", default="laion400m_e32")
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    ap.add_argument("--weights", default=DEFAULT_WEIGHTS)
     ap.add_argument("--config")
     ap.add_argument("--epochs", type=int)
-    args = ap.parse_args(argv)
+    return ap
+
+
+@entrypoint("evaluate")
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.protocol:
         return _protocol(args)
     init_ray()
-    try:
-        r = evaluate(args.deployment, args.archive, args.model_alias, args.batch_size)
-    except (LookupError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+    r = evaluate(args.deployment, args.archive, args.model_alias, args.batch_size)
     if r["random_weights"]:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"{registry.model_name(args.deployment)} version {r['model_version']} (alias {args.model_alias}), "

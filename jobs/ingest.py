@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import entrypoint
 from pipeline.ingest import ingest
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jobs.ingest", description="Turn an image folder or S3 prefix into archive shards.")
     ap.add_argument("source", help="MVTec-AD layout folder, or a flat folder / S3 prefix of images (with --product)")
     ap.add_argument("--archive", required=True, help="archive root (local path, file:// or s3://)")
@@ -15,12 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--date", required=True, help="YYYY-MM-DD partition to write")
     ap.add_argument("--product", help="product name for a flat folder of images")
     ap.add_argument("--rows-per-shard", type=int, default=256)
-    args = ap.parse_args(argv)
-    try:
-        r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ingest: error: {e}", file=sys.stderr)
-        return 2
+    return ap
+
+
+@entrypoint("ingest")
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard)
     print(f"ingested {r.rows} images ({r.layout} layout) into {len(r.shards)} shard(s) under "
           f"{r.shards[0].rsplit('/', 1)[0]}")
     for p, n in sorted(r.products.items()):

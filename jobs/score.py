@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import entrypoint
 from pipeline import registry
 from pipeline.cluster import init_ray
 from pipeline.runs import score_night
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jobs.score", description="Score one night's images with a registered model.")
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
@@ -20,14 +21,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-actor memory-bank budget; banks above it are sharded across actors by product")
     ap.add_argument("--actors-per-shard", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
-    args = ap.parse_args(argv)
+    return ap
+
+
+@entrypoint("score")
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     init_ray()
-    try:
-        s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
-                        args.bank_budget_mb, args.actors_per_shard, args.batch_size)
-    except (LookupError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"score: error: {e}", file=sys.stderr)
-        return 2
+    s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
+                    args.bank_budget_mb, args.actors_per_shard, args.batch_size)
     if s["random_weights"]:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"scored {s['rows_out']} of {s['rows_in']} rows with model version {s['model_version']} "

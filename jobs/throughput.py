@@ -16,6 +16,11 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+import torch
+
+from pipeline.model import DEFAULT_BACKBONE
+
 
 def _check(name: str, rc: int) -> None:
     if rc != 0:
@@ -24,10 +29,7 @@ def _check(name: str, rc: int) -> None:
 
 def scorer_rate(deployment: str, batch: int, batches: int) -> dict:
     """Steady-state images/s of Scorer.score on the candidate model, per product round-robin."""
-    import numpy as np
-    import torch
-
-    from pipeline import registry
+    from pipeline import registry  # (after main() settled HF_HUB_OFFLINE, like the jobs)
     from pipeline.scorer import Scorer
 
     mv = registry.get_version(deployment, alias="candidate")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--night", type=int, default=100, help="night images per product")
     ap.add_argument("--size", type=int, default=256, help="synthetic image side, pixels")
-    ap.add_argument("--backbone", default="ViT-B-16-plus-240")
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
     ap.add_argument("--weights", default="random")
     ap.add_argument("--batch-size", type=int, default=32, help="scoring batch (job and scorer loop)")
     ap.add_argument("--root", default="", help="working root (default: a temporary folder)")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights == "random":
         os.environ["HF_HUB_OFFLINE"] = "1"
         print("NOTE: RANDOM-INIT BACKBONE: timings are real, any score is meaningless.")
-    from jobs import ingest, promote, score, train
+    from jobs import ingest, promote, score, train  # after HF_HUB_OFFLINE: huggingface_hub reads it on import
     from pipeline.synthetic import make_mvtec_folder, product_names
 
     products = product_names(args.products)

@@ -10,56 +10,55 @@ import sys
 
 import numpy as np
 
+from jobs.cli import entrypoint
 from pipeline import registry
 from pipeline.cluster import has_gpus, init_ray
 from pipeline.config import load_config
-from pipeline.model.backbone import BackboneLoadError
+from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
+from pipeline.model.config import PROMPT_MODES
 from pipeline.runs import train_and_register
-from pipeline.training import TrainConfig, check_weights
+from pipeline.training import TrainConfig
+from pipeline.weights import check_weights
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[1])
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
     ap.add_argument("--shots", type=int, required=True, help="normal shots per product (1-4 in the paper)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backbone", default="ViT-B-16-plus-240", help="open_clip architecture")
-    ap.add_argument("--weights", default="laion400m_e32",
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE, help="open_clip architecture")
+    ap.add_argument("--weights", default=DEFAULT_WEIGHTS,
                     help="open_clip pretrained tag, local checkpoint file, s3:// URI, or 'random'")
     ap.add_argument("--config", help="AnoPLe config YAML (every knob and ablation switch); flags below override it")
     ap.add_argument("--epochs", type=int, help="prompt-learning epochs (config default: 100)")
-    ap.add_argument("--prompt-mode", choices=["bi", "t2i", "i2t", "text", "visual", "none"],
+    ap.add_argument("--prompt-mode", choices=PROMPT_MODES,
                     help="ablation: bidirectional (default), T->I, I->T, text only, visual only, none (= memory bank only)")
     ap.add_argument("--bank-layers", default="", help="comma-separated 1-based blocks (default: 3,8 scaled to depth)")
     ap.add_argument("--restart", action="store_true", help="do not resume from this run's epoch checkpoints")
     ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (products are split among them)")
     ap.add_argument("--storage-path", default="", help="Ray Train storage (default <ANOPLE_ROOT>/ray_results)")
+    return ap
+
+
+@entrypoint("train")
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.shots < 1:
         ap.error("--shots must be >= 1")
     try:
-        check_weights(args.backbone, args.weights)  # before any cluster work: a typo fails in a second
-    except ValueError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    try:
         bank_layers = [int(x) for x in args.bank_layers.split(",") if x] or None
-        fusion = "bank" if args.prompt_mode == "none" else None
-        anople = load_config(args.config, epochs=args.epochs, prompt_mode=args.prompt_mode, seed=args.seed,
-                             bank_layers=bank_layers, fusion=fusion)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train: error: bad config: {e}", file=sys.stderr)
-        return 2
+    except ValueError:
+        ap.error(f"--bank-layers wants comma-separated integers, got {args.bank_layers!r}")
+    check_weights(args.backbone, args.weights)  # before any cluster work: a typo fails in a second
+    anople = load_config(args.config, epochs=args.epochs, prompt_mode=args.prompt_mode, seed=args.seed,
+                         bank_layers=bank_layers, fusion="bank" if args.prompt_mode == "none" else None)
     init_ray()
     cfg = TrainConfig(deployment=args.deployment, archive=args.archive, shots=args.shots, seed=args.seed,
                       backbone=args.backbone, weights=args.weights, anople=anople, restart=args.restart,
                       num_workers=args.num_workers, use_gpu=has_gpus(), storage_path=args.storage_path)
-    try:
-        mv, spec, summary = train_and_register(cfg)
-    except (BackboneLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
+    mv, spec, summary = train_and_register(cfg)
     if spec.is_random:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"registered {registry.model_name(args.deployment)} version {mv.version} (alias: candidate); "

@@ -1,15 +1,21 @@
-"""The image archive: Parquet shards partitioned ``deployment=<d>/date=<YYYY-MM-DD>/`` (DESIGN.md)."""
+"""The image archive: Parquet shards partitioned ``deployment=<d>/date=<YYYY-MM-DD>/``, and the one way to
+list and filter a partition's rows (pyarrow here; Ray Data's reader in pipeline.batch uses the same filter)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import operator
 import re
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.errors import NotFoundError, UsageError
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()),       # unique and stable across reruns
@@ -29,14 +35,17 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def check_deployment(deployment: str) -> str:
     if not _NAME.match(deployment or ""):
-        raise ValueError(f"deployment name {deployment!r} must be letters, digits, '_', '-', '.'")
+        raise UsageError(f"deployment name {deployment!r} must be letters, digits, '_', '-', '.'")
     return deployment
 
 
 def check_date(date: str) -> str:
-    if not _DATE.match(date or ""):
-        raise ValueError(f"date {date!r} must be YYYY-MM-DD")
-    dt.date.fromisoformat(date)  # rejects 2026-02-31
+    try:
+        if not _DATE.match(date or ""):
+            raise ValueError("not YYYY-MM-DD")
+        dt.date.fromisoformat(date)  # rejects 2026-02-31
+    except ValueError as e:
+        raise UsageError(f"date {date!r} must be a calendar date YYYY-MM-DD ({e})") from None
     return date
 
 
@@ -108,22 +117,66 @@ def shard_uris(archive: str, deployment: str, date: str | None = None) -> list[s
     except FileNotFoundError:
         files = []
     if not files:
-        raise FileNotFoundError(f"no archive shards at {part}")
+        raise NotFoundError(f"no archive shards at {part}")
     return files
 
 
-def read_table(archive: str, deployment: str, date: str | None = None, split: str | None = None,
-               products: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Rows of a deployment as one Arrow table (for the few-shot train split and small evaluations;
-    nightly scoring streams through Ray Data instead)."""
+def shard_paths(archive: str, deployment: str, date: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """(Arrow filesystem, shard paths inside it): what pyarrow and Ray Data readers take. An explicit file
+    list, so readers add no Hive partition columns."""
     uris = shard_uris(archive, deployment, date)
     fs, _ = storage.arrow_filesystem(uris[0])
-    paths = [storage.arrow_filesystem(u)[1] for u in uris]
+    return fs, [storage.arrow_filesystem(u)[1] for u in uris]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of a deployment's partition to read: one split or all, some products or all (with
+    `exclude`, every row *not* of `products`, rows with a null product included)."""
+    split: str | None = None
+    products: tuple[str, ...] | None = None
+    exclude: bool = False
+
+    def predicate(self, field=pads.field):
+        """The filter as one expression built from `field(name)`: pyarrow's by default; Ray Data's `col`
+        builds the same filter for its reader (its membership test is `is_in`, pyarrow's `isin`)."""
+        terms = []
+        if self.products is not None:
+            product = field("product")
+            isin = getattr(product, "is_in", None) or product.isin
+            inside = isin(list(self.products))
+            # a null product is in no list: it belongs with the excluded (error) rows, never nowhere
+            terms.append((~inside | product.is_null()) if self.exclude else inside)
+        if self.split is not None:
+            terms.append(field("split") == self.split)
+        return functools.reduce(operator.and_, terms) if terms else None
+
+
+def read_table(archive: str, deployment: str, date: str | None = None, rows: Rows = Rows(),
+               columns: list[str] | None = None) -> pa.Table:
+    """Rows of a deployment as one Arrow table (for the few-shot train split and small evaluations;
+    nightly scoring streams through Ray Data instead)."""
+    fs, paths = shard_paths(archive, deployment, date)
     ds = pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs)
-    flt = None
-    if split is not None:
-        flt = pads.field("split") == split
-    if products is not None:
-        f2 = pads.field("product").isin(products)
-        flt = f2 if flt is None else flt & f2
-    return ds.to_table(columns=columns, filter=flt)
+    return ds.to_table(columns=columns, filter=rows.predicate())
+
+
+def products_in(archive: str, deployment: str) -> list[str]:
+    """The products with train-split (reference) images: what a deployment's model covers."""
+    table = read_table(archive, deployment, rows=Rows(split="train"), columns=["product"])
+    products = sorted(set(table["product"].to_pylist()) - {None})
+    if not products:
+        raise NotFoundError(f"deployment {deployment!r} has no train-split images in {archive}")
+    return products
+
+
+def product_counts(archive: str, deployment: str, date: str | None, rows: Rows = Rows()) -> dict:
+    """Rows per product (None for a missing product) in the partition, from the product column alone."""
+    counts: dict = {}
+    for p in read_table(archive, deployment, date, rows, columns=["product"])["product"].to_pylist():
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def count_rows(archive: str, deployment: str, date: str | None) -> int:
+    return read_table(archive, deployment, date, columns=["image_id"]).num_rows

@@ -12,11 +12,14 @@ A bank-only model (prompt_mode "none") has no prompts.safetensors.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
 from pipeline import storage
+from pipeline.errors import UsageError
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 
 
@@ -60,7 +63,7 @@ class ModelSpec:
     def from_json(cls, text: str) -> "ModelSpec":
         d = json.loads(text)
         if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"artifact format {d.get('format_version')} is not {FORMAT_VERSION}")
+            raise UsageError(f"artifact format {d.get('format_version')} is not {FORMAT_VERSION}")
         d["products"] = {k: ProductSpec(**v) for k, v in d["products"].items()}
         return cls(**d)
 
@@ -85,3 +88,24 @@ def load_spec(uri: str) -> ModelSpec:
 def bank_bytes(spec: ModelSpec, product: str) -> int:
     """Memory a product's bank takes as float32 features (what the per-actor budget counts)."""
     return spec.products[product].n_patches * len(spec.bank_layers) * spec.feature_dim * 4
+
+
+def plan_shards(spec: ModelSpec, budget_mb: float | None) -> list[list[str]]:
+    """Pack products into bank shards of at most `budget_mb` each (first-fit by decreasing size), one actor
+    pool per shard. A product larger than the budget alone gets a shard of its own (and a warning)."""
+    products = sorted(spec.products)
+    if not budget_mb:
+        return [products]
+    budget = budget_mb * 2**20
+    shards: list[tuple[int, list[str]]] = []
+    for p in sorted(products, key=lambda p: (-bank_bytes(spec, p), p)):
+        size = bank_bytes(spec, p)
+        if size > budget:
+            log.warning("bank of %s (%.1f MB) exceeds the per-actor budget (%.1f MB)", p, size / 2**20, budget_mb)
+        for i, (used, members) in enumerate(shards):
+            if used + size <= budget:
+                shards[i] = (used + size, members + [p])
+                break
+        else:
+            shards.append((size, [p]))
+    return [sorted(m) for _, m in shards]

@@ -1,5 +1,10 @@
-"""Nightly scoring with Ray Data: read shards -> decode (CPU tasks) -> score (actor pools holding the
-banks) -> write heatmaps (CPU tasks after GPU actors; in the actor on CPU) -> one output row per input row.
+"""Batch scoring with Ray Data: read shards -> decode (CPU tasks) -> score (actor pools holding the banks)
+-> either write heatmaps (nightly) or carry maps and masks on to the metrics (evaluation).
+
+Every scoring actor returns one schema, SCORE_SCHEMA plus ``map`` [S, S] float32, ``height``/``width`` of
+the source image, and the decoded ``mask``/``label`` when the run evaluates. The heatmap writer turns that
+into the score table's rows; it is a CPU stage after GPU actors, and runs inside CPU actors (a separate
+stage would need a CPU that CPU actors may all hold).
 
 Routing: the products' banks are packed into shards no larger than the per-actor budget; each shard gets
 its own actor pool, and only rows of its products flow to it. Rows that cannot be scored (undecodable
@@ -9,17 +14,17 @@ always equals rows in.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
+import ray.data
+from ray.data.expressions import col
 
 from pipeline import archive, artifact, storage
 from pipeline.images import ImageDecodeError, decode_image, decode_mask, encode_heatmap, resize_mask, to_model_input
-
-log = logging.getLogger(__name__)
+from pipeline.scorer import Scorer
 
 SCORE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("deployment", pa.string()), ("product", pa.string()),
@@ -29,43 +34,28 @@ SCORE_SCHEMA = pa.schema([
     ("status", pa.string()), ("error", pa.string()), ("run_id", pa.string()),
     ("scored_at", pa.timestamp("us", tz="UTC")),
 ])
+EVAL_COLUMNS = ("mask", "label")  # decoded ground truth, carried past the actors when evaluating
 
 
 @dataclass(frozen=True)
 class RunInfo:
+    """Who scored: stamped on every output row."""
     deployment: str
-    date: str
     model_name: str
     model_version: str
     run_id: str
-    output: str = ""             # output root; "" = no heatmaps (evaluation)
-    keep_maps: bool = False      # pass maps/masks on (evaluation streams them into metrics)
 
 
-def plan_shards(spec: artifact.ModelSpec, budget_mb: float | None) -> list[list[str]]:
-    """Pack products into bank shards of at most `budget_mb` each (first-fit by decreasing size).
-    A product larger than the budget alone gets a shard of its own (and a warning)."""
-    products = sorted(spec.products)
-    if not budget_mb:
-        return [products]
-    budget = budget_mb * 2**20
-    shards: list[tuple[int, list[str]]] = []
-    for p in sorted(products, key=lambda p: (-artifact.bank_bytes(spec, p), p)):
-        size = artifact.bank_bytes(spec, p)
-        if size > budget:
-            log.warning("bank of %s (%.1f MB) exceeds the per-actor budget (%.1f MB)", p, size / 2**20, budget_mb)
-        for i, (used, members) in enumerate(shards):
-            if used + size <= budget:
-                shards[i] = (used + size, members + [p])
-                break
-        else:
-            shards.append((size, [p]))
-    return [sorted(m) for _, m in shards]
+@dataclass(frozen=True)
+class HeatmapTarget:
+    """Where a night's heatmaps go: one deterministic key per image, so a rerun overwrites, never duplicates."""
+    output: str
+    deployment: str
+    date: str
 
-
-def heatmap_uri(output: str, deployment: str, date: str, image_id: str) -> str:
-    """Deterministic key: a rerun overwrites, never duplicates."""
-    return storage.join(output, "heatmaps", f"deployment={deployment}", f"date={date}", quote(image_id, safe="") + ".png")
+    def uri(self, image_id: str) -> str:
+        return storage.join(self.output, "heatmaps", f"deployment={self.deployment}", f"date={self.date}",
+                            quote(image_id, safe="") + ".png")
 
 
 def scores_uri(output: str, deployment: str, date: str) -> str:
@@ -78,19 +68,19 @@ def _labels(values) -> np.ndarray:
                     dtype=np.int8)
 
 
-def decode_batch(batch: dict, image_size: int, keep_masks: bool) -> dict:
+def decode_batch(batch: dict, image_size: int, with_masks: bool) -> dict:
     """CPU task: image bytes -> model input. Failures become status/error, never exceptions."""
     n = len(batch["image_id"])
     pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
     hw = np.zeros((n, 2), dtype=np.int32)
     status, error = ["ok"] * n, [""] * n
-    masks = np.zeros((n, image_size, image_size), dtype=bool) if keep_masks else None
+    masks = np.zeros((n, image_size, image_size), dtype=bool) if with_masks else None
     for i in range(n):
         try:
             rgb = decode_image(batch["image"][i])
             pixels[i] = to_model_input(rgb, image_size)
             hw[i] = rgb.shape[:2]
-            if keep_masks:
+            if with_masks:
                 m = batch["mask"][i]
                 full = decode_mask(m if m is not None else None, rgb.shape[:2])
                 if full.shape != rgb.shape[:2]:
@@ -100,55 +90,52 @@ def decode_batch(batch: dict, image_size: int, keep_masks: bool) -> dict:
             status[i], error[i] = "error", str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
     out = {"image_id": batch["image_id"], "product": batch["product"], "pixels": pixels,
            "height": hw[:, 0], "width": hw[:, 1], "status": np.array(status), "error": np.array(error)}
-    if keep_masks:
-        out["mask"] = masks
-        out["label"] = _labels(batch["label"])
+    if with_masks:
+        out.update(mask=masks, label=_labels(batch["label"]))
     return out
 
 
-def _rows(batch: dict, info: RunInfo, score, thr, uri, scale, status, error, maps=None) -> dict:
+def score_rows(batch: dict, info: RunInfo, *, score, threshold, status, error, heatmap_uri=None,
+               heatmap_scale=None) -> dict:
+    """The SCORE_SCHEMA columns of a batch (numpy). An error row is never anomalous."""
     n = len(batch["image_id"])
     now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")  # UTC
-    out = {
+    score = np.asarray(score, dtype=np.float64)
+    threshold = np.asarray(threshold, dtype=np.float64)
+    status = np.asarray(status, dtype=object)
+    return {
         "image_id": batch["image_id"], "deployment": np.array([info.deployment] * n, dtype=object),
-        "product": batch["product"], "score": np.asarray(score, dtype=np.float64),
-        "is_anomalous": np.asarray(score, dtype=np.float64) > np.asarray(thr, dtype=np.float64),
-        "threshold": np.asarray(thr, dtype=np.float64),
+        "product": batch["product"], "score": score, "is_anomalous": (score > threshold) & (status == "ok"),
+        "threshold": threshold,
         "model_name": np.array([info.model_name] * n, dtype=object),
         "model_version": np.array([info.model_version] * n, dtype=object),
-        "heatmap_uri": np.asarray(uri, dtype=object), "heatmap_scale": np.asarray(scale, dtype=np.float64),
-        "status": np.asarray(status, dtype=object), "error": np.asarray(error, dtype=object),
+        "heatmap_uri": np.asarray([None] * n if heatmap_uri is None else heatmap_uri, dtype=object),
+        "heatmap_scale": np.full(n, np.nan) if heatmap_scale is None else np.asarray(heatmap_scale, dtype=np.float64),
+        "status": status, "error": np.asarray(error, dtype=object),
         "run_id": np.array([info.run_id] * n, dtype=object), "scored_at": np.full(n, now),
     }
-    bad = out["status"] != "ok"
-    out["is_anomalous"][bad] = False
-    if info.keep_maps:
-        out["map"] = maps if maps is not None else np.zeros((n, 1, 1), dtype=np.float16)
-        out["mask"], out["label"] = batch["mask"], batch["label"]
-    return out
 
 
 def unknown_product_rows(batch: dict, info: RunInfo, known: list[str]) -> dict:
-    """Rows whose product has no bank in this model: error rows, never dropped."""
+    """Rows whose product has no bank in this model: error rows in the actors' schema, never dropped."""
     n = len(batch["image_id"])
     nan = np.full(n, np.nan)
     errors = [f"unknown product {p!r}: model {info.model_name} v{info.model_version} knows {', '.join(known)}"
               for p in batch["product"]]
-    if info.keep_maps:
-        batch = {**batch, "mask": np.zeros((n, 1, 1), dtype=bool),
-                 "label": _labels(batch["label"])}
-    return _rows(batch, info, nan, nan, [None] * n, nan, ["error"] * n, errors,
-                 np.zeros((n, 1, 1), dtype=np.float16) if info.keep_maps else None)
+    out = score_rows(batch, info, score=nan, threshold=nan, status=["error"] * n, error=errors)
+    out.update(map=np.zeros((n, 1, 1), dtype=np.float32), height=np.zeros(n, np.int32), width=np.zeros(n, np.int32))
+    if "label" in batch:
+        out.update(mask=np.zeros((n, 1, 1), dtype=bool), label=_labels(batch["label"]))
+    return out
 
 
 class ScoreActor:
-    """Holds one bank shard; loads the artifact from storage in __init__ (survives actor restarts)."""
+    """Holds one bank shard; loads the artifact from storage in __init__ (survives actor restarts).
+    With `heatmaps`, writes them itself (CPU actors); else returns the maps for a later stage."""
 
-    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, write_maps: bool = True):
-        from pipeline.scorer import Scorer
+    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget | None = None):
         self.scorer = Scorer.load(artifact_uri, products)
-        self.info = info
-        self.write_maps = write_maps  # False: a CPU stage after this actor writes the heatmaps
+        self.info, self.heatmaps = info, heatmaps
 
     def _score_rows(self, pixels, products):
         try:
@@ -165,38 +152,28 @@ class ScoreActor:
             return out
 
     def __call__(self, batch: dict) -> dict:
-        info, spec = self.info, self.scorer.spec
         products = [str(p) for p in batch["product"]]
-        n = len(products)
+        n, S = len(products), self.scorer.model.image_size
         status, error = list(batch["status"]), list(batch["error"])  # decode errors pass straight through
         todo = [i for i in range(n) if status[i] == "ok"]
         results = dict(zip(todo, self._score_rows(batch["pixels"][todo], [products[i] for i in todo]))) if todo else {}
-        score, thr, scale = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-        # maps leave the actor for the heatmap writer (float32: the PNG gets 16 bits) or for evaluation
-        maps = None
-        if info.output or info.keep_maps:
-            maps = np.zeros((n, spec.image_size, spec.image_size), dtype=np.float32 if info.output else np.float16)
+        score = np.full(n, np.nan)
+        maps = np.zeros((n, S, S), dtype=np.float32)  # float32: the heatmap PNG gets 16 bits of it
         for i, (s, amap, err) in results.items():
             if err:
                 status[i], error[i] = "error", err
-                continue
-            score[i] = s
-            if maps is not None:
-                maps[i] = amap
-        thr[:] = [spec.products[p].threshold for p in products]
-        out = _rows(batch, info, score, thr, [None] * n, scale, status, error, maps)
-        if info.output:  # what write_heatmaps needs; it drops these columns again
-            out.update(map=maps, height=batch["height"], width=batch["width"])
-            if self.write_maps:
-                return write_heatmaps(out, info)
-        return out
+            else:
+                score[i], maps[i] = s, amap
+        thr = [self.scorer.thresholds[p] for p in products]
+        out = score_rows(batch, self.info, score=score, threshold=thr, status=status, error=error)
+        out.update(map=maps, height=batch["height"], width=batch["width"])
+        out.update({k: batch[k] for k in EVAL_COLUMNS if k in batch})
+        return write_heatmaps(out, self.heatmaps) if self.heatmaps is not None else out
 
 
-def write_heatmaps(batch: dict, info: RunInfo) -> dict:
-    """Each scored row's map -> 16-bit PNG at the image's own resolution, at its deterministic key. With
-    GPU actors this is a CPU stage after them, so the GPU actor only scores (encoding in the actor held the
-    H100 job to the PNG encoder's pace); CPU actors call it themselves (a separate stage would need a CPU
-    the actors may all hold). A failed write turns its row into an error row; it never fails the batch."""
+def write_heatmaps(batch: dict, target: HeatmapTarget) -> dict:
+    """Each scored row's map -> 16-bit PNG at the image's own resolution, at its deterministic key; the map
+    columns are dropped. A failed write turns its row into an error row; it never fails the batch."""
     n = len(batch["image_id"])
     status, error = list(batch["status"]), list(batch["error"])
     uri = [None] * n
@@ -206,90 +183,70 @@ def write_heatmaps(batch: dict, info: RunInfo) -> dict:
             continue
         try:
             png, scale[i] = encode_heatmap(batch["map"][i], int(batch["height"][i]), int(batch["width"][i]))
-            uri[i] = heatmap_uri(info.output, info.deployment, info.date, str(batch["image_id"][i]))
+            uri[i] = target.uri(str(batch["image_id"][i]))
             storage.write_bytes(uri[i], png)
         except Exception as e:
             status[i], error[i], uri[i], scale[i] = "error", f"heatmap write failed: {type(e).__name__}: {e}", None, np.nan
-    out = {k: v for k, v in batch.items() if k not in ("height", "width") and (k != "map" or info.keep_maps)}
+    out = {k: v for k, v in batch.items() if k not in ("map", "height", "width")}
     out.update(heatmap_uri=np.asarray(uri, dtype=object), heatmap_scale=scale,
                status=np.asarray(status, dtype=object), error=np.asarray(error, dtype=object))
     out["is_anomalous"] = out["is_anomalous"] & (out["status"] == "ok")
     return out
 
 
-def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list[str],
-              products: list[str] | None = None, exclude: bool = False, split: str | None = None):
-    """The partition's shards as a Ray Dataset, filtered to (or, with `exclude`, away from) `products`
-    and to one split at read time. An explicit file list, so no Hive partition columns are added."""
-    import ray.data
-    from ray.data.expressions import col
-
-    uris = archive.shard_uris(archive_uri, deployment, date)
-    fs, _ = storage.arrow_filesystem(uris[0])
-    paths = [storage.arrow_filesystem(u)[1] for u in uris]
-    extra = ["split"] if split is not None and "split" not in columns else []
+def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list[str], rows: archive.Rows):
+    """The partition's shards as a Ray Dataset of `columns`, filtered by `rows` at read time."""
+    fs, paths = archive.shard_paths(archive_uri, deployment, date)
+    extra = ["split"] if rows.split is not None and "split" not in columns else []
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns + extra)
-    flt = None
-    if products is not None:
-        flt = col("product").is_in(list(products))
-        # a null product is in no list: it belongs with the excluded (error) rows, never nowhere
-        flt = (~flt | col("product").is_null()) if exclude else flt
-    if split is not None:
-        f2 = col("split") == split
-        flt = f2 if flt is None else flt & f2
-    if flt is not None:
-        ds = ds.filter(expr=flt)  # Arrow-native predicate, pushed down where Ray can
+    predicate = rows.predicate(col)
+    if predicate is not None:
+        ds = ds.filter(expr=predicate)  # Arrow-native predicate, pushed down where Ray can
     return ds.drop_columns(extra) if extra else ds
 
 
-def product_counts(archive_uri: str, deployment: str, date: str | None, split: str | None = None) -> dict:
-    """Rows per product (None for a missing product) in the partition, from the product column alone."""
-    t = archive.read_table(archive_uri, deployment, date, split=split, columns=["product"])
-    counts: dict = {}
-    for p in t["product"].to_pylist():
-        counts[p] = counts.get(p, 0) + 1
-    return counts
-
-
 def score_partition(archive_uri: str, deployment: str, date: str | None, artifact_uri: str,
-                    spec: artifact.ModelSpec, info: RunInfo, split: str | None = None,
+                    spec: artifact.ModelSpec, info: RunInfo, *, split: str | None = None,
+                    heatmaps: HeatmapTarget | None = None, with_masks: bool = False, only: list[str] | None = None,
                     budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16,
-                    use_gpu: bool = False, only: list[str] | None = None):
-    """Archive rows -> Datasets of score rows (SCORE_SCHEMA, plus map/mask/label with keep_maps): one
-    for the rows of unknown products (error rows), then one per bank shard.
+                    use_gpu: bool = False) -> list:
+    """Archive rows -> Datasets of scored rows: one for the rows of unknown products (error rows), then
+    one per bank shard. With `heatmaps` the maps are written and dropped (the score table's rows); without,
+    each row keeps its map (and with `with_masks` its mask and label) for the metrics. `only` scores just
+    those products (e.g. the unseen one of leave-one-product-out).
 
     Each bank shard reads only its products' rows, decodes them in CPU tasks and scores them in its own
     actor pool. Callers run the datasets one after another: run together, N shards' pools would need N
     actors' resources at once and deadlock a small cluster; one at a time, each shard gets the whole
     cluster and only one shard's banks are in memory per actor.
     """
-    import ray.data
-
     known = sorted(spec.products)
-    present = product_counts(archive_uri, deployment, date, split)
+    present = archive.product_counts(archive_uri, deployment, date, archive.Rows(split=split))
+    eval_cols = list(EVAL_COLUMNS) if with_masks else []
     branches = []
     if only is None and any(p not in spec.products for p in present):
-        cols = ["image_id", "product"] + (["label"] if info.keep_maps else [])
-        branches.append(read_rows(archive_uri, deployment, date, cols, known, exclude=True, split=split)
+        cols = ["image_id", "product"] + (["label"] if with_masks else [])
+        branches.append(read_rows(archive_uri, deployment, date, cols, archive.Rows(split, tuple(known), exclude=True))
                         .map_batches(unknown_product_rows, batch_format="numpy",
                                      fn_kwargs={"info": info, "known": known}))
-    cols = ["image_id", "product", "image"] + (["label", "mask"] if info.keep_maps else [])
-    for products in plan_shards(spec, budget_mb):
-        if only is not None:  # evaluation of some products only (e.g. the unseen one)
+    for products in artifact.plan_shards(spec, budget_mb):
+        if only is not None:
             products = [p for p in products if p in only]
         if not any(p in present for p in products):
             continue  # no rows tonight for this shard: start no actor for it
-        rows = read_rows(archive_uri, deployment, date, cols, products, split=split)
+        rows = read_rows(archive_uri, deployment, date, ["image_id", "product", "image"] + eval_cols,
+                         archive.Rows(split, tuple(products)))
         decoded = rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
-                                   fn_kwargs={"image_size": spec.image_size, "keep_masks": info.keep_maps})
+                                   fn_kwargs={"image_size": spec.image_size, "with_masks": with_masks})
+        # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score
         scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,
             fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info,
-                                   "write_maps": not use_gpu},
+                                   "heatmaps": None if use_gpu else heatmaps},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors_per_shard)),
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
-        if info.output and use_gpu:
-            scored = scored.map_batches(write_heatmaps, batch_format="numpy", fn_kwargs={"info": info})
+        if heatmaps is not None and use_gpu:
+            scored = scored.map_batches(write_heatmaps, batch_format="numpy", fn_kwargs={"target": heatmaps})
         branches.append(scored)
     return branches
 

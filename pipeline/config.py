@@ -4,6 +4,7 @@ from __future__ import annotations
 import yaml
 
 from pipeline import storage
+from pipeline.errors import UsageError
 from pipeline.model.config import AnoPLeConfig
 
 
@@ -11,8 +12,14 @@ def load_config(uri: str | None = None, **overrides) -> AnoPLeConfig:
     """YAML file (local or s3://) -> AnoPLeConfig; keyword overrides (not None) win. Unknown keys fail."""
     data = {}
     if uri:
-        data = yaml.safe_load(storage.read_bytes(uri).decode()) or {}
+        try:
+            data = yaml.safe_load(storage.read_bytes(uri).decode()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"bad config {uri}: {type(e).__name__}: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"{uri}: an AnoPLe config is a mapping of knob: value")
+            raise UsageError(f"bad config {uri}: an AnoPLe config is a mapping of knob: value")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return AnoPLeConfig.from_dict(data)
+    try:
+        return AnoPLeConfig.from_dict(data)
+    except (TypeError, ValueError) as e:  # the pure model package words its own checks as ValueError
+        raise UsageError(f"bad config: {e}") from e

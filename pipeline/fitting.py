@@ -1,4 +1,4 @@
-"""Fitting one product from its few normal shots: shot selection, memory bank, threshold calibration.
+"""Fitting a deployment's products from their few normal shots: shot selection, memory banks, thresholds.
 
 Pure torch/numpy (runs inside a Ray Train worker, but knows nothing of Ray). Thresholds come from
 normal images only, never from test data:
@@ -11,36 +11,79 @@ component map's level (mean per-image maximum) for the calibrated fusion, set be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline.bank import MemoryBank
+from pipeline import archive, artifact
+from pipeline.bank import MemoryBank, pick_backend
+from pipeline.errors import UsageError
 from pipeline.images import decode_image, to_model_input
-from pipeline.scorer import select as select_rows
+from pipeline.model.anople import AnoPLe, Encoded
+from pipeline.prompt_training import ShotBatch, shots_batch
+from pipeline.scorer import component_maps, encode, fuse, text_features
 
 MAX_CALIBRATION = 64  # held-out normals scored per product; more adds time, not much precision
 
 
+class ProductShots(NamedTuple):
+    """A product's reference images: encoded bytes by image_id, the K shots, the held-out normals."""
+    images: dict[str, bytes]
+    shots: list[str]
+    heldout: list[str]
+
+
 @dataclass
 class ProductFit:
+    """What fitting one product produced: its bank and its calibrated threshold."""
     product: str
     bank: MemoryBank
     threshold: float
-    calibration: str
-    calibration_scores: list[float]
+    calibration: str                 # "heldout_normals" | "shots_leave_one_out" | "shots_augmented"
+    calibration_scores: list[float]  # the normal images' fused scores behind the threshold
     shots: list[str]
-    map_scales: dict[str, float]  # each component map's level on the calibration normals
+    map_scales: dict[str, float]     # each component map's level on the calibration normals
+
+    def spec(self) -> artifact.ProductSpec:
+        return artifact.ProductSpec(threshold=self.threshold, calibration=self.calibration,
+                                    n_calibration=len(self.calibration_scores), shots=self.shots,
+                                    n_patches=self.bank.n_patches, bank_file=artifact.bank_file(self.product),
+                                    map_scales=self.map_scales)
 
 
 def choose_shots(image_ids: list[str], k: int, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic K shots (and the rest, for calibration) from a product's train normals."""
     ids = sorted(image_ids)
     if len(ids) < k:
-        raise ValueError(f"only {len(ids)} normal train images, --shots {k} needs {k}")
+        raise UsageError(f"only {len(ids)} normal train images, --shots {k} needs {k}")
     order = np.random.default_rng(seed).permutation(len(ids))
     chosen = [ids[i] for i in order]
     return chosen[:k], chosen[k:k + MAX_CALIBRATION]
+
+
+def load_shots(archive_uri: str, deployment: str, products: list[str], k: int, seed: int) -> dict[str, ProductShots]:
+    """Each product's train-split normals from the archive, split into K shots and held-out normals."""
+    table = archive.read_table(archive_uri, deployment, rows=archive.Rows(split="train", products=tuple(products)),
+                               columns=["image_id", "product", "image", "label"])
+    rows: dict[str, list] = {p: [] for p in products}
+    for r in table.to_pylist():
+        rows[r["product"]].append(r)
+    data = {}
+    for product, rs in rows.items():
+        normal = [r["image_id"] for r in rs if r["label"] in (0, None)]
+        try:
+            shots, heldout = choose_shots(normal, k, seed)
+        except UsageError as e:
+            raise UsageError(f"product {product!r}: {e}") from None
+        data[product] = ProductShots({r["image_id"]: r["image"] for r in rs}, shots, heldout)
+    return data
+
+
+def shot_batch(data: dict[str, ProductShots], products: list[str], size: int) -> ShotBatch:
+    """The shots of `products` as model input, for prompt learning."""
+    return shots_batch({p: [to_model_input(decode_image(data[p].images[i]), size) for i in data[p].shots]
+                        for p in products}, products)
 
 
 def threshold_from(scores: list[float]) -> float:
@@ -55,45 +98,50 @@ def _crops(rgb: np.ndarray) -> list[np.ndarray]:
     return [rgb[:ch, :cw], rgb[:ch, w - cw:], rgb[h - ch:, :cw], rgb[h - ch:, w - cw:]]
 
 
-def fit_product(product: str, images: dict[str, bytes], shots: list[str], heldout: list[str], scorer,
-                backend: str = "faiss-cpu", batch_size: int = 16) -> ProductFit:
-    """Build the bank from `shots` with the (trained) prompted encoder and calibrate its threshold on
-    the fused scores the scorer will compute. `scorer` is a pipeline.scorer.Scorer."""
-    size = scorer.model.image_size
+def fit_product(model: AnoPLe, product: str, data: ProductShots, device: str, backend: str = "faiss-cpu",
+                batch_size: int = 16) -> ProductFit:
+    """Build the bank from the shots with the (trained) prompted encoder and calibrate the threshold on
+    the fused scores the scorer will compute."""
+    text = text_features(model, [product])
 
-    def encode(rgbs):
-        encs = [scorer.encode(np.stack([to_model_input(r, size) for r in rgbs[i:i + batch_size]]))
-                for i in range(0, len(rgbs), batch_size)]
-        return {"z0": torch.cat([e["z0"] for e in encs]),
-                "patches": {k: torch.cat([e["patches"][k] for e in encs]) for k in encs[0]["patches"]}}
+    def encode_all(rgbs: list[np.ndarray]) -> Encoded:
+        return Encoded.cat([encode(model, np.stack([to_model_input(r, model.image_size) for r in rgbs[i:i + batch_size]]),
+                                   device) for i in range(0, len(rgbs), batch_size)])
 
-    def bank_of(enc, rows):
-        feats = scorer.model.bank_features(enc)  # per layer [N, HW, C]
-        return MemoryBank([f[rows].reshape(-1, f.shape[-1]).cpu().numpy() for f in feats], backend)
+    def bank_of(enc: Encoded) -> MemoryBank:
+        return MemoryBank([f.reshape(-1, f.shape[-1]).cpu().numpy() for f in model.bank_features(enc)], backend)
 
-    def maps(bank, enc):  # component maps of calibration images, scored against `bank`
-        n = enc["z0"].shape[0]
-        return scorer.component_maps(enc, [product] * n, banks={product: bank})
+    def maps(bank: MemoryBank, enc: Encoded) -> dict:  # component maps of calibration images against `bank`
+        return component_maps(model, enc, [product] * len(enc), {product: bank}, text)
 
-    shot_rgb = [decode_image(images[i]) for i in shots]
-    enc = encode(shot_rgb)
-    bank = bank_of(enc, list(range(len(shots))))
-    if heldout:
-        parts = [maps(bank, encode([decode_image(images[i]) for i in heldout]))]
+    shot_rgb = [decode_image(data.images[i]) for i in data.shots]
+    enc = encode_all(shot_rgb)
+    bank = bank_of(enc)
+    if data.heldout:
+        parts = [maps(bank, encode_all([decode_image(data.images[i]) for i in data.heldout]))]
         how = "heldout_normals"
-    elif len(shots) >= 2:
-        parts = []
-        for j in range(len(shots)):
-            rest = [i for i in range(len(shots)) if i != j]
-            parts.append(maps(bank_of(enc, rest), select_rows(enc, [j])))
+    elif len(data.shots) >= 2:
+        parts = [maps(bank_of(enc.rows([i for i in range(len(enc)) if i != j])), enc.rows([j]))
+                 for j in range(len(enc))]
         how = "shots_leave_one_out"
     else:
-        parts = [maps(bank, encode(_crops(shot_rgb[0])))]
+        parts = [maps(bank, encode_all(_crops(shot_rgb[0])))]
         how = "shots_augmented"
     comp = {k: torch.cat([m[k] for m in parts]) for k in parts[0]}  # each [N, S, S]
     n = next(iter(comp.values())).shape[0]
     # each map's level on normal images: the mean of its per-image maxima (calibrated fusion)
     scales = {k: max(float(v.flatten(1).amax(1).mean()), 1e-8) for k, v in comp.items()}
-    scorer.scales[product] = scales
-    cal = [float(x) for x in scorer.fuse(comp, [product] * n)[0]]
-    return ProductFit(product, bank, threshold_from(cal), how, cal, list(shots), scales)
+    cal = [float(x) for x in fuse(model.cfg, comp, [product] * n, {product: scales})[0]]
+    return ProductFit(product, bank, threshold_from(cal), how, cal, list(data.shots), scales)
+
+
+def fit_products(model: AnoPLe, data: dict[str, ProductShots], products: list[str], device: str) -> dict[str, ProductFit]:
+    """Banks and thresholds of `products` with the model as it is (trained or not)."""
+    fits = {}
+    for p in products:
+        try:
+            fits[p] = fit_product(model, p, data[p], device, pick_backend(device))
+        except Exception as e:
+            e.add_note(f"while fitting product {p!r}")
+            raise
+    return fits

@@ -90,7 +90,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 def encode_heatmap(amap: np.ndarray, height: int, width: int) -> tuple[bytes, float]:
     """float [h, w] anomaly map -> (16-bit grayscale PNG at [height, width], scale).
 
-    Pixel value v means anomaly v / 65535 * scale (DESIGN.md); scale is the map's maximum so the
+    Pixel value v means anomaly v / 65535 * scale (the score table's contract); scale is the map's maximum so the
     16 bits cover the map's own range.
     """
     a = np.asarray(amap, dtype=np.float32)

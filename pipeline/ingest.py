@@ -13,15 +13,17 @@ scorer reports it as an error row instead of it vanishing here.
 """
 from __future__ import annotations
 
+import csv
 import datetime as dt
-import logging
+import io
+import json
 import posixpath
 from dataclasses import dataclass, field
 
 from pipeline import archive, storage
+from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError, decode_image
 
-log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -84,13 +86,11 @@ def _mvtec_rows(files: list[str], root: str, report: IngestReport):
 
 
 def _visa_rows(root: str, report: IngestReport):
-    import csv
-    import io
     text = storage.read_bytes(storage.join(root, "split_csv", "1cls.csv")).decode()
     for r in csv.DictReader(io.StringIO(text)):
         product, split, label = r["object"], r["split"].strip(), r["label"].strip().lower()
         if split not in ("train", "test"):
-            raise ValueError(f"VisA split csv: unknown split {split!r} for {r['image']}")
+            raise UsageError(f"VisA split csv: unknown split {split!r} for {r['image']}")
         lab = 0 if label == "normal" else 1
         mask = r.get("mask") or None
         if lab and not mask:
@@ -103,12 +103,11 @@ def _visa_rows(root: str, report: IngestReport):
 
 
 def _realiad_rows(files: list[str], root: str, report: IngestReport):
-    import json
     rels = {_rel(f, root) for f in files}
     image_dirs = [d for d in ("realiad_1024", "realiad_512", "realiad_256", "realiad_raw")
                   if any(r.startswith(d + "/") for r in rels)]
     if not image_dirs:
-        raise ValueError(f"{root}: realiad_jsons/ found but no realiad_1024|512|256|raw image folder")
+        raise UsageError(f"{root}: realiad_jsons/ found but no realiad_1024|512|256|raw image folder")
     img_dir = image_dirs[0]
     for jf in sorted(r for r in rels if r.startswith("realiad_jsons/") and r.endswith(".json")):
         doc = json.loads(storage.read_bytes(storage.join(root, jf)).decode())
@@ -125,7 +124,7 @@ def _realiad_rows(files: list[str], root: str, report: IngestReport):
                         path = cand
                         break
                 if path is None:
-                    raise ValueError(f"Real-IAD: image {e['image_path']} of {jf} not found under {img_dir}/")
+                    raise UsageError(f"Real-IAD: image {e['image_path']} of {jf} not found under {img_dir}/")
                 lab = 0 if e.get("anomaly_class", normal) == normal else 1
                 mask = None
                 if lab and e.get("mask_path"):
@@ -158,7 +157,7 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
     files = storage.list_files(source)
     report = IngestReport(layout=detect_layout(files, source))
     if report.layout != "flat" and product is not None:
-        raise ValueError(f"--product is for a flat folder of images; this source has the {report.layout} layout")
+        raise UsageError(f"--product is for a flat folder of images; this source has the {report.layout} layout")
     if report.layout == "mvtec":
         rows = _mvtec_rows(files, source, report)
     elif report.layout == "visa":
@@ -167,7 +166,7 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
         rows = _realiad_rows(files, source, report)
     else:
         if not product:
-            raise ValueError(f"{source} is not in the MVTec, VisA or Real-IAD layout: "
+            raise UsageError(f"{source} is not in the MVTec, VisA or Real-IAD layout: "
                              "pass --product for a flat folder of images")
         rows = _flat_rows(files, source, product)
     ingested_at = dt.datetime.now(dt.timezone.utc)
@@ -175,7 +174,7 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
     seen = set()
     for row in rows:
         if row["image_id"] in seen:  # e.g. a.png and a.jpg side by side
-            raise ValueError(f"two source files map to image_id {row['image_id']!r}: {row['source_uri']}")
+            raise UsageError(f"two source files map to image_id {row['image_id']!r}: {row['source_uri']}")
         seen.add(row["image_id"])
         data = storage.read_bytes(row["source_uri"])
         try:
@@ -192,5 +191,5 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
     report.shards = writer.close()
     report.rows = writer.n_rows
     if report.rows == 0:
-        raise ValueError(f"no images found under {source} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise UsageError(f"no images found under {source} (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return report

@@ -10,6 +10,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+# The paper's table: I-AUROC, P-AUROC, PRO (= AUPRO to FPR 0.3); every metric computed per product.
+PAPER_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+METRICS = PAPER_METRICS + ("image_f1_max", "pixel_f1_max")
+
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Exact ROC AUC with ties counted half (Mann-Whitney U). NaN when a class is missing."""

@@ -6,10 +6,17 @@ The store comes from MLFLOW_TRACKING_URI; by default sqlite under the local root
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from pipeline import storage
+from pipeline.errors import NotFoundError, RefusedError
+from pipeline.model.config import AnoPLeConfig
 
 RANDOM_WEIGHTS_BANNER = (
     "WARNING: RANDOM-INIT BACKBONE. This model's CLIP weights are random, not pretrained: its scores "
@@ -28,18 +35,22 @@ def tracking_uri() -> str:
     return f"sqlite:///{os.path.join(local_root(), 'mlflow.db')}"
 
 
-def _mlflow():
-    import logging
-
-    import mlflow
+def connect():
+    """The mlflow module, pointed at this deployment's tracking store (read from the environment on
+    every call: tests and jobs switch stores between calls)."""
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow
 
 
-def client():
-    from mlflow import MlflowClient
-    return MlflowClient(tracking_uri=_mlflow().get_tracking_uri())
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=connect().get_tracking_uri())
+
+
+def config_params(cfg: AnoPLeConfig) -> dict[str, str]:
+    """Every knob and ablation switch of the typed config as MLflow params ``anople.<knob>``."""
+    return {f"anople.{k}": ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+            for k, v in cfg.to_dict().items()}
 
 
 def model_name(deployment: str) -> str:
@@ -48,7 +59,7 @@ def model_name(deployment: str) -> str:
 
 def experiment_id(deployment: str) -> str:
     """The deployment's experiment, created with an explicit artifact root (sqlite's default is ./mlruns)."""
-    mlflow = _mlflow()
+    connect()
     name = f"anople-{deployment}"
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
@@ -61,7 +72,6 @@ def experiment_id(deployment: str) -> str:
 
 def register(deployment: str, run_id: str, artifact_subdir: str, tags: dict[str, str]):
     """New version of the deployment's model from a run's artifact folder; alias 'candidate' moves to it."""
-    mlflow = _mlflow()
     c = client()
     name = model_name(deployment)
     if c.search_registered_models(filter_string=f"name = '{name}'") == []:
@@ -74,7 +84,6 @@ def register(deployment: str, run_id: str, artifact_subdir: str, tags: dict[str,
 
 def get_version(deployment: str, version: str | int | None = None, alias: str | None = None):
     """A model version by number or alias, with a clear error when there is none."""
-    from mlflow.exceptions import MlflowException
     c = client()
     name = model_name(deployment)
     try:
@@ -83,12 +92,12 @@ def get_version(deployment: str, version: str | int | None = None, alias: str | 
         return c.get_model_version_by_alias(name, alias)
     except MlflowException as e:
         which = f"version {version}" if version is not None else f"alias {alias!r}"
-        raise LookupError(f"registered model {name!r} has no {which} (tracking URI {tracking_uri()}): "
+        raise NotFoundError(f"registered model {name!r} has no {which} (tracking URI {tracking_uri()}): "
                           f"{e.message if hasattr(e, 'message') else e}") from e
 
 
-class PromotionRefused(RuntimeError):
-    pass
+class PromotionRefused(RefusedError):
+    """The promotion gate said no; the alias did not move."""
 
 
 def promote(deployment: str, to_alias: str, version: str | int | None = None, from_alias: str | None = None,
@@ -114,4 +123,4 @@ def artifact_uri(mv) -> str:
     if "://" not in src or src.startswith(("s3://", "s3a://")):
         return src
     dst = tempfile.mkdtemp(prefix="anople-model-")
-    return _mlflow().artifacts.download_artifacts(artifact_uri=src, dst_path=dst)
+    return connect().artifacts.download_artifacts(artifact_uri=src, dst_path=dst)

@@ -1,31 +1,39 @@
 """The jobs' bodies: what one training, evaluation or scoring run does end to end (Ray + MLflow glue)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
 
 import numpy as np
+import pyarrow.dataset as pads
 
-from pipeline import registry, storage
-from pipeline.artifact import ModelSpec
+from pipeline import archive, artifact, registry, storage
+from pipeline.batch import HeatmapTarget, RunInfo, score_partition, scores_uri, to_table
+from pipeline.cluster import has_gpus
+from pipeline.errors import UsageError
+from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.training import TrainConfig, fit_deployment
 
 
-def train_and_register(cfg: TrainConfig) -> tuple[object, ModelSpec, dict]:
+def _with_storage(cfg: TrainConfig) -> TrainConfig:
+    """The config with Ray Train storage resolved (default <ANOPLE_ROOT>/ray_results); the caller's is untouched."""
+    return cfg if cfg.storage_path else dataclasses.replace(
+        cfg, storage_path=os.path.join(registry.local_root(), "ray_results"))
+
+
+def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, dict]:
     """Fit with Ray Train, log params/metrics/artifact to MLflow, register a version, alias 'candidate'.
     Returns (model version, spec, fit summary: device, k-NN backend, per-epoch metrics)."""
-    mlflow = registry._mlflow()
-    if not cfg.storage_path:
-        cfg.storage_path = os.path.join(registry.local_root(), "ray_results")
+    cfg = _with_storage(cfg)
+    mlflow = registry.connect()
     exp = registry.experiment_id(cfg.deployment)
     with tempfile.TemporaryDirectory() as out, mlflow.start_run(experiment_id=exp, run_name=f"train-k{cfg.shots}-s{cfg.seed}") as run:
         mlflow.log_params({"deployment": cfg.deployment, "archive": storage.normalize(cfg.archive),
                            "shots": cfg.shots, "seed": cfg.seed, "backbone": cfg.backbone, "weights": cfg.weights,
                            "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "run_key": cfg.run_key()})
-        # every knob and ablation switch of the typed config, as params
-        mlflow.log_params({f"anople.{k}": (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
-                           for k, v in cfg.anople.to_dict().items()})
+        mlflow.log_params(registry.config_params(cfg.anople))
         t0 = time.time()
         spec, summary = fit_deployment(cfg, out)
         kind = spec.weights_kind
@@ -59,23 +67,18 @@ def _metric_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
-def _resolve(deployment: str, alias: str | None = None, version: str | None = None):
-    mv = registry.get_version(deployment, version=version, alias=alias)
+def _resolve(deployment: str, alias: str):
+    mv = registry.get_version(deployment, alias=alias)
     uri = registry.artifact_uri(mv)
-    from pipeline.artifact import load_spec
-    return mv, uri, load_spec(uri)
+    return mv, uri, artifact.load_spec(uri)
 
 
-def score_night(deployment: str, archive: str, date: str, output: str, alias: str = "production",
+def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
                 budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16) -> dict:
     """Score one night's partition; write score rows and heatmaps under `output`. Returns a summary."""
-    from pipeline import archive as arch
-    from pipeline.batch import RunInfo, plan_shards, score_partition, scores_uri, to_table
-    from pipeline.cluster import has_gpus
-
-    arch.check_date(date)
-    mlflow = registry._mlflow()
-    mv, uri, spec = _resolve(deployment, alias=alias)
+    archive.check_date(date)
+    mlflow = registry.connect()
+    mv, uri, spec = _resolve(deployment, alias)
     output = storage.normalize(output)
     out_scores = scores_uri(output, deployment, date)
     with mlflow.start_run(experiment_id=registry.experiment_id(deployment), run_name=f"score-{date}") as run:
@@ -83,19 +86,19 @@ def score_night(deployment: str, archive: str, date: str, output: str, alias: st
                          "weights_kind": spec.weights_kind})
         if spec.is_random:
             mlflow.set_tag("warning", registry.RANDOM_WEIGHTS_BANNER)
-        shards = plan_shards(spec, budget_mb)
-        mlflow.log_params({"date": date, "archive": storage.normalize(archive), "output": output,
+        shards = artifact.plan_shards(spec, budget_mb)
+        mlflow.log_params({"date": date, "archive": storage.normalize(archive_uri), "output": output,
                            "bank_budget_mb": budget_mb or 0, "bank_shards": len(shards)})
-        info = RunInfo(deployment=deployment, date=date, model_name=mv.name, model_version=str(mv.version),
-                       run_id=run.info.run_id, output=output)
+        info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run.info.run_id)
         t0 = time.time()
-        parts = score_partition(archive, deployment, date, uri, spec, info, budget_mb=budget_mb,
+        parts = score_partition(archive_uri, deployment, date, uri, spec, info,
+                                heatmaps=HeatmapTarget(output, deployment, date), budget_mb=budget_mb,
                                 actors_per_shard=actors_per_shard, batch_size=batch_size, use_gpu=has_gpus())
         storage.remove_tree(out_scores)  # a rerun replaces the night's rows, never appends to them
         for ds in parts:
             ds.map_batches(to_table, batch_format="numpy").write_parquet(out_scores)
         seconds = time.time() - t0
-        n_in = _count_input(archive, deployment, date)
+        n_in = archive.count_rows(archive_uri, deployment, date)
         summary = _summarize_scores(out_scores)
         summary.update({"rows_in": n_in, "seconds": seconds, "images_per_s": n_in / seconds if seconds else 0.0,
                         "bank_shards": len(shards), "model_version": mv.version, "run_id": run.info.run_id,
@@ -103,18 +106,12 @@ def score_night(deployment: str, archive: str, date: str, output: str, alias: st
                         "random_weights": spec.is_random})
         mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
                                                            "seconds", "images_per_s")})
-        if summary["rows_out"] != n_in:
+        if summary["rows_out"] != n_in:  # an invariant: a bug if it breaks, never an input problem
             raise RuntimeError(f"wrote {summary['rows_out']} score rows for {n_in} input rows")
     return summary
 
 
-def _count_input(archive: str, deployment: str, date: str | None) -> int:
-    from pipeline import archive as arch
-    return arch.read_table(archive, deployment, date, columns=["image_id"]).num_rows
-
-
 def _summarize_scores(out_scores: str) -> dict:
-    import pyarrow.dataset as pads
     fs, path = storage.arrow_filesystem(out_scores)
     t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "is_anomalous"])
     status = np.asarray(t["status"].to_pylist())
@@ -122,21 +119,17 @@ def _summarize_scores(out_scores: str) -> dict:
             "anomalous": int(np.sum(t["is_anomalous"].to_numpy(zero_copy_only=False)))}
 
 
-def evaluate(deployment: str, archive: str, alias: str = "candidate", batch_size: int = 16) -> dict:
+def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_size: int = 16) -> dict:
     """Score the labelled test split, stream the metrics, log them to the version's run. Returns
     {"per_product": {...}, "mean": {...}, "errors": n, "model_version": v}."""
-    from pipeline.batch import RunInfo
-    from pipeline.metrics import summarize
-
-    mv, uri, spec = _resolve(deployment, alias=alias)
-    info = RunInfo(deployment=deployment, date="", model_name=mv.name, model_version=str(mv.version),
-                   run_id=mv.run_id or "", keep_maps=True)
-    per, errors, unlabelled = _stream_metrics(archive, deployment, uri, spec, info, None, batch_size)
+    mv, uri, spec = _resolve(deployment, alias)
+    info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=mv.run_id or "")
+    per, errors, unlabelled = _stream_metrics(archive_uri, deployment, uri, spec, info, None, batch_size)
     if not per:
-        raise ValueError(f"no labelled, scorable test images for deployment {deployment!r} in {archive}")
+        raise UsageError(f"no labelled, scorable test images for deployment {deployment!r} in {archive_uri}")
     results = {p: m.compute() for p, m in sorted(per.items())}
     mean = summarize(results)
-    mlflow = registry._mlflow()
+    mlflow = registry.connect()
     with mlflow.start_run(run_id=mv.run_id):
         flat = {f"eval.{k}.{_metric_key(p)}": v for p, r in results.items() for k, v in r.items() if np.isfinite(v)}
         flat.update({f"eval.{k}.mean": v for k, v in mean.items() if np.isfinite(v)})
@@ -148,19 +141,12 @@ def evaluate(deployment: str, archive: str, alias: str = "candidate", batch_size
             "model_version": mv.version, "random_weights": spec.is_random, "clipped_pixels": clipped}
 
 
-PROTOCOL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
-
-
-def _stream_metrics(archive: str, deployment: str, uri: str, spec: ModelSpec, info, only: list[str] | None,
-                    batch_size: int):
+def _stream_metrics(archive_uri: str, deployment: str, uri: str, spec: artifact.ModelSpec, info: RunInfo,
+                    only: list[str] | None, batch_size: int):
     """Score the labelled test split through Ray Data and fold each image into its product's streaming
     metrics. Returns ({product: ProductMetrics}, error lines of labelled rows, count of unlabelled rows)."""
-    from pipeline.batch import score_partition
-    from pipeline.cluster import has_gpus
-    from pipeline.metrics import ProductMetrics
-
-    parts = score_partition(archive, deployment, None, uri, spec, info, split="test", batch_size=batch_size,
-                            use_gpu=has_gpus(), only=only)
+    parts = score_partition(archive_uri, deployment, None, uri, spec, info, split="test", with_masks=True,
+                            only=only, batch_size=batch_size, use_gpu=has_gpus())
     per: dict[str, ProductMetrics] = {}
     errors, unlabelled = [], 0
     for ds in parts:
@@ -172,7 +158,7 @@ def _stream_metrics(archive: str, deployment: str, uri: str, spec: ModelSpec, in
                     errors.append(f"{b['image_id'][i]}: {b['error'][i]}")
                 else:
                     per.setdefault(str(b["product"][i]), ProductMetrics()).update(
-                        b["score"][i], int(b["label"][i]), b["map"][i].astype(np.float32), b["mask"][i])
+                        b["score"][i], int(b["label"][i]), b["map"][i], b["mask"][i])
     return per, errors, unlabelled
 
 
@@ -181,25 +167,19 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
     """The paper's protocol: for each k and seed, fit (multi-class: one model on every product;
     unseen: per product, prompts trained on all the others) and evaluate on the test split.
     Returns {k: {product: {metric: [value per seed]}}} and logs it to MLflow."""
-    import dataclasses
-
-    from pipeline.batch import RunInfo
-    from pipeline.training import products_in
-
     if setting not in ("multi-class", "unseen"):
-        raise ValueError(f"setting {setting!r} is 'multi-class' or 'unseen'")
-    mlflow = registry._mlflow()
-    if not base.storage_path:
-        base.storage_path = os.path.join(registry.local_root(), "ray_results")
-    products = products_in(base.archive, base.deployment)
+        raise UsageError(f"setting {setting!r} is 'multi-class' or 'unseen'")
+    base = _with_storage(base)
+    mlflow = registry.connect()
+    products = archive.products_in(base.archive, base.deployment)
     if setting == "unseen" and len(products) < 2:
-        raise ValueError("leave-one-product-out needs at least two products")
+        raise UsageError("leave-one-product-out needs at least two products")
     table: dict = {}
-    with mlflow.start_run(experiment_id=registry.experiment_id(base.deployment), run_name=f"protocol-{setting}"):
+    with mlflow.start_run(experiment_id=registry.experiment_id(base.deployment), run_name=f"protocol-{setting}") as run:
         mlflow.set_tags({"job": "evaluate-protocol", "setting": setting})
         mlflow.log_params({"shots": ",".join(map(str, shots_list)), "seeds": ",".join(map(str, seeds)),
                            "backbone": base.backbone, "weights": base.weights})
-        mlflow.log_params({f"anople.{k}": str(v) for k, v in base.anople.to_dict().items()})
+        mlflow.log_params(registry.config_params(base.anople))
         for k in shots_list:
             for seed in seeds:
                 groups = [(None, ())] if setting == "multi-class" else [
@@ -212,13 +192,14 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
                         uri = storage.join(storage.normalize(cfg.storage_path), cfg.run_key(), "artifact")
                         storage.remove_tree(uri)
                         storage.upload_tree(out, uri)  # where every actor can read it
-                    info = RunInfo(deployment=base.deployment, date="", model_name="protocol", model_version="-",
-                                   run_id="", keep_maps=True)
+                    # a protocol model is never registered: it is named by its run key
+                    info = RunInfo(deployment=base.deployment, model_name=f"{registry.model_name(base.deployment)}-protocol",
+                                   model_version=cfg.run_key(), run_id=run.info.run_id)
                     per, _, _ = _stream_metrics(base.archive, base.deployment, uri, spec, info, only, batch_size)
                     for p, r in ((p, m.compute()) for p, m in per.items()):
-                        for m in PROTOCOL_METRICS:
+                        for m in PAPER_METRICS:
                             table.setdefault(k, {}).setdefault(p, {}).setdefault(m, []).append(r[m])
-            for m in PROTOCOL_METRICS:
+            for m in PAPER_METRICS:
                 for p, r in table[k].items():
                     mlflow.log_metric(f"k{k}.{m}.{_metric_key(p)}", float(np.mean(r[m])))
                 mlflow.log_metric(f"k{k}.{m}.mean", float(np.mean([np.mean(r[m]) for r in table[k].values()])))

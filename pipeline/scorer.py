@@ -1,10 +1,11 @@
-"""Scoring with a trained deployment artifact: prompted backbone + memory banks + thresholds.
+"""Scoring with a trained deployment: prompted backbone + memory banks + thresholds. No Ray here.
 
-One visual forward per image (global view, prefix c_0 only); text features are computed once per
-product at load time and cached. The anomaly map is the harmonic mean of the decoder's text map and the
-memory-bank map (optionally each first scaled by its level on the product's normal images; or either map
-alone, per the config's fusion), upsampled and Gaussian-smoothed; the image score is its maximum. Used by
-the Ray Data actors and by training's threshold calibration. No Ray here.
+One visual forward per image (global view, prefix c_0 only). The evidence and its fusion are pure functions
+of (model, banks, encoded batch), shared by the scorer, threshold calibration and the benchmarks:
+- `component_maps`: the decoder's text map and the memory-bank map, at model resolution;
+- `fuse`: their harmonic mean (Sec. 3.5; optionally each first scaled by its level on the product's normal
+  images, or either map alone, per the config's fusion), Gaussian-smoothed; the image score is its maximum.
+`Scorer` holds one model's banks, text features and thresholds, built once, complete.
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from safetensors.torch import load as st_load
 
 from pipeline import artifact, storage
 from pipeline.bank import MemoryBank, pick_backend
-from pipeline.model.anople import AnoPLe, build_tokenizer, pixel_map
-from pipeline.model.anomaly_map import blur, harmonic_fusion, image_score, patch_scores_to_map
-from pipeline.model.backbone import fingerprint
+from pipeline.errors import NotFoundError
+from pipeline.model.anomaly_map import blur, harmonic_fusion, image_score, patch_scores_to_map, pixel_map
+from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.model.config import AnoPLeConfig
-from pipeline.weights import load_clip
+from pipeline.weights import build_model
 
 
-class UnknownProductError(KeyError):
-    pass
+class UnknownProductError(NotFoundError):
+    """Images of a product this scorer holds no bank for."""
 
 
 def pick_device(device: str = "auto") -> str:
@@ -31,127 +32,114 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def build_model(backbone: str, weights: str, seed: int, cfg: AnoPLeConfig, device: str,
-                expect_fingerprint: str | None = None) -> AnoPLe:
-    """The frozen backbone wrapped in AnoPLe; with `expect_fingerprint`, proven to be the very weights
-    the model was trained with."""
-    clip = load_clip(backbone, weights, seed=seed)
-    if expect_fingerprint is not None:
-        got = fingerprint(clip)
-        if got != expect_fingerprint:
-            raise RuntimeError(
-                f"backbone {backbone} with weights {weights!r} has fingerprint {got}, but the model was "
-                f"trained on {expect_fingerprint}: the weights changed since training")
-    return AnoPLe(clip, cfg, build_tokenizer(backbone)).to(device).eval()
+@torch.inference_mode()
+def encode(model: AnoPLe, pixels: np.ndarray, device: str) -> Encoded:
+    """[B, 3, S, S] normalised pixels -> the one visual forward (global view, prefix c_0), in float32."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        enc = model.encode_image(x)  # bf16 backbone on GPU (mixed precision)
+    # heads, bank search and maps run in float32 (they are small; the bank distances need the bits)
+    return enc.float()
 
 
-def select(enc: dict, rows) -> dict:
-    """Rows of an encode() result."""
-    return {"z0": enc["z0"][rows], "patches": {k: v[rows] for k, v in enc["patches"].items()}}
+@torch.inference_mode()
+def text_features(model: AnoPLe, products: list[str]) -> dict[str, torch.Tensor]:
+    """product -> its [2, D] normal/abnormal text features; {} for a model without a decoder."""
+    if model.decoder is None or not products:
+        return {}
+    feats = model.encode_text(list(products))  # [P, 2, D]
+    return {p: feats[i] for i, p in enumerate(products)}
+
+
+@torch.inference_mode()
+def component_maps(model: AnoPLe, enc: Encoded, products: list[str], banks: dict[str, MemoryBank],
+                   text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The evidence before fusion, {"bank": [B, S, S], "text": [B, S, S]} (whichever the config's fusion
+    uses). Bank map: mean halved cosine distance of each patch to its nearest bank patch; text map: the
+    decoder's anomaly probability. `banks` and `text` must hold every product of the batch."""
+    cfg, S, B = model.cfg, model.image_size, len(enc)
+    maps = {}
+    if cfg.fusion in ("bank", "harmonic"):
+        feats = model.bank_features(enc)  # per layer [B, HW, C]
+        hw = feats[0].shape[1]
+        patch = torch.empty(B, hw, device=feats[0].device)  # visual anomaly per patch
+        for p in sorted(set(products)):
+            rows = [i for i, q in enumerate(products) if q == p]
+            queries = [f[rows].reshape(-1, f.shape[-1]) for f in feats]  # per layer [len(rows) * HW, C]
+            patch[rows] = banks[p].distance(queries).reshape(len(rows), hw).to(patch.device)
+        maps["bank"] = patch_scores_to_map(patch, model.grid, S, sigma=0)  # [B, S, S]
+    if cfg.fusion in ("text", "harmonic"):
+        t = torch.stack([text[p] for p in products]).to(enc.z0.dtype)  # [B, 2, D]
+        maps["text"] = pixel_map(model.text_head(enc, t)["logits"].float(), S)  # [B, S, S]
+    return maps
+
+
+def fuse(cfg: AnoPLeConfig, maps: dict[str, torch.Tensor], products: list[str],
+         scales: dict[str, dict[str, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Component maps -> (scores [B], maps [B, S, S]) as numpy float32.
+
+    Harmonic mean HM(t, b) = 2tb / (t + b) (Sec. 3.5). HM follows the smaller input (HM ~ 2t when
+    t << b), so with `fusion_calibrated` each map is first divided by its own level on the product's
+    normal calibration images (`scales[product]`, ProductSpec.map_scales): both then read "1 = as high as
+    on normal images", and neither map silences the other merely by living on a smaller scale."""
+    if len(maps) == 1:
+        amap = next(iter(maps.values()))
+    else:
+        t, b = maps["text"], maps["bank"]  # each [B, S, S]
+        if cfg.fusion_calibrated:
+            scales = scales or {}
+            st = torch.tensor([scales.get(p, {}).get("text", 1.0) for p in products], device=t.device)  # [B]
+            sb = torch.tensor([scales.get(p, {}).get("bank", 1.0) for p in products], device=b.device)  # [B]
+            t, b = t / st.view(-1, 1, 1), b / sb.view(-1, 1, 1)
+        amap = harmonic_fusion(t, b)
+    amap = blur(amap.float(), cfg.blur_sigma)  # [B, S, S]
+    return image_score(amap).cpu().numpy(), amap.cpu().numpy()
 
 
 class Scorer:
     """Image batch -> (image scores, anomaly maps) for the products whose banks it holds."""
 
     def __init__(self, model: AnoPLe, banks: dict[str, MemoryBank], device: str,
-                 spec: artifact.ModelSpec | None = None):
-        self.model, self.banks, self.device, self.spec = model, banks, device, spec
-        self.text: dict[str, torch.Tensor] = {}  # product -> [2, D] cached text features
-        # product -> {"text": level, "bank": level} of each map on normal images (calibrated fusion)
-        self.scales: dict[str, dict[str, float]] = (
-            {p: dict(ps.map_scales) for p, ps in spec.products.items()} if spec else {})
-        if model.decoder is not None:
-            self.cache_text(list(banks))
+                 thresholds: dict[str, float] | None = None, scales: dict[str, dict[str, float]] | None = None):
+        self.model, self.banks, self.device = model, dict(banks), device
+        self.thresholds = dict(thresholds or {})  # product -> image-score threshold
+        self.scales = dict(scales or {})  # product -> {"text", "bank"} map levels on normals (calibrated fusion)
+        self.text = text_features(model, sorted(self.banks))  # product -> [2, D], computed once
 
-    @torch.inference_mode()
-    def cache_text(self, products: list[str]) -> None:
-        todo = [p for p in products if p not in self.text]
-        if todo and self.model.decoder is not None:
-            feats = self.model.encode_text(todo)  # [P, 2, D]
-            self.text.update({p: feats[i] for i, p in enumerate(todo)})
+    @classmethod
+    def from_fits(cls, model: AnoPLe, fits: dict, device: str) -> "Scorer":
+        """From fitting.ProductFit values, in process (no artifact)."""
+        return cls(model, {p: f.bank for p, f in fits.items()}, device,
+                   thresholds={p: f.threshold for p, f in fits.items()},
+                   scales={p: f.map_scales for p, f in fits.items()})
 
     @classmethod
     def load(cls, artifact_uri: str, products: list[str] | None = None, device: str = "auto") -> "Scorer":
+        """The artifact's model with the banks of `products` (default: all)."""
         device = pick_device(device)
         spec = artifact.load_spec(artifact_uri)
-        cfg = AnoPLeConfig.from_dict(spec.anople)
-        model = build_model(spec.backbone, spec.weights, spec.seed, cfg, device, spec.weights_fingerprint)
+        model = build_model(spec.backbone, spec.weights, spec.seed, AnoPLeConfig.from_dict(spec.anople), device,
+                            spec.weights_fingerprint)
         if spec.prompts_file:
             model.load_prompt_state(st_load(storage.read_bytes(storage.join(artifact_uri, spec.prompts_file))))
-        wanted = sorted(spec.products) if products is None else products
+        wanted = sorted(spec.products) if products is None else list(products)
+        unknown = [p for p in wanted if p not in spec.products]
+        if unknown:
+            raise UnknownProductError(f"model at {artifact_uri} has no product {', '.join(unknown)}")
         backend = pick_backend(device)
-        banks = {}
-        for p in wanted:
-            if p not in spec.products:
-                raise UnknownProductError(p)
-            data = storage.read_bytes(storage.join(artifact_uri, spec.products[p].bank_file))
-            banks[p] = MemoryBank.from_bytes(data, backend)
-        return cls(model, banks, device, spec)
+        banks = {p: MemoryBank.from_bytes(storage.read_bytes(storage.join(artifact_uri, spec.products[p].bank_file)),
+                                          backend) for p in wanted}
+        return cls(model, banks, device, thresholds={p: spec.products[p].threshold for p in wanted},
+                   scales={p: dict(spec.products[p].map_scales) for p in wanted})
 
-    @torch.inference_mode()
-    def encode(self, pixels: np.ndarray) -> dict:
-        """[B, 3, S, S] normalised pixels -> the one visual forward (global view, prefix c_0)."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
-            enc = self.model.encode_image(x)  # bf16 backbone on GPU (mixed precision)
-        # heads, bank search and maps run in float32 (they are small; the bank distances need the bits)
-        return {"z0": enc["z0"].float(), "patches": {k: v.float() for k, v in enc["patches"].items()}}
+    def encode(self, pixels: np.ndarray) -> Encoded:
+        return encode(self.model, pixels, self.device)
 
     @torch.inference_mode()
     def score(self, pixels: np.ndarray, products: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """-> scores [B] and maps [B, S, S] (float32). Every product must have a bank here."""
         missing = sorted({p for p in products if p not in self.banks})
         if missing:
-            raise UnknownProductError(", ".join(missing))
-        return self.score_encoded(self.encode(pixels), products)
-
-    @torch.inference_mode()
-    def score_encoded(self, enc: dict, products: list[str], banks: dict[str, MemoryBank] | None = None):
-        """One encode() result -> scores [B] and fused, smoothed maps [B, S, S] (numpy float32)."""
-        return self.fuse(self.component_maps(enc, products, banks), products)
-
-    @torch.inference_mode()
-    def component_maps(self, enc: dict, products: list[str], banks: dict[str, MemoryBank] | None = None) -> dict:
-        """The evidence before fusion, at model resolution: {"bank": [B, S, S], "text": [B, S, S]}
-        (whichever the config's fusion uses). Bank map: mean halved cosine distance to the nearest bank
-        patch; text map: the decoder's anomaly probability."""
-        banks = self.banks if banks is None else banks
-        model, cfg = self.model, self.model.cfg
-        S = model.image_size
-        B = enc["z0"].shape[0]
-        maps = {}
-        if cfg.fusion in ("bank", "harmonic"):
-            feats = model.bank_features(enc)  # per layer [B, HW, C]
-            hw = feats[0].shape[1]
-            patch = torch.empty(B, hw, device=feats[0].device)  # visual anomaly per patch
-            for p in sorted(set(products)):
-                rows = [i for i, q in enumerate(products) if q == p]
-                queries = [f[rows].reshape(-1, f.shape[-1]) for f in feats]
-                patch[rows] = banks[p].distance(queries).reshape(len(rows), hw).to(patch.device)
-            maps["bank"] = patch_scores_to_map(patch, model.grid, S, sigma=0)  # [B, S, S]
-        if cfg.fusion in ("text", "harmonic"):
-            self.cache_text(sorted(set(products)))
-            text = torch.stack([self.text[p] for p in products])  # [B, 2, D]
-            head = model.text_head(enc, text.to(enc["z0"].dtype))
-            maps["text"] = pixel_map(head["logits"].float(), S)  # [B, S, S]
-        return maps
-
-    def fuse(self, maps: dict, products: list[str]):
-        """Component maps -> (scores [B], maps [B, S, S]) as numpy float32.
-
-        Harmonic mean HM(t, b) = 2tb / (t + b) (Sec. 3.5). HM follows the smaller input (HM ~ 2t when
-        t << b), so with `fusion_calibrated` each map is first divided by its own level on the product's
-        normal calibration images (ProductSpec.map_scales): both then read "1 = as high as on normal
-        images", and neither map silences the other merely by living on a smaller scale."""
-        cfg = self.model.cfg
-        if len(maps) == 1:
-            amap = next(iter(maps.values()))
-        else:
-            t, b = maps["text"], maps["bank"]
-            if cfg.fusion_calibrated:
-                st = torch.tensor([self.scales.get(p, {}).get("text", 1.0) for p in products], device=t.device)
-                sb = torch.tensor([self.scales.get(p, {}).get("bank", 1.0) for p in products], device=b.device)
-                t, b = t / st.view(-1, 1, 1), b / sb.view(-1, 1, 1)
-            amap = harmonic_fusion(t, b)
-        amap = blur(amap.float(), cfg.blur_sigma)
-        return image_score(amap).cpu().numpy(), amap.cpu().numpy()
+            raise UnknownProductError(f"no bank for product {', '.join(missing)}")
+        maps = component_maps(self.model, self.encode(pixels), products, self.banks, self.text)
+        return fuse(self.model.cfg, maps, products, self.scales)

@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs as pafs
 
+from pipeline.errors import UsageError
+
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
@@ -28,7 +30,7 @@ def normalize(uri: str) -> str:
     if is_remote(uri):
         scheme = urlparse(uri).scheme
         if scheme not in ("s3", "s3a"):
-            raise ValueError(f"unsupported storage scheme {scheme!r} in {uri!r}: use a local path, file:// or s3://")
+            raise UsageError(f"unsupported storage scheme {scheme!r} in {uri!r}: use a local path, file:// or s3://")
         return uri.rstrip("/")
     return os.path.abspath(_strip_file(uri))
 
@@ -50,7 +52,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path) for a URI. ``from_uri`` follows AWS_ENDPOINT_URL; a bare
-    ``S3FileSystem()`` does not (see DESIGN.md)."""
+    ``S3FileSystem()`` does not (it goes to the real AWS host unless given endpoint_override)."""
     uri = normalize(uri)
     if is_remote(uri):
         return pafs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))

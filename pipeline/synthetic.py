@@ -35,7 +35,7 @@ def _variant(product: str) -> tuple[str, np.ndarray, float]:
     return base, vr.uniform(0.6, 1.3, 3).astype(np.float32), float(vr.uniform(0.7, 1.4))
 
 
-def _base(product: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def normal_image(product: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A normal specimen, uint8 [size, size, 3]."""
     product, tint, f = _variant(product)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -65,7 +65,7 @@ def _base(product: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _defect(img: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def add_defect(img: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Draw one defect; returns (image, bool mask of exactly the pixels drawn)."""
     size = img.shape[0]
     mask_img = Image.new("L", (size, size), 0)
@@ -110,10 +110,10 @@ def make_mvtec_folder(root: str, products: tuple[str, ...] = PRODUCTS[:3], n_tra
             if defect != "good":
                 os.makedirs(os.path.join(root, product, "ground_truth", defect), exist_ok=True)
             for i in range(n):
-                img = _base(product, size, rng)
+                img = normal_image(product, size, rng)
                 name = f"{i:03d}.png"
                 if defect != "good":
-                    img, mask = _defect(img, defect, rng)
+                    img, mask = add_defect(img, defect, rng)
                     Image.fromarray(mask.astype(np.uint8) * 255).save(
                         os.path.join(root, product, "ground_truth", defect, f"{i:03d}_mask.png"))
                 Image.fromarray(img).save(os.path.join(root, product, folder, name))

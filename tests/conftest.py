@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 TINY = "anople-tiny-vit"  # 4-block, 64 px random-init open_clip config shipped in pipeline/model/configs
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -26,7 +26,7 @@ def s3_server():
     the variables are set before any test starts Ray (local workers copy the environment at start)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -70,3 +70,21 @@ def mlflow_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("ANOPLE_ARTIFACT_ROOT", raising=False)
     return tmp_path / "root"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The 4-block, 64 px random-init backbone (seed 0), frozen; shared, never modified by AnoPLe."""
+    from pipeline.model.backbone import create_clip
+    return create_clip(TINY, "random", seed=0)
+
+
+@pytest.fixture
+def tiny_model(tiny_clip):
+    """tiny_model(**AnoPLeConfig knobs) -> an AnoPLe on the tiny backbone, in eval mode."""
+    from pipeline.model.anople import AnoPLe, build_tokenizer
+    from pipeline.model.config import AnoPLeConfig
+
+    def make(**knobs) -> AnoPLe:
+        return AnoPLe(tiny_clip, AnoPLeConfig(**knobs), build_tokenizer(TINY)).eval()
+    return make

@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifact import ModelSpec, ProductSpec
+from pipeline.artifact import ModelSpec, ProductSpec, plan_shards
 from pipeline.bank import MemoryBank
-from pipeline.batch import plan_shards
 
 
 def _unit(rng, n, c):

@@ -1,37 +1,46 @@
-"""The heatmap writer stage of nightly scoring (the CPU task after the scoring actors)."""
+"""The scoring actors' rows and the heatmap writer stage of nightly scoring (the CPU task after the actors)."""
 import os
 
 import numpy as np
 from PIL import Image
 
-from pipeline.batch import RunInfo, _rows, heatmap_uri, write_heatmaps
+from pipeline.batch import HeatmapTarget, RunInfo, score_rows, write_heatmaps
 from pipeline.images import decode_heatmap
 
+INFO = RunInfo("d", "anople-d", "1", "run")
 
-def _scored_batch(info, n=3):
+
+def _scored_batch(n=3):
     rng = np.random.default_rng(0)
     maps = rng.uniform(0, 0.4, size=(n, 16, 16)).astype(np.float32)
     batch = {"image_id": np.array([f"img/{i}" for i in range(n)], dtype=object),
              "product": np.array(["tile"] * n, dtype=object)}
     status, error = ["ok"] * n, [""] * n
     status[1], error[1] = "error", "image does not decode"
-    score = maps.reshape(n, -1).max(1)
+    score = maps.reshape(n, -1).max(1).astype(np.float64)
     score[1] = np.nan
-    out = _rows(batch, info, score, np.full(n, 0.1), [None] * n, np.full(n, np.nan), status, error, maps)
+    out = score_rows(batch, INFO, score=score, threshold=np.full(n, 0.1), status=status, error=error)
     out.update(map=maps, height=np.array([40, 40, 40]), width=np.array([30, 30, 30]))
     return out, maps
 
 
+def test_score_rows_stamp_the_run_and_never_call_an_error_anomalous():
+    out, _ = _scored_batch()
+    assert list(out["model_name"]) == ["anople-d"] * 3 and set(out["run_id"]) == {"run"}
+    assert out["is_anomalous"].tolist() == [out["score"][0] > 0.1, False, out["score"][2] > 0.1]
+    assert all(u is None for u in out["heatmap_uri"]) and np.isnan(out["heatmap_scale"]).all()
+
+
 def test_writes_a_16bit_png_per_scored_row_at_the_image_resolution(tmp_path):
-    info = RunInfo("d", "2026-11-22", "anople-d", "1", "run", output=str(tmp_path))
-    batch, maps = _scored_batch(info)
-    out = write_heatmaps(batch, info)
+    target = HeatmapTarget(str(tmp_path), "d", "2026-11-22")
+    batch, maps = _scored_batch()
+    out = write_heatmaps(batch, target)
     assert "map" not in out and "height" not in out  # the writer's inputs do not reach the score table
     assert list(out["status"]) == ["ok", "error", "ok"]
     assert out["heatmap_uri"][1] is None and np.isnan(out["heatmap_scale"][1])
     for i in (0, 2):
         uri = out["heatmap_uri"][i]
-        assert uri == heatmap_uri(str(tmp_path), "d", "2026-11-22", f"img/{i}")
+        assert uri == str(tmp_path / "heatmaps" / "deployment=d" / "date=2026-11-22" / f"img%2F{i}.png")
         with Image.open(uri) as im:
             assert im.size == (30, 40) and im.mode.startswith("I")
         back = decode_heatmap(open(uri, "rb").read(), out["heatmap_scale"][i])
@@ -43,9 +52,8 @@ def test_writes_a_16bit_png_per_scored_row_at_the_image_resolution(tmp_path):
 def test_a_failed_write_becomes_an_error_row_not_a_failed_batch(tmp_path):
     blocker = tmp_path / "out"
     blocker.write_text("a file where the output folder should be")
-    info = RunInfo("d", "2026-11-22", "anople-d", "1", "run", output=str(blocker))
-    batch, _ = _scored_batch(info)
-    out = write_heatmaps(batch, info)
+    batch, _ = _scored_batch()
+    out = write_heatmaps(batch, HeatmapTarget(str(blocker), "d", "2026-11-22"))
     assert list(out["status"]) == ["error"] * 3
     assert out["error"][0].startswith("heatmap write failed") and out["error"][1] == "image does not decode"
     assert not out["is_anomalous"].any() and all(u is None for u in out["heatmap_uri"])

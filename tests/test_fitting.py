@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import UsageError
 from pipeline.fitting import choose_shots, threshold_from
 
 
@@ -11,7 +12,7 @@ def test_shots_are_deterministic_per_seed_and_disjoint_from_calibration():
     assert choose_shots(list(reversed(ids)), 2, seed=0) == (s0, rest0)  # input order does not matter
     assert not set(s0) & set(rest0) and len(rest0) == 8
     assert choose_shots(ids, 2, seed=1)[0] != s0 or choose_shots(ids, 2, seed=2)[0] != s0
-    with pytest.raises(ValueError, match="--shots 4 needs 4"):
+    with pytest.raises(UsageError, match="--shots 4 needs 4"):
         choose_shots(ids[:3], 4, seed=0)
 
 
@@ -21,77 +22,107 @@ def test_threshold_is_above_every_normal_calibration_score():
     assert threshold_from(s) == pytest.approx(max(0.3, np.mean(s) + 3 * np.std(s)))
 
 
-def _fitted(fusion_calibrated):
-    """A tiny model fitted on one synthetic product (1 shot, 3 held-out normals)."""
+def _shots(n=4, product="tile"):
+    """One synthetic product's reference images: shot 0, the rest held out."""
     import io
 
     from PIL import Image
 
-    from pipeline.fitting import fit_product
-    from pipeline.model.anople import AnoPLe, build_tokenizer
-    from pipeline.model.backbone import create_clip
-    from pipeline.model.config import AnoPLeConfig
-    from pipeline.scorer import Scorer
-    from pipeline.synthetic import _base
-    from tests.conftest import TINY
+    from pipeline.fitting import ProductShots
+    from pipeline.synthetic import normal_image
 
     rng = np.random.default_rng(0)
     images = {}
-    for i in range(4):
+    for i in range(n):
         buf = io.BytesIO()
-        Image.fromarray(_base("tile", 64, rng)).save(buf, format="PNG")
-        images[f"tile/{i}"] = buf.getvalue()
-    model = AnoPLe(create_clip(TINY, "random", seed=0), AnoPLeConfig(fusion_calibrated=fusion_calibrated),
-                   build_tokenizer(TINY)).eval()
-    scorer = Scorer(model, {}, "cpu")
-    fit = fit_product("tile", images, ["tile/0"], ["tile/1", "tile/2", "tile/3"], scorer)
-    return fit, scorer, images
+        Image.fromarray(normal_image(product, 64, rng)).save(buf, format="PNG")
+        images[f"{product}/{i}"] = buf.getvalue()
+    ids = sorted(images)
+    return ProductShots(images, ids[:1], ids[1:])
 
 
-def test_map_levels_come_from_the_normal_calibration_images_and_scale_the_fusion():
+def _fitted(model):
+    """A tiny model fitted on one synthetic product (1 shot, 3 held-out normals) through fit_products."""
+    from pipeline.fitting import fit_products
+    data = {"tile": _shots()}
+    return fit_products(model, data, ["tile"], "cpu")["tile"], data["tile"]
+
+
+def _pixels(data, ids):
     from pipeline.images import decode_image, to_model_input
-    from pipeline.model.anomaly_map import blur, harmonic_fusion
+    return np.stack([to_model_input(decode_image(data.images[i]), 64) for i in ids])
 
-    fit, scorer, images = _fitted(fusion_calibrated=True)
-    assert set(fit.map_scales) == {"text", "bank"} and scorer.scales["tile"] == fit.map_scales
-    x = np.stack([to_model_input(decode_image(images[f"tile/{i}"]), 64) for i in (1, 2, 3)])
-    comp = scorer.component_maps(scorer.encode(x), ["tile"] * 3, banks={"tile": fit.bank})
+
+def test_map_levels_come_from_the_normal_calibration_images_and_scale_the_fusion(tiny_model):
+    from pipeline.model.anomaly_map import blur, harmonic_fusion
+    from pipeline.scorer import component_maps, encode, fuse, text_features
+
+    model = tiny_model(fusion_calibrated=True)
+    fit, data = _fitted(model)
+    assert set(fit.map_scales) == {"text", "bank"} and fit.calibration == "heldout_normals"
+    enc = encode(model, _pixels(data, data.heldout), "cpu")
+    comp = component_maps(model, enc, ["tile"] * 3, {"tile": fit.bank}, text_features(model, ["tile"]))
     for k in ("text", "bank"):  # the level of each map: mean over the normals of its per-image maximum
         assert fit.map_scales[k] == pytest.approx(float(comp[k].flatten(1).amax(1).mean()), rel=1e-5)
-    scores, maps = scorer.fuse(comp, ["tile"] * 3)
+    scores, maps = fuse(model.cfg, comp, ["tile"] * 3, {"tile": fit.map_scales})
     want = blur(harmonic_fusion(comp["text"] / fit.map_scales["text"], comp["bank"] / fit.map_scales["bank"]), 4.0)
     assert np.allclose(maps, want.numpy(), atol=1e-6)
     assert fit.calibration_scores == pytest.approx([float(s) for s in scores], rel=1e-5)
+    assert fit.threshold == pytest.approx(threshold_from(fit.calibration_scores))
     # the switch really changes the computation: the raw harmonic mean is a different map
     raw = blur(harmonic_fusion(comp["text"], comp["bank"]), 4.0)
     assert not np.allclose(maps, raw.numpy(), atol=1e-4)
     assert torch.is_tensor(comp["text"]) and comp["text"].shape == (3, 64, 64)
 
 
-def test_raw_harmonic_fusion_ignores_the_levels():
+def test_raw_harmonic_fusion_ignores_the_levels(tiny_model):
     from pipeline.model.anomaly_map import blur, harmonic_fusion
+    from pipeline.scorer import fuse
 
-    fit, scorer, _ = _fitted(fusion_calibrated=False)
     comp = {"text": torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.1,
             "bank": torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(2)) * 0.3}
-    _, maps = scorer.fuse(comp, ["tile", "tile"])
+    _, maps = fuse(tiny_model().cfg, comp, ["tile", "tile"], {"tile": {"text": 0.5, "bank": 0.05}})
     assert np.allclose(maps, blur(harmonic_fusion(comp["text"], comp["bank"]), 4.0).numpy(), atol=1e-6)
 
 
-def test_map_levels_survive_the_artifact_round_trip():
-    from pipeline.artifact import ModelSpec, ProductSpec
-
-    ps = ProductSpec(threshold=0.2, calibration="heldout_normals", n_calibration=3, shots=["a"], n_patches=16,
-                     bank_file="banks/a.npz", map_scales={"text": 0.4, "bank": 0.05})
-    spec = ModelSpec(deployment="d", backbone="b", weights="random", weights_kind="random", weights_fingerprint="f",
-                     seed=0, image_size=64, bank_layers=[1], shots=1, feature_dim=8, products={"a": ps})
-    back = ModelSpec.from_json(spec.to_json())
-    assert back.products["a"].map_scales == {"text": 0.4, "bank": 0.05}
-    _, scorer, _ = _fitted(fusion_calibrated=True)
+def test_the_scorer_built_from_fits_scores_like_calibration(tiny_model):
+    """Calibration and scoring are one computation: the held-out normals score exactly their calibration scores."""
     from pipeline.scorer import Scorer
-    assert Scorer(scorer.model, {}, "cpu", back).scales == {"a": {"text": 0.4, "bank": 0.05}}  # what actors use
+
+    model = tiny_model()
+    fit, data = _fitted(model)
+    scorer = Scorer.from_fits(model, {"tile": fit}, "cpu")
+    assert scorer.thresholds == {"tile": fit.threshold} and set(scorer.text) == {"tile"}
+    scores, maps = scorer.score(_pixels(data, data.heldout), ["tile"] * 3)
+    assert scores == pytest.approx(fit.calibration_scores, rel=1e-5) and maps.shape == (3, 64, 64)
+    from pipeline.scorer import UnknownProductError
+    with pytest.raises(UnknownProductError, match="washer"):
+        scorer.score(_pixels(data, data.heldout[:1]), ["washer"])
+
+
+@pytest.mark.parametrize("n,how,n_cal", [(1, "shots_augmented", 4), (3, "shots_leave_one_out", 3)])
+def test_without_held_out_normals_the_shots_calibrate(tiny_model, n, how, n_cal):
+    from pipeline.fitting import ProductShots, fit_products
+
+    data = _shots(n)
+    only_shots = ProductShots(data.images, sorted(data.images), [])
+    fit = fit_products(tiny_model(), {"tile": only_shots}, ["tile"], "cpu")["tile"]
+    assert fit.calibration == how and len(fit.calibration_scores) == n_cal
+    assert fit.bank.n_patches == n * 16 and fit.spec().n_patches == n * 16  # every shot's 4x4 patches
+
+
+def test_map_levels_survive_the_artifact_round_trip(tmp_path, tiny_model):
+    from pipeline import artifact
+    from pipeline.artifact import ModelSpec
+
+    fit, _ = _fitted(tiny_model(fusion_calibrated=True))
+    spec = ModelSpec(deployment="d", backbone="b", weights="random", weights_kind="random", weights_fingerprint="f",
+                     seed=0, image_size=64, bank_layers=[1], shots=1, feature_dim=8, products={"tile": fit.spec()})
+    artifact.save_spec(spec, str(tmp_path))
+    back = artifact.load_spec(str(tmp_path))
+    assert back.products["tile"].map_scales == fit.map_scales and back.products["tile"] == fit.spec()
     # an artifact written before map levels existed still loads (levels default to none = 1)
     import json
     d = json.loads(spec.to_json())
-    del d["products"]["a"]["map_scales"]
-    assert ModelSpec.from_json(json.dumps(d)).products["a"].map_scales == {}
+    del d["products"]["tile"]["map_scales"]
+    assert ModelSpec.from_json(json.dumps(d)).products["tile"].map_scales == {}

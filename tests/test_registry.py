@@ -5,7 +5,7 @@ from pipeline import registry
 
 
 def _register(deployment, weights_kind, tmp_path):
-    mlflow = registry._mlflow()
+    mlflow = registry.connect()
     art = tmp_path / f"art-{weights_kind}"
     art.mkdir()
     (art / "model.json").write_text("{}")

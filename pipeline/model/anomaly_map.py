@@ -35,6 +35,11 @@ def blur(amap: torch.Tensor, sigma: float) -> torch.Tensor:
     return m[:, 0]
 
 
+def pixel_map(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """Decoder logits [B, 1, h, w] -> anomaly probability map [B, size, size]."""
+    return torch.sigmoid(F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False))[:, 0]
+
+
 def harmonic_fusion(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Harmonic mean of two non-negative anomaly maps (AnoPLe fuses text and memory-bank maps so)."""
     return 2.0 * a * b / (a + b + eps)

@@ -13,7 +13,7 @@ At layer j >= 1 the prompt slots are replaced by layer j's prompts (deep prompti
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import open_clip
 import torch
@@ -21,6 +21,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AnoPLeConfig
+
+
+@dataclass
+class Encoded:
+    """One visual forward: the unit global embedding z_0 and the patch tokens of the bank and decoder layers."""
+    z0: torch.Tensor                   # [B, D]
+    patches: dict[int, torch.Tensor]   # 1-based block -> [B, HW, d_v]
+
+    def __len__(self) -> int:
+        return self.z0.shape[0]
+
+    def rows(self, idx) -> "Encoded":
+        """The images at `idx` (a list, slice or index tensor)."""
+        return Encoded(self.z0[idx], {l: t[idx] for l, t in self.patches.items()})
+
+    def float(self) -> "Encoded":
+        return Encoded(self.z0.float(), {l: t.float() for l, t in self.patches.items()})
+
+    @staticmethod
+    def cat(parts: list["Encoded"]) -> "Encoded":
+        """Batches of one model, stacked along B."""
+        return Encoded(torch.cat([p.z0 for p in parts]),
+                       {l: torch.cat([p.patches[l] for p in parts]) for l in parts[0].patches})
 
 
 def _scaled(depth: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
@@ -132,7 +155,7 @@ class AnoPLe(nn.Module):
         x = clip.token_embedding(ids)  # [2P, 77, d_t]
         if s:
             x = x.clone()
-            x[:, 1:1 + s] = self.text_slots(0).to(x.dtype)
+            x[:, 1:1 + s] = self.text_slots(0).to(x.dtype)  # [n_text_slots, d_t] into every prompt
             a = self.cfg.n_abnormal
             x[1::2, 1 + s:1 + s + a] = self.abnormal.to(x.dtype)  # abnormal prompts only
         x = x + clip.positional_embedding.to(x.dtype)
@@ -147,22 +170,21 @@ class AnoPLe(nn.Module):
 
     # ---------------------------------------------------------------- visual tower
     def encode_image(self, x: torch.Tensor, scale: torch.Tensor | None = None,
-                     latent_noise: torch.Tensor | None = None) -> dict:
+                     latent_noise: torch.Tensor | None = None) -> Encoded:
         """x [B, 3, S, S]; scale [B] prefix index (0 = global view); latent_noise [B, HW, d_v] standard
-        normal noise, zero outside the pseudo-anomalous patch tokens (training only). Returns z0 [B, D]
-        (unit) and per-layer patch tokens {layer: [B, HW, d_v]} for the bank and decoder layers."""
+        normal noise, zero outside the pseudo-anomalous patch tokens (training only)."""
         v = self.clip.visual
         B = x.shape[0]
         h = v._embeds(x)  # [B, 1 + HW, d_v] (CLS, patches; pos-embedded, ln_pre)
         hw = h.shape[1] - 1
         n_pre = 0
-        if self.prefix is not None:
+        if self.prefix is not None:  # c_s after CLS: [B, 1 + 1 + HW, d_v]
             idx = torch.zeros(B, dtype=torch.long, device=h.device) if scale is None else scale.to(h.device)
             h = torch.cat([h[:, :1], self.prefix[idx].unsqueeze(1).to(h.dtype), h[:, 1:]], 1)
             n_pre = 1
         p0 = 1 + n_pre  # first patch token
         nvs = self.n_visual_slots
-        if nvs:
+        if nvs:  # prompt slots at the end: [B, p0 + HW + nvs, d_v]
             h = torch.cat([h, self.visual_slots(0).expand(B, -1, -1).to(h.dtype)], 1)
         want = set(self.bank_layers) | (set(self.decoder_layers) if self.decoder is not None else set())
         noise_at = max(1, self.depth // 4)  # latent perturbation after this block (early-middle features)
@@ -170,18 +192,18 @@ class AnoPLe(nn.Module):
         for j, block in enumerate(v.transformer.resblocks):
             if nvs and 1 <= j < self.J:  # deep visual prompts replace the slots
                 h = torch.cat([h[:, :-nvs], self.visual_slots(j).expand(B, -1, -1).to(h.dtype)], 1)
-            h = block(h)
+            h = block(h)  # [B, p0 + HW + nvs, d_v]
             if latent_noise is not None and j + 1 == noise_at:
-                patches = h[:, p0:p0 + hw]
+                patches = h[:, p0:p0 + hw]  # [B, HW, d_v]
                 noise = latent_noise.to(h.dtype) * patches.detach().std() * self.cfg.latent_noise_std
                 h = torch.cat([h[:, :p0], patches + noise, h[:, p0 + hw:]], 1)
             if j + 1 in want:
-                out[j + 1] = h[:, p0:p0 + hw]
+                out[j + 1] = h[:, p0:p0 + hw]  # [B, HW, d_v]
         z0 = v.ln_post(h[:, 0]) @ v.proj  # [B, D]
-        return {"z0": F.normalize(z0, dim=-1), "patches": out}
+        return Encoded(F.normalize(z0, dim=-1), out)
 
     # ---------------------------------------------------------------- heads
-    def text_head(self, enc: dict, text: torch.Tensor) -> dict:
+    def text_head(self, enc: Encoded, text: torch.Tensor) -> dict:
         """Patch-text similarities -> decoder logits; image-text logits; alignment vector s.
 
         text [B, 2, D] (each image's product's normal/abnormal features)."""
@@ -189,12 +211,12 @@ class AnoPLe(nn.Module):
         h, w = self.grid
         probs, last = [], None
         for l, adapter in zip(self.decoder_layers, self.adapters):
-            p = F.normalize(adapter(self.clip.visual.ln_post(enc["patches"][l])), dim=-1)  # [B, HW, D]
+            p = F.normalize(adapter(self.clip.visual.ln_post(enc.patches[l])), dim=-1)  # [B, HW, D]
             sim = torch.einsum("bnd,bkd->bnk", p, text) / self.cfg.temperature  # [B, HW, 2]
             probs.append(sim.softmax(-1)[..., 1].view(B, 1, h, w))  # abnormal probability per patch
             last = p
         logits = self.decoder(torch.cat(probs, 1))  # [B, 1, h, w]
-        img = torch.einsum("bd,bkd->bk", enc["z0"], text) / self.cfg.temperature  # [B, 2]
+        img = torch.einsum("bd,bkd->bk", enc.z0, text) / self.cfg.temperature  # [B, 2]
         # L_align's s = sum_ij M_ij D_ij(z): anomaly-weighted patch embeddings, pooled with learned weights
         flat = logits.flatten(1)  # [B, HW]
         M = self.align(flat.unsqueeze(-1)).squeeze(-1).softmax(-1)  # [B, HW]
@@ -202,9 +224,9 @@ class AnoPLe(nn.Module):
         s = torch.einsum("bn,bnd->bd", M, D)
         return {"logits": logits, "image_logits": img, "s": s}
 
-    def bank_features(self, enc: dict) -> list[torch.Tensor]:
+    def bank_features(self, enc: Encoded) -> list[torch.Tensor]:
         """Unit patch tokens of the bank layers: per layer [B, HW, d_v]."""
-        return [F.normalize(enc["patches"][l].float(), dim=-1) for l in self.bank_layers]
+        return [F.normalize(enc.patches[l].float(), dim=-1) for l in self.bank_layers]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("clip.")]
@@ -241,18 +263,9 @@ def build_tokenizer(arch: str):
     return open_clip.get_tokenizer(arch)
 
 
-def pixel_map(logits: torch.Tensor, size: int) -> torch.Tensor:
-    """Decoder logits [B, 1, h, w] -> anomaly probability map [B, size, size]."""
-    return torch.sigmoid(F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False))[:, 0]
-
-
 def quadrant_views(x: torch.Tensor, size: int) -> torch.Tensor:
     """The N=4 non-overlapping quadrant crops of the 2x resize: [B, C, S, S] -> [4B, C, S, S], ordered
     (top-left, top-right, bottom-left, bottom-right) per image, i.e. prefixes c_1..c_4."""
     big = F.interpolate(x, size=(2 * size, 2 * size), mode="bilinear", align_corners=False)
     q = [big[..., :size, :size], big[..., :size, size:], big[..., size:, :size], big[..., size:, size:]]
     return torch.stack(q, 1).flatten(0, 1)
-
-
-def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
-    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))

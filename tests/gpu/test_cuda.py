@@ -16,7 +16,7 @@ from pipeline.model.anople import AnoPLe, build_tokenizer  # noqa: E402
 from pipeline.model.backbone import create_clip  # noqa: E402
 from pipeline.model.config import AnoPLeConfig  # noqa: E402
 from pipeline.prompt_training import PromptTrainer, ShotBatch  # noqa: E402
-from pipeline.scorer import Scorer  # noqa: E402
+from pipeline.scorer import Scorer, encode  # noqa: E402
 
 TINY = "anople-tiny-vit"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -49,13 +49,10 @@ def test_bf16_scoring_on_gpu_agrees_with_float32_on_cpu():
     products = ["tile", "washer"] * 3
     out = {}
     for device in ("cpu", "cuda"):
-        scorer = Scorer(_model(device), {}, device)
-        enc = scorer.encode(shots)
-        feats = [f.cpu().numpy() for f in scorer.model.bank_features(enc)]
+        model = _model(device)
+        feats = [f.cpu().numpy() for f in model.bank_features(encode(model, shots, device))]
         banks = {p: MemoryBank([f[i] for f in feats], pick_backend(device)) for i, p in enumerate(["tile", "washer"])}
-        scorer.banks = banks
-        scorer.cache_text(["tile", "washer"])
-        out[device] = scorer.score(x, products)
+        out[device] = Scorer(model, banks, device).score(x, products)
     (s_cpu, m_cpu), (s_gpu, m_gpu) = out["cpu"], out["cuda"]
     assert m_gpu.shape == m_cpu.shape and m_gpu.dtype == np.float32
     corr = np.corrcoef(m_cpu.ravel(), m_gpu.ravel())[0, 1]

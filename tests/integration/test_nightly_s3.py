@@ -77,7 +77,7 @@ def test_every_job_succeeded_and_the_gate_held(nightly):
 
 def test_prompt_training_checkpointed_every_epoch_and_logged(nightly):
     mv = registry.get_version("line1", alias="candidate")
-    run = registry._mlflow().get_run(mv.run_id)
+    run = registry.connect().get_run(mv.run_id)
     key = run.data.params["run_key"]
     ckpts = storage.list_files(os.path.join(os.environ["ANOPLE_ROOT"], "ray_results", key, "prompt-checkpoints"))
     assert [c.rsplit("/", 1)[1] for c in ckpts] == ["epoch-0001.pt", "epoch-0002.pt"]
@@ -92,7 +92,7 @@ def test_registry_holds_the_version_with_both_aliases(nightly):
     assert set(mv.aliases) == {"candidate", "production"}
     assert mv.tags["weights_kind"] == "random"
     assert registry.artifact_uri(mv).startswith(f"s3://{nightly['bucket']}/mlartifacts/")
-    run = registry._mlflow().get_run(mv.run_id)
+    run = registry.connect().get_run(mv.run_id)
     assert run.data.tags["random_weights"] == "true" and "RANDOM-INIT" in run.data.tags["warning"]
     assert run.data.params["threshold_source.washer"] == "heldout_normals"
     assert 0.0 <= run.data.metrics["eval.image_auroc.mean"] <= 1.0

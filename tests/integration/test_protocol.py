@@ -29,7 +29,7 @@ def test_multi_class_k_shots_with_seeds(ray_local, archive, capsys):
             ("tile", "washer", "fabric", "mean")}
     assert set(rows) == {"tile", "washer", "fabric", "mean"}
     assert rows["mean"].count("+-") == 6  # 2 k's x (I-AUROC, P-AUROC, PRO), each mean +- std over seeds
-    run = registry._mlflow().search_runs(experiment_names=["anople-proto"], filter_string="tags.job = 'evaluate-protocol'")
+    run = registry.connect().search_runs(experiment_names=["anople-proto"], filter_string="tags.job = 'evaluate-protocol'")
     assert len(run) == 1 and "metrics.k2.aupro.mean" in run.columns
     # nothing was registered: protocol models are experiments, not releases
     with pytest.raises(LookupError):

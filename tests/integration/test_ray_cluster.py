@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pipeline import registry
-from tests.conftest import TINY, _free_port
+from tests.conftest import TINY, free_port
 
 pytestmark = pytest.mark.integration
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -53,7 +53,7 @@ def _kill_cluster(marker: str) -> None:
 @pytest.fixture
 def cluster():
     temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(7))
+    port, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
     # A secured cluster, as a plant would run it: token auth with a shared token (Ray >= 2.52).
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
@@ -97,7 +97,7 @@ def test_train_job_through_ray_job_submit(cluster, synthetic_src, tmp_path):
         mv = registry.get_version("line2", alias="candidate")
         assert mv.tags["weights_kind"] == "random"
         # K == 1 with extra train normals: the threshold comes from held-out normals, recorded as such
-        params = registry._mlflow().get_run(mv.run_id).data.params
+        params = registry.connect().get_run(mv.run_id).data.params
         assert params["threshold_source.tile"] == "heldout_normals" and params["shots"] == "1"
     finally:
         if old is None:

@@ -4,24 +4,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.model.anople import AnoPLe, build_tokenizer, pixel_map, quadrant_views
-from pipeline.model.backbone import create_clip
-from pipeline.model.config import AnoPLeConfig
+from pipeline.model.anomaly_map import pixel_map
+from pipeline.model.anople import Encoded, quadrant_views
 from pipeline.model.losses import align_loss, dice_loss, focal_loss, image_loss
 from pipeline.model.pseudo import KINDS, latent_mask_pixels, latent_region, pixel_anomaly
 from pipeline.prompt_training import ShotBatch, make_views, step_losses
-from tests.conftest import TINY
 
 PRODUCTS = ["tile", "metal_nut"]
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return create_clip(TINY, "random", seed=0)
-
-
-def model_for(clip, **kw) -> AnoPLe:
-    return AnoPLe(clip, AnoPLeConfig(**kw), build_tokenizer(TINY))
+def _shots(n=2):
+    return ShotBatch(torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(7)),
+                     torch.arange(n) % len(PRODUCTS), PRODUCTS)
 
 
 def _forward(model, x, products=PRODUCTS, scale=None):
@@ -30,24 +24,32 @@ def _forward(model, x, products=PRODUCTS, scale=None):
     return enc, model.text_head(enc, text[torch.arange(x.shape[0]) % len(products)])
 
 
-def test_shapes(clip):
-    m = model_for(clip)
+def test_shapes(tiny_model):
+    m = tiny_model()
     x = torch.randn(2, 3, 64, 64)
     text = m.encode_text(PRODUCTS)
     assert text.shape == (2, 2, 64) and torch.allclose(text.norm(dim=-1), torch.ones(2, 2), atol=1e-5)
     enc, head = _forward(m, x)
-    assert enc["z0"].shape == (2, 64)
-    assert set(enc["patches"]) == set(m.bank_layers) | set(m.decoder_layers)
+    assert enc.z0.shape == (2, 64) and len(enc) == 2
+    assert set(enc.patches) == set(m.bank_layers) | set(m.decoder_layers)
     assert head["logits"].shape == (2, 1, 4, 4) and head["image_logits"].shape == (2, 2) and head["s"].shape == (2, 64)
     assert pixel_map(head["logits"], 64).shape == (2, 64, 64)
     assert quadrant_views(x, 64).shape == (8, 3, 64, 64)
 
 
-def test_gradients_reach_only_trainable_parameters(clip):
-    m = model_for(clip)
-    shots = ShotBatch(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]), PRODUCTS)
-    views = make_views(m, shots, torch.Generator().manual_seed(0))
-    step_losses(m, *views, PRODUCTS)["total"].backward()
+def test_encoded_rows_and_cat_are_inverse(tiny_model):
+    m = tiny_model()
+    enc = m.encode_image(torch.randn(3, 3, 64, 64))
+    parts = [enc.rows([0]), enc.rows([1, 2])]
+    back = Encoded.cat(parts)
+    assert torch.equal(back.z0, enc.z0) and back.patches.keys() == enc.patches.keys()
+    assert all(torch.equal(back.patches[k], enc.patches[k]) for k in enc.patches)
+    assert torch.equal(enc.rows([2]).patches[m.bank_layers[0]][0], enc.patches[m.bank_layers[0]][2])
+
+
+def test_gradients_reach_only_trainable_parameters(tiny_model):
+    m = tiny_model()
+    step_losses(m, make_views(m, _shots(), torch.Generator().manual_seed(0)), PRODUCTS)["total"].backward()
     assert all(p.grad is None for p in m.clip.parameters())
     trainable = dict((n, p) for n, p in m.named_parameters() if not n.startswith("clip."))
     assert trainable and all(p.requires_grad for p in trainable.values())
@@ -65,8 +67,8 @@ def test_gradients_reach_only_trainable_parameters(clip):
     ("text", {"text_ctx"}),
     ("visual", {"visual_ctx"}),
 ])
-def test_prompt_mode_switches_the_parameters(clip, mode, has):
-    m = model_for(clip, prompt_mode=mode)
+def test_prompt_mode_switches_the_parameters(tiny_model, mode, has):
+    m = tiny_model(prompt_mode=mode)
     present = {n for n in ("text_ctx", "visual_ctx", "f_t2v", "f_v2t") if getattr(m, n) is not None}
     assert present == has
 
@@ -77,72 +79,94 @@ def _perturb(m, name):
         p.add_(torch.randn_like(p))
 
 
-def test_exchange_maps_really_carry_prompts_across_towers(clip):
+def test_exchange_maps_really_carry_prompts_across_towers(tiny_model):
     x = torch.randn(2, 3, 64, 64)
     for mode, name, tower in [("t2i", "text_ctx", "image"), ("i2t", "visual_ctx", "text"),
                               ("bi", "text_ctx", "image"), ("bi", "visual_ctx", "text")]:
-        m = model_for(clip, prompt_mode=mode)
-        before = (m.encode_image(x)["z0"] if tower == "image" else m.encode_text(PRODUCTS)).detach()
+        m = tiny_model(prompt_mode=mode)
+        before = (m.encode_image(x).z0 if tower == "image" else m.encode_text(PRODUCTS)).detach()
         _perturb(m, name)  # a prompt of the *other* tower
-        after = (m.encode_image(x)["z0"] if tower == "image" else m.encode_text(PRODUCTS)).detach()
+        after = (m.encode_image(x).z0 if tower == "image" else m.encode_text(PRODUCTS)).detach()
         assert not torch.allclose(before, after), (mode, name)
     # and without the map, the other tower's prompts have no path across
     for mode, name, tower in [("i2t", "text_ctx", "image"), ("t2i", "visual_ctx", "text"), ("text", "text_ctx", "image")]:
-        m = model_for(clip, prompt_mode=mode)
-        before = (m.encode_image(x)["z0"] if tower == "image" else m.encode_text(PRODUCTS)).detach()
+        m = tiny_model(prompt_mode=mode)
+        before = (m.encode_image(x).z0 if tower == "image" else m.encode_text(PRODUCTS)).detach()
         _perturb(m, name)
-        after = (m.encode_image(x)["z0"] if tower == "image" else m.encode_text(PRODUCTS)).detach()
+        after = (m.encode_image(x).z0 if tower == "image" else m.encode_text(PRODUCTS)).detach()
         assert torch.equal(before, after), (mode, name)
 
 
-def test_deep_prompts_act_at_every_prompted_layer(clip):
-    m = model_for(clip, prompt_mode="visual")
+def test_deep_prompts_act_at_every_prompted_layer(tiny_model):
+    m = tiny_model(prompt_mode="visual")
     x = torch.randn(1, 3, 64, 64)
-    before = m.encode_image(x)["z0"].detach()
+    before = m.encode_image(x).z0.detach()
     with torch.no_grad():
         m.visual_ctx[m.J - 1].add_(torch.randn_like(m.visual_ctx[m.J - 1]))  # only the last prompted layer
-    assert not torch.allclose(before, m.encode_image(x)["z0"].detach())
+    assert not torch.allclose(before, m.encode_image(x).z0.detach())
 
 
-def test_loss_switches_and_pseudo_switches_change_the_objective(clip):
-    shots = ShotBatch(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]), PRODUCTS)
-    vals = {}
-    for kw in ({}, {"use_align_loss": False}, {"use_pixel_loss": False}, {"use_img_loss": False}):
-        m = model_for(clip, **kw)
-        views = make_views(m, shots, torch.Generator().manual_seed(1))
-        vals[tuple(kw)] = {k: float(v.detach()) for k, v in step_losses(m, *views, PRODUCTS).items()}
-    assert vals[("use_align_loss",)]["align"] == 0 and vals[()]["align"] > 0
-    assert vals[("use_pixel_loss",)]["pixel"] == 0 and vals[("use_img_loss",)]["img"] == 0
-    none = model_for(clip, pseudo_pixel=False, pseudo_latent=False, pseudo_prob=1.0)
-    assert make_views(none, shots, torch.Generator().manual_seed(0))[4].sum() == 0  # all labels normal
-    allp = model_for(clip, pseudo_latent=False, pseudo_prob=1.0, multiscale=False)
-    x, _, _, mask, label, latent = make_views(allp, shots, torch.Generator().manual_seed(0))
-    assert label.tolist() == [1, 1] and latent is None
-    lat = model_for(clip, pseudo_pixel=False, pseudo_prob=1.0, multiscale=False)
-    x2, _, _, mask2, label2, latent2 = make_views(lat, shots, torch.Generator().manual_seed(0))
-    assert torch.equal(x2, shots.pixels) and latent2 is not None and label2.tolist() == [1, 1]
-    single = model_for(clip, multiscale=False)
-    assert make_views(single, shots, torch.Generator().manual_seed(0))[0].shape[0] == 2
-    multi = model_for(clip)
-    x, scale, *_ = make_views(multi, shots, torch.Generator().manual_seed(0))
-    assert x.shape[0] == 10 and scale.tolist() == [0, 0] + [1, 2, 3, 4] * 2
+def _losses(model, seed=1):
+    views = make_views(model, _shots(), torch.Generator().manual_seed(seed))
+    return {k: float(v.detach()) for k, v in step_losses(model, views, PRODUCTS).items()}
 
 
-def test_latent_noise_changes_only_marked_tokens_path(clip):
-    m = model_for(clip, prompt_mode="none", fusion="bank", bank_layers=(4,))
+@pytest.mark.parametrize("switch,term", [("use_align_loss", "align"), ("use_pixel_loss", "pixel"),
+                                         ("use_img_loss", "img")])
+def test_each_loss_switch_removes_exactly_its_term(tiny_model, switch, term):
+    full, off = _losses(tiny_model()), _losses(tiny_model(**{switch: False}))
+    assert full[term] > 0 and off[term] == 0
+    for other in {"align", "pixel", "img"} - {term}:  # the same views and model: the other terms are untouched
+        assert off[other] == pytest.approx(full[other], rel=1e-5)
+    assert off["total"] == pytest.approx(sum(off[k] for k in ("align", "pixel", "img")), rel=1e-6)
+
+
+def test_no_pseudo_anomalies_gives_only_normal_views(tiny_model):
+    views = make_views(tiny_model(pseudo_pixel=False, pseudo_latent=False, pseudo_prob=1.0), _shots(),
+                       torch.Generator().manual_seed(0))
+    assert views.label.sum() == 0 and views.mask.sum() == 0 and views.latent is None
+
+
+def test_pixel_pseudo_anomalies_change_pixels_under_their_mask(tiny_model):
+    shots = _shots()
+    views = make_views(tiny_model(pseudo_latent=False, pseudo_prob=1.0, multiscale=False), shots,
+                       torch.Generator().manual_seed(0))
+    assert views.label.tolist() == [1, 1] and views.latent is None
+    assert torch.equal((views.x != shots.pixels).any(1), views.mask.bool())
+
+
+def test_latent_pseudo_anomalies_leave_pixels_and_mark_their_patches(tiny_model):
+    shots = _shots()
+    views = make_views(tiny_model(pseudo_pixel=False, pseudo_prob=1.0, multiscale=False), shots,
+                       torch.Generator().manual_seed(0))
+    assert torch.equal(views.x, shots.pixels) and views.label.tolist() == [1, 1]
+    noised = views.latent.abs().sum(-1) > 0  # [V, HW] patches that get noise
+    assert torch.equal(latent_mask_pixels(noised[0], (4, 4), 64).bool(), views.mask[0].bool())
+
+
+def test_multiscale_adds_the_four_quadrant_views_with_their_prefixes(tiny_model):
+    single = make_views(tiny_model(multiscale=False), _shots(), torch.Generator().manual_seed(0))
+    assert single.x.shape[0] == 2 and single.scale.tolist() == [0, 0]
+    multi = make_views(tiny_model(), _shots(), torch.Generator().manual_seed(0))
+    assert multi.x.shape[0] == 10 and multi.scale.tolist() == [0, 0] + [1, 2, 3, 4] * 2
+    assert multi.product_index.tolist() == [0, 1] + [0] * 4 + [1] * 4
+
+
+def test_latent_noise_changes_only_marked_tokens_path(tiny_model):
+    m = tiny_model(prompt_mode="none", fusion="bank", bank_layers=(4,))
     x = torch.randn(1, 3, 64, 64)
-    clean = m.encode_image(x)["patches"][4]
+    clean = m.encode_image(x).patches[4]
     noise = torch.zeros(1, 16, 64)
-    assert torch.equal(m.encode_image(x, latent_noise=noise)["patches"][4], clean)  # empty region: no-op
+    assert torch.equal(m.encode_image(x, latent_noise=noise).patches[4], clean)  # empty region: no-op
     noise[0, 5] = torch.randn(64)
-    assert not torch.allclose(m.encode_image(x, latent_noise=noise)["patches"][4], clean)
+    assert not torch.allclose(m.encode_image(x, latent_noise=noise).patches[4], clean)
 
 
-def test_prefixes_1_to_N_are_unused_at_inference(clip):
-    m = model_for(clip)
+def test_prefixes_1_to_N_are_unused_at_inference(tiny_model):
+    m = tiny_model()
     x = torch.randn(2, 3, 64, 64)
     enc, head = _forward(m, x)
-    (head["logits"].sum() + enc["z0"].sum()).backward()
+    (head["logits"].sum() + enc.z0.sum()).backward()
     g = m.prefix.grad
     assert g[0].abs().sum() > 0 and torch.all(g[1:] == 0)
     # and scale s selects prefix c_s during training
@@ -152,7 +176,7 @@ def test_prefixes_1_to_N_are_unused_at_inference(clip):
     assert m.prefix.grad[3].abs().sum() > 0 and torch.all(m.prefix.grad[[0, 1, 2, 4]] == 0)
 
 
-def test_multiscale_training_costs_nothing_at_inference(clip):
+def test_multiscale_training_costs_nothing_at_inference(tiny_model):
     """FLOPs of the inference forward: a model trained with the 4 quadrant views (and their prefixes)
     infers exactly like one trained on the global view alone; the prefix is 1 token in 1 + 16 + 8."""
     x = torch.randn(1, 3, 64, 64)
@@ -162,8 +186,8 @@ def test_multiscale_training_costs_nothing_at_inference(clip):
             model.encode_image(x)
         return fc.get_total_flops()
 
-    multi, single = model_for(clip, multiscale=True), model_for(clip, multiscale=False)
-    noprefix = model_for(clip, multiscale=False, use_prefix=False)
+    multi, single = tiny_model(multiscale=True), tiny_model(multiscale=False)
+    noprefix = tiny_model(multiscale=False, use_prefix=False)
     assert flops(multi) == flops(single)
     assert flops(noprefix) < flops(single) <= flops(noprefix) * 1.1
 

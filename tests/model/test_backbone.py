@@ -4,19 +4,13 @@ import pytest
 import torch
 
 from pipeline.model.anomaly_map import gaussian_kernel, harmonic_fusion, image_score, patch_scores_to_map
-from pipeline.model.anople import AnoPLe, build_tokenizer
 from pipeline.model.backbone import BackboneLoadError, create_clip, fingerprint
-from pipeline.model.config import AnoPLeConfig
 from tests.conftest import TINY
 
 
-def _bank_only(clip, layers=(2, 4)):
-    return AnoPLe(clip, AnoPLeConfig(prompt_mode="none", fusion="bank", bank_layers=layers), build_tokenizer(TINY))
-
-
-def test_bank_features_shapes_unit_norm_and_equal_to_open_clips_own_intermediates():
-    clip = create_clip(TINY, "random", seed=0)
-    model = _bank_only(clip)
+def test_bank_features_shapes_unit_norm_and_equal_to_open_clips_own_intermediates(tiny_clip, tiny_model):
+    clip = tiny_clip
+    model = tiny_model(prompt_mode="none", fusion="bank", bank_layers=(2, 4))
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         feats = model.bank_features(model.encode_image(x))
@@ -63,11 +57,10 @@ def test_unfetchable_hub_tag_is_an_error_not_a_fallback():
         create_clip("no-such-arch", "random")
 
 
-def test_bank_layers_default_and_validation():
-    clip = create_clip(TINY, "random")
-    assert _bank_only(clip, ()).bank_layers == (1, 3)  # PromptAD's 3 and 8 of 12, scaled to 4 blocks
+def test_bank_layers_default_and_validation(tiny_model):
+    assert tiny_model(prompt_mode="none", fusion="bank").bank_layers == (1, 3)  # PromptAD's 3 and 8 of 12, on 4 blocks
     with pytest.raises(ValueError):
-        _bank_only(clip, (5,))
+        tiny_model(prompt_mode="none", fusion="bank", bank_layers=(5,))
 
 
 def test_anomaly_map_upsamples_blurs_and_scores():

@@ -1,4 +1,5 @@
-"""pipeline/model/ is pure torch: no ray, mlflow, faiss or storage imports (STYLE.md)."""
+"""Layering: pipeline/model/ is pure torch (no ray, mlflow, faiss or storage imports), and the core library
+modules work without Ray or MLflow (only training, batch, cluster, registry and runs may use them)."""
 import ast
 import pathlib
 import subprocess
@@ -35,3 +36,19 @@ def test_importing_the_model_loads_none_of_them():
             f"print(sorted(x for x in {FORBIDDEN!r} if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+CORE = ("storage", "archive", "ingest", "images", "bank", "fitting", "scorer", "prompt_training", "artifact",
+        "metrics", "weights", "config", "synthetic", "errors")
+
+
+def test_core_modules_import_neither_ray_nor_mlflow():
+    """Imported together in a fresh interpreter, the core modules load no ray and no mlflow (directly or
+    through one another)."""
+    code = ("import sys, importlib\n"
+            f"[importlib.import_module('pipeline.' + m) for m in {CORE!r}]\n"
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    pipeline_dir = MODEL_DIR.parent
+    assert all((pipeline_dir / f"{m}.py").exists() for m in CORE)  # the list names real modules

@@ -1,0 +1,54 @@
+"""The one way to list and filter a partition: pyarrow here, and the same filter through Ray Data's reader."""
+import datetime as dt
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import archive
+from pipeline.errors import NotFoundError, UsageError
+
+ROWS = [("t/0", "tile", "train"), ("t/1", "tile", "test"), ("t2/0", "tile-2", "test"), ("w/0", "washer", "test"),
+        ("x/0", None, "test")]
+
+
+@pytest.fixture
+def arch(tmp_path):
+    part = tmp_path / "deployment=d" / "date=2026-11-22"
+    part.mkdir(parents=True)
+    rows = [{"image_id": i, "product": p, "split": s, "captured_at": dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc),
+             "image": b"x", "label": None, "mask": None, "defect": None, "source_uri": i} for i, p, s in ROWS]
+    pq.write_table(pa.Table.from_pylist(rows[:3], schema=archive.SCHEMA), part / "part-a-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:], schema=archive.SCHEMA), part / "part-b-00000.parquet")
+    return str(tmp_path)
+
+
+CASES = [
+    (archive.Rows(), ["t/0", "t/1", "t2/0", "w/0", "x/0"]),
+    (archive.Rows(split="test"), ["t/1", "t2/0", "w/0", "x/0"]),
+    (archive.Rows(products=("tile",)), ["t/0", "t/1"]),  # exact names: "tile" is not a prefix of "tile-2"
+    (archive.Rows(split="test", products=("tile", "washer"), exclude=True), ["t2/0", "x/0"]),  # null included
+]
+
+
+@pytest.mark.parametrize("rows,ids", CASES)
+def test_read_table_filters_by_split_and_exact_products(arch, rows, ids):
+    assert sorted(archive.read_table(arch, "d", "2026-11-22", rows, columns=["image_id"])["image_id"].to_pylist()) == ids
+
+
+@pytest.mark.integration
+def test_ray_data_reads_the_same_rows_with_the_same_filter(arch, ray_local):
+    from pipeline.batch import read_rows
+    for rows, ids in CASES:
+        got = read_rows(arch, "d", "2026-11-22", ["image_id"], rows).take_all()
+        assert sorted(r["image_id"] for r in got) == ids, rows
+
+
+def test_partition_queries(arch):
+    assert archive.products_in(arch, "d") == ["tile"]  # the products with reference (train) images
+    assert archive.product_counts(arch, "d", "2026-11-22") == {"tile": 2, "tile-2": 1, "washer": 1, None: 1}
+    assert archive.count_rows(arch, "d", "2026-11-22") == 5
+    with pytest.raises(NotFoundError, match="no archive shards"):
+        archive.count_rows(arch, "d", "2026-11-23")
+    with pytest.raises(UsageError):
+        archive.partition_uri(arch, "d", "2026-11-31")
