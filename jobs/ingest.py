@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard)
     print(f"ingested {r.rows} images ({r.layout} layout) into {len(r.shards)} shard(s) under "
-          f"{r.shards[0].rsplit('/', 1)[0]}")
+          f"{r.shards[0].rsplit('/', 1)[0]}; {len(r.undecodable)} undecodable (archived), {len(r.skipped)} skipped")
     for p, n in sorted(r.products.items()):
         print(f"  {p}: {n}")
     if r.undecodable:
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         for u in r.undecodable[:20]:
             print(f"  {u}", file=sys.stderr)
+    if r.skipped:
+        print(f"WARNING: {len(r.skipped)} source file(s) skipped, not archived:", file=sys.stderr)
+        for u in r.skipped[:20]:
+            print(f"  {u}", file=sys.stderr)
+        if len(r.skipped) > 20:
+            print(f"  ... and {len(r.skipped) - 20} more", file=sys.stderr)
     if r.missing_masks:
         print(f"WARNING: {len(r.missing_masks)} defective image(s) have no ground-truth mask", file=sys.stderr)
     return 0

@@ -6,8 +6,9 @@ import datetime as dt
 import functools
 import operator
 import re
+import uuid
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -39,6 +40,12 @@ def check_deployment(deployment: str) -> str:
     return deployment
 
 
+def check_product(product: str) -> str:
+    if not _NAME.match(product or ""):
+        raise UsageError(f"product name {product!r} must be letters, digits, '_', '-', '.' (starting with a letter or digit)")
+    return product
+
+
 def check_date(date: str) -> str:
     try:
         if not _DATE.match(date or ""):
@@ -54,47 +61,54 @@ def partition_uri(archive: str, deployment: str, date: str | None = None) -> str
     return storage.join(uri, f"date={check_date(date)}") if date else uri
 
 
-class ShardWriter:
-    """Streams rows into per-product shards ``part-<product>-NNNNN.parquet`` under one partition.
+_SHARD = re.compile(r"^part-(?P<product>.+?)(?:-w(?P<write>[0-9a-f]{12}))?-(?P<n>\d{5})\.parquet$")
 
-    The first row of a product clears that product's shards from a previous run, so a rerun replaces
-    rows and never duplicates them, and ingesting product B into a night leaves product A's rows alone.
+
+def shard_product(name: str) -> str | None:
+    """The product a shard file belongs to, from its exact name (``part-<product>[-w<write>]-NNNNN.parquet``;
+    the write id is absent in shards of older ingests), or None for any other file."""
+    m = _SHARD.match(name)
+    return unquote(m["product"]) if m else None
+
+
+class ShardWriter:
+    """Streams rows into per-product shards ``part-<product>-w<write>-NNNNN.parquet`` under one partition.
+
+    Atomic per ingest: new shards get this writer's own write id, so they never overwrite anything;
+    `close` then removes the earlier shards of exactly the products written (matched by the product
+    parsed from the name: ``tile`` never touches ``tile-2``), and `abort` removes only what this writer
+    wrote, so a failed ingest changes nothing. Between the last new shard and the removal of the old ones
+    a reader can see a product's rows twice (the object store has no multi-file switch); it never sees a
+    product without rows.
     """
 
     def __init__(self, archive: str, deployment: str, date: str, rows_per_shard: int = 256):
         self.partition = partition_uri(archive, deployment, date)
         self.rows_per_shard = rows_per_shard
+        self.write_id = uuid.uuid4().hex[:12]
         self.uris: list[str] = []
         self.n_rows = 0
         self._rows: dict[str, list[dict]] = {}
         self._count: dict[str, int] = {}
 
-    def _prefix(self, product: str) -> str:
-        return "part-" + quote(product, safe="") + "-"
+    @property
+    def pending(self) -> int:
+        return sum(len(r) for r in self._rows.values())
 
     def write(self, row: dict) -> None:
         p = row["product"]
         if p not in self._rows:
-            self._clear(p)
             self._rows[p], self._count[p] = [], 0
         self._rows[p].append(row)
         if len(self._rows[p]) >= self.rows_per_shard:
             self._flush(p)
 
-    def _clear(self, product: str) -> None:
-        try:
-            old = storage.list_files(self.partition)
-        except FileNotFoundError:
-            return
-        for uri in old:
-            if uri.rsplit("/", 1)[-1].startswith(self._prefix(product)):
-                storage.remove_tree(uri)
-
     def _flush(self, product: str) -> None:
         rows = self._rows[product]
         if not rows:
             return
-        uri = storage.join(self.partition, f"{self._prefix(product)}{self._count[product]:05d}.parquet")
+        name = f"part-{quote(product, safe='')}-w{self.write_id}-{self._count[product]:05d}.parquet"
+        uri = storage.join(self.partition, name)
         fs, path = storage.arrow_filesystem(uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, filesystem=fs)
@@ -104,16 +118,28 @@ class ShardWriter:
         self._rows[product] = []
 
     def close(self) -> list[str]:
+        """Write what is buffered, then remove the written products' earlier shards. Returns the new shards."""
         for p in list(self._rows):
             self._flush(p)
+        mine = set(self.uris)
+        for uri in storage.list_files(self.partition) if self.uris else []:
+            if uri not in mine and shard_product(uri.rsplit("/", 1)[-1]) in self._rows:
+                storage.remove_tree(uri)
         return self.uris
+
+    def abort(self) -> None:
+        """Remove every shard this writer wrote; the partition is as it was."""
+        for uri in self.uris:
+            storage.remove_tree(uri)
+        self.uris, self._rows = [], {}
 
 
 def shard_uris(archive: str, deployment: str, date: str | None = None) -> list[str]:
     """All Parquet shards of a deployment (one date, or every date). Raises if there are none."""
     part = partition_uri(archive, deployment, date)
-    try:
-        files = [u for u in storage.list_files(part) if u.endswith(".parquet")]
+    try:  # names starting with '_' or '.' are hidden, as every Parquet reader treats them
+        files = [u for u in storage.list_files(part) if u.endswith(".parquet")
+                 and not any(seg.startswith(("_", ".")) for seg in u[len(part):].split("/"))]
     except FileNotFoundError:
         files = []
     if not files:

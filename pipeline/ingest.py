@@ -9,7 +9,10 @@
 - Flat: a folder or S3 prefix of images (recursively), all of one ``product``; split=test, label unknown.
 
 Bytes are stored as captured; an image that does not decode is still archived (and counted), so the
-scorer reports it as an error row instead of it vanishing here.
+scorer reports it as an error row instead of it vanishing here. Every source file is accounted for: archived
+(as an image, or as a mask or layout file), or skipped with its reason in the report. Formats: PNG, JPEG,
+BMP, TIFF, WebP and GIF; a multi-page TIFF or an animated GIF is archived whole and scored on its first
+frame. An ingest is atomic (archive.ShardWriter): if it fails, the archive is as it was.
 """
 from __future__ import annotations
 
@@ -24,13 +27,14 @@ from pipeline import archive, storage
 from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError, decode_image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass
 class IngestReport:
     rows: int = 0
-    undecodable: list[str] = field(default_factory=list)
+    undecodable: list[str] = field(default_factory=list)  # archived anyway: they score as error rows
+    skipped: list[str] = field(default_factory=list)      # "<uri>: <reason>" of every source file not archived
     missing_masks: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     layout: str = ""
@@ -149,21 +153,34 @@ def _flat_rows(files: list[str], root: str, product: str):
         }
 
 
+def _skip_reason(uri: str, layout: str) -> str:
+    ext = posixpath.splitext(uri)[1].lower()
+    if not _is_image(uri):
+        return f"not an image file (extension {ext or 'none'!r}; archived: {', '.join(IMAGE_EXTENSIONS)})"
+    return f"outside the {layout} layout (not a train/test image or a mask of one)"
+
+
 def ingest(source: str, archive_uri: str, deployment: str, date: str, product: str | None = None,
            rows_per_shard: int = 256) -> IngestReport:
-    """Read SOURCE (MVTec layout, or flat with `product`) and write the deployment/date partition."""
+    """Read SOURCE (MVTec, VisA, Real-IAD layout, or flat with `product`) and write the deployment/date
+    partition: the products ingested replace their earlier rows of that night, all at once or not at all."""
     archive.check_deployment(deployment)
     archive.check_date(date)
+    if product is not None:
+        archive.check_product(product)
     files = storage.list_files(source)
     report = IngestReport(layout=detect_layout(files, source))
     if report.layout != "flat" and product is not None:
         raise UsageError(f"--product is for a flat folder of images; this source has the {report.layout} layout")
+    used = set()  # source files that became part of a row (images, masks) or describe the layout
     if report.layout == "mvtec":
         rows = _mvtec_rows(files, source, report)
     elif report.layout == "visa":
         rows = _visa_rows(source, report)
+        used.add(storage.normalize(storage.join(source, "split_csv", "1cls.csv")))
     elif report.layout == "realiad":
         rows = _realiad_rows(files, source, report)
+        used.update(storage.normalize(f) for f in files if _rel(f, source).startswith("realiad_jsons/"))
     else:
         if not product:
             raise UsageError(f"{source} is not in the MVTec, VisA or Real-IAD layout: "
@@ -172,24 +189,36 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
     ingested_at = dt.datetime.now(dt.timezone.utc)
     writer = archive.ShardWriter(archive_uri, deployment, date, rows_per_shard)
     seen = set()
-    for row in rows:
-        if row["image_id"] in seen:  # e.g. a.png and a.jpg side by side
-            raise UsageError(f"two source files map to image_id {row['image_id']!r}: {row['source_uri']}")
-        seen.add(row["image_id"])
-        data = storage.read_bytes(row["source_uri"])
-        try:
-            decode_image(data)
-        except ImageDecodeError as e:
-            report.undecodable.append(f"{row['source_uri']}: {e}")
-        mask_uri = row.pop("mask_uri")
-        captured = storage.modified_time(row["source_uri"]) or ingested_at
-        if captured.tzinfo is None:
-            captured = captured.replace(tzinfo=dt.timezone.utc)
-        writer.write({**row, "image": data, "captured_at": captured,
-                      "mask": storage.read_bytes(mask_uri) if mask_uri else None})
-        report.products[row["product"]] = report.products.get(row["product"], 0) + 1
-    report.shards = writer.close()
+    try:
+        for row in rows:
+            if row["image_id"] in seen:  # e.g. a.png and a.jpg side by side
+                raise UsageError(f"two source files map to image_id {row['image_id']!r}: {row['source_uri']}")
+            seen.add(row["image_id"])
+            archive.check_product(row["product"])
+            mask_uri = row.pop("mask_uri")
+            try:
+                data = storage.read_bytes(row["source_uri"])
+                mask = storage.read_bytes(mask_uri) if mask_uri else None
+            except OSError as e:  # a file that vanished or cannot be read: skipped, said, counted
+                report.skipped.append(f"{row['source_uri']}: unreadable ({type(e).__name__}: {e})")
+                used.update(storage.normalize(u) for u in (row["source_uri"], mask_uri) if u)
+                continue
+            try:
+                decode_image(data)
+            except ImageDecodeError as e:
+                report.undecodable.append(f"{row['source_uri']}: {e}")
+            captured = storage.modified_time(row["source_uri"]) or ingested_at
+            if captured.tzinfo is None:
+                captured = captured.replace(tzinfo=dt.timezone.utc)
+            writer.write({**row, "image": data, "captured_at": captured, "mask": mask})
+            used.update(storage.normalize(u) for u in (row["source_uri"], mask_uri) if u)
+            report.products[row["product"]] = report.products.get(row["product"], 0) + 1
+        if writer.pending + writer.n_rows == 0:
+            raise UsageError(f"no images found under {source} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        report.shards = writer.close()
+    except BaseException:
+        writer.abort()  # a failed ingest changes nothing
+        raise
     report.rows = writer.n_rows
-    if report.rows == 0:
-        raise UsageError(f"no images found under {source} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    report.skipped += [f"{f}: {_skip_reason(f, report.layout)}" for f in files if storage.normalize(f) not in used]
     return report

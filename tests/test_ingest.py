@@ -123,3 +123,86 @@ def test_realiad_layout_from_its_jsons(tmp_path):
     t = {r["split"]: r for r in archive.read_table(str(tmp_path / "a"), "r", "2026-01-01").to_pylist()}
     assert t["train"]["label"] == 0 and t["test"]["label"] == 1 and t["test"]["defect"] == "HS"
     assert decode_mask(t["test"]["mask"]).sum() == 16
+
+
+def _flat(tmp_path, name, n, ext="png", value=50):
+    src = tmp_path / name
+    src.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), value + i, np.uint8)).save(src / f"{i}.{ext}")
+    return str(src)
+
+
+def _ids(arch, date="2026-01-03"):
+    return sorted(archive.read_table(arch, "d", date)["image_id"].to_pylist())
+
+
+def test_a_product_never_touches_another_whose_name_it_prefixes(tmp_path):
+    arch = str(tmp_path / "archive")
+    assert ingest_job.main([_flat(tmp_path, "a", 2), "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "tile-2"]) == 0
+    assert ingest_job.main([_flat(tmp_path, "b", 3), "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "tile"]) == 0
+    assert _ids(arch) == ["tile-2/0", "tile-2/1", "tile/0", "tile/1", "tile/2"]
+    # and re-ingesting tile replaces exactly tile's rows
+    assert ingest_job.main([_flat(tmp_path, "c", 1), "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "tile"]) == 0
+    assert _ids(arch) == ["tile-2/0", "tile-2/1", "tile/0"]
+
+
+def test_a_failed_ingest_changes_nothing(tmp_path, capsys):
+    arch = str(tmp_path / "archive")
+    assert ingest_job.main([_flat(tmp_path, "a", 3), "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "tile"]) == 0
+    before = sorted(p.name for p in (tmp_path / "archive" / "deployment=d" / "date=2026-01-03").iterdir())
+    bad = _flat(tmp_path, "bad", 3, value=90)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f"{bad}/1.jpg")  # 1.png and 1.jpg: one image_id
+    assert ingest_job.main([bad, "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "tile", "--rows-per-shard", "1"]) == 2  # shards were written, then undone
+    assert "two source files map to image_id 'tile/1'" in capsys.readouterr().err
+    assert _ids(arch) == ["tile/0", "tile/1", "tile/2"]
+    assert sorted(p.name for p in (tmp_path / "archive" / "deployment=d" / "date=2026-01-03").iterdir()) == before
+
+
+def test_shards_of_older_ingests_are_replaced_by_exact_product(tmp_path):
+    """Shards named before write ids existed (part-<product>-NNNNN.parquet) still belong to their product."""
+    import pyarrow.parquet as pq
+    from pipeline.archive import shard_product
+
+    assert [shard_product(n) for n in ("part-tile-00000.parquet", "part-tile-2-00003.parquet",
+                                       "part-tile-2-w0123456789ab-00000.parquet", "part-a%2Fb-00001.parquet",
+                                       "notes.txt", "part--00000.parquet")] == ["tile", "tile-2", "tile-2", "a/b", None, None]
+    arch = str(tmp_path / "archive")
+    assert ingest_job.main([_flat(tmp_path, "a", 2), "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "tile"]) == 0
+    part = tmp_path / "archive" / "deployment=d" / "date=2026-01-03"
+    (new,) = part.iterdir()
+    new.rename(part / "part-tile-00000.parquet")  # as an older ingest named it
+    pq.write_table(pq.read_table(part / "part-tile-00000.parquet").slice(0, 1), part / "part-tile-2-00000.parquet")
+    assert ingest_job.main([_flat(tmp_path, "b", 1), "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "tile"]) == 0
+    assert sorted(p.name for p in part.iterdir())[0] == "part-tile-2-00000.parquet" and len(list(part.iterdir())) == 2
+
+
+def test_every_source_file_is_archived_or_skipped_with_its_reason(tmp_path, capsys):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "a.png")
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "c.webp")
+    (src / "notes.txt").write_text("shift log")
+    (src / "raw.dng").write_bytes(b"raw sensor data")
+    arch = str(tmp_path / "archive")
+    assert ingest_job.main([str(src), "--archive", arch, "--deployment", "d", "--date", "2026-01-03",
+                            "--product", "cam"]) == 0
+    out = capsys.readouterr()
+    assert "3 images" in out.out and "2 skipped" in out.out
+    assert "notes.txt: not an image file (extension '.txt'" in out.err and "raw.dng: not an image file" in out.err
+    assert _ids(arch) == ["cam/a", "cam/anim", "cam/c"]
+
+
+def test_product_names_are_validated_like_deployments(tmp_path):
+    from pipeline.errors import UsageError
+    with pytest.raises(UsageError, match="product name"):
+        ingest(_flat(tmp_path, "a", 1), str(tmp_path / "archive"), "d", "2026-01-03", product="../escape")
