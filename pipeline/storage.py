@@ -45,7 +45,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(fsspec filesystem, path inside it) for a URI."""
     uri = normalize(uri)
     if is_remote(uri):
-        fs, path = fsspec.core.url_to_fs(uri)
+        # no listing cache: pyarrow and Ray write to the same prefixes, and a stale listing would hide
+        # their objects from exists/list/remove here
+        fs, path = fsspec.core.url_to_fs(uri, use_listings_cache=False)
         return fs, path
     return fsspec.filesystem("file"), uri
 
