@@ -6,6 +6,8 @@ import sys
 
 from jobs.cli import entrypoint
 from pipeline import registry
+from pipeline.errors import NotFoundError
+from pipeline.metrics import METRICS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,13 +24,29 @@ def parser() -> argparse.ArgumentParser:
 @entrypoint("promote")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    mv = registry.promote(args.deployment, args.to, version=args.version, from_alias=args.from_alias,
-                          force=args.force)
+    mv = registry.get_version(args.deployment, version=args.version, alias=args.from_alias)  # resolved once
+    _compare(args.deployment, mv, args.to)
+    mv = registry.promote(args.deployment, args.to, version=mv.version, force=args.force)
     if mv.tags.get("weights_kind") == "random":
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"{registry.model_name(args.deployment)} version {mv.version} is now {args.to!r} "
           f"(aliases: {', '.join(mv.aliases)})")
     return 0
+
+
+def _compare(deployment: str, mv, to_alias: str) -> None:
+    """The version's evaluation beside the one now holding `to_alias` (mean metrics, %)."""
+    try:
+        current = registry.get_version(deployment, alias=to_alias)
+    except NotFoundError:
+        current = None
+    rows = [(f"version {mv.version} (to promote)", registry.evaluation_of(mv))]
+    if current is not None:
+        rows.append((f"version {current.version} (now {to_alias})", registry.evaluation_of(current)))
+    print(f"{'':<28}" + "".join(f"{m:>14}" for m in METRICS))
+    for name, ev in rows:
+        cells = "".join(f"{100 * ev[m]:>14.1f}" if ev and m in ev else f"{'-':>14}" for m in METRICS)
+        print(f"{name:<28}{cells}" + ("" if ev else "   (not evaluated)"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +22,7 @@ import ray.data
 from ray.data.expressions import col
 
 from pipeline import archive, artifact, storage
+from pipeline.nights import heatmap_key
 from pipeline.images import ImageDecodeError, decode_image, decode_mask, encode_heatmap, resize_mask, to_model_input
 from pipeline.scorer import Scorer
 
@@ -48,18 +48,11 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class HeatmapTarget:
-    """Where a night's heatmaps go: one deterministic key per image, so a rerun overwrites, never duplicates."""
-    output: str
-    deployment: str
-    date: str
+    """Where a run's heatmaps go (nights.heatmap_prefix): one deterministic key per image_id."""
+    prefix: str
 
     def uri(self, image_id: str) -> str:
-        return storage.join(self.output, "heatmaps", f"deployment={self.deployment}", f"date={self.date}",
-                            quote(image_id, safe="") + ".png")
-
-
-def scores_uri(output: str, deployment: str, date: str) -> str:
-    return storage.join(output, "scores", f"deployment={deployment}", f"date={date}")
+        return storage.join(self.prefix, heatmap_key(image_id))
 
 
 def _labels(values) -> np.ndarray:
@@ -173,7 +166,8 @@ class ScoreActor:
 
 def write_heatmaps(batch: dict, target: HeatmapTarget) -> dict:
     """Each scored row's map -> 16-bit PNG at the image's own resolution, at its deterministic key; the map
-    columns are dropped. A failed write turns its row into an error row; it never fails the batch."""
+    columns are dropped. A failed write turns its row into an error row (no score, like every error row:
+    a reader keeping status == "ok" never takes a score without its heatmap); it never fails the batch."""
     n = len(batch["image_id"])
     status, error = list(batch["status"]), list(batch["error"])
     uri = [None] * n
@@ -188,6 +182,7 @@ def write_heatmaps(batch: dict, target: HeatmapTarget) -> dict:
         except Exception as e:
             status[i], error[i], uri[i], scale[i] = "error", f"heatmap write failed: {type(e).__name__}: {e}", None, np.nan
     out = {k: v for k, v in batch.items() if k not in ("map", "height", "width")}
+    out["score"] = np.where(np.asarray(status, dtype=object) == "ok", out["score"], np.nan)
     out.update(heatmap_uri=np.asarray(uri, dtype=object), heatmap_scale=scale,
                status=np.asarray(status, dtype=object), error=np.asarray(error, dtype=object))
     out["is_anomalous"] = out["is_anomalous"] & (out["status"] == "ok")

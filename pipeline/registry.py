@@ -6,9 +6,12 @@ The store comes from MLFLOW_TRACKING_URI; by default sqlite under the local root
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import tempfile
+import time
 
 import mlflow
 from mlflow import MlflowClient
@@ -51,6 +54,45 @@ def config_params(cfg: AnoPLeConfig) -> dict[str, str]:
     """Every knob and ablation switch of the typed config as MLflow params ``anople.<knob>``."""
     return {f"anople.{k}": ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
             for k, v in cfg.to_dict().items()}
+
+
+def _filter(tags: dict[str, str], status: str) -> str:
+    return " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"])
+
+
+def running_runs(experiment: str, tags: dict[str, str]) -> set[str]:
+    """Ids of the experiment's runs with these tags that MLflow still shows RUNNING."""
+    return {r.info.run_id for r in client().search_runs([experiment], _filter(tags, "RUNNING"), max_results=1000)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_runs(experiment: str, tags: dict[str, str], current: str, stale_after_h: float = 24.0) -> list[str]:
+    """Mark FAILED the runs with these tags that still show RUNNING but whose process is gone (same host,
+    pid not alive) or that started more than `stale_after_h` hours ago: a killed job cannot mark itself.
+    Returns their ids."""
+    c = client()
+    now_ms = time.time() * 1000
+    failed = []
+    for r in c.search_runs([experiment], _filter(tags, "RUNNING"), max_results=1000):
+        if r.info.run_id == current:
+            continue
+        t = r.data.tags
+        gone = t.get("host") == socket.gethostname() and t.get("pid", "").isdigit() and not _alive(int(t["pid"]))
+        old = now_ms - r.info.start_time > stale_after_h * 3600e3
+        if gone or old:
+            c.set_tag(r.info.run_id, "failure", "process gone (killed)" if gone else f"running over {stale_after_h} h")
+            c.set_terminated(r.info.run_id, status="FAILED")
+            failed.append(r.info.run_id)
+    return failed
 
 
 def model_name(deployment: str) -> str:
@@ -100,14 +142,35 @@ class PromotionRefused(RefusedError):
     """The promotion gate said no; the alias did not move."""
 
 
+EVAL_TAG = "evaluation"  # on a model version: the mean metrics of its last completed evaluation (JSON)
+
+
+def record_evaluation(mv, mean: dict[str, float], errors: int) -> None:
+    """Mark a version as evaluated (what the promotion gate asks for), with its mean metrics."""
+    summary = {k: round(float(v), 6) for k, v in mean.items()} | {"errors": errors}
+    client().set_model_version_tag(mv.name, mv.version, EVAL_TAG, json.dumps(summary, sort_keys=True))
+
+
+def evaluation_of(mv) -> dict | None:
+    text = mv.tags.get(EVAL_TAG)
+    return json.loads(text) if text else None
+
+
 def promote(deployment: str, to_alias: str, version: str | int | None = None, from_alias: str | None = None,
             force: bool = False):
-    """Point `to_alias` at a version. A random-weights version is refused unless `force`."""
+    """Point `to_alias` at a version. Refused, unless `force`, for a random-init backbone or a version with no
+    completed evaluation. The version is resolved once, so a training run moving `from_alias` meanwhile does
+    not change what is promoted."""
     mv = get_version(deployment, version=version, alias=from_alias)
-    if mv.tags.get("weights_kind") == "random" and not force:
-        raise PromotionRefused(
-            f"refusing to promote {model_name(deployment)} version {mv.version} to {to_alias!r}: its backbone "
-            "weights are random-init (tag weights_kind=random). Retrain with real weights, or pass --force.")
+    reasons = []
+    if mv.tags.get("weights_kind") == "random":
+        reasons.append("its backbone weights are random-init (tag weights_kind=random): retrain with real weights")
+    if evaluation_of(mv) is None:
+        reasons.append(f"it has no completed evaluation: run jobs.evaluate --model-alias {from_alias or 'candidate'} "
+                       "on it first" if from_alias else "it has no completed evaluation: evaluate it first")
+    if reasons and not force:
+        raise PromotionRefused(f"refusing to promote {model_name(deployment)} version {mv.version} to {to_alias!r}: "
+                               + "; ".join(reasons) + ". Or pass --force.")
     c = client()
     c.set_registered_model_alias(model_name(deployment), to_alias, mv.version)
     c.set_model_version_tag(model_name(deployment), mv.version, f"promoted_to_{to_alias}", "forced" if force else "gated")

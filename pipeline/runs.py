@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tempfile
 import time
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow.compute as pc
 
-from pipeline import archive, artifact, registry, storage
-from pipeline.batch import HeatmapTarget, RunInfo, score_partition, scores_uri, to_table
+from pipeline import archive, artifact, nights, registry, storage
+from pipeline.batch import SCORE_SCHEMA, HeatmapTarget, RunInfo, score_partition, to_table
 from pipeline.cluster import has_gpus
-from pipeline.errors import UsageError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.training import TrainConfig, fit_deployment
+
+
+class EvaluationIncomplete(PipelineError):
+    """Some labelled test rows (image or mask) could not be scored; the metrics leave them out."""
 
 
 def _with_storage(cfg: TrainConfig) -> TrainConfig:
@@ -75,48 +80,60 @@ def _resolve(deployment: str, alias: str):
 
 def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
                 budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16) -> dict:
-    """Score one night's partition; write score rows and heatmaps under `output`. Returns a summary."""
+    """Score one night's partition and publish its score rows and heatmaps under `output` atomically
+    (pipeline.nights): a run that fails or is killed leaves the previous night as it was. Returns a summary."""
     archive.check_date(date)
     mlflow = registry.connect()
     mv, uri, spec = _resolve(deployment, alias)
     output = storage.normalize(output)
-    out_scores = scores_uri(output, deployment, date)
-    with mlflow.start_run(experiment_id=registry.experiment_id(deployment), run_name=f"score-{date}") as run:
+    exp = registry.experiment_id(deployment)
+    with mlflow.start_run(experiment_id=exp, run_name=f"score-{date}") as run:
+        run_id = run.info.run_id
         mlflow.set_tags({"job": "score", "model_version": mv.version, "model_alias": alias,
-                         "weights_kind": spec.weights_kind})
+                         "weights_kind": spec.weights_kind, "deployment": deployment, "date": date,
+                         "host": socket.gethostname(), "pid": str(os.getpid())})
         if spec.is_random:
             mlflow.set_tag("warning", registry.RANDOM_WEIGHTS_BANNER)
+        stale = registry.fail_dead_runs(exp, {"job": "score", "deployment": deployment, "date": date}, run_id)
         shards = artifact.plan_shards(spec, budget_mb)
         mlflow.log_params({"date": date, "archive": storage.normalize(archive_uri), "output": output,
                            "bank_budget_mb": budget_mb or 0, "bank_shards": len(shards)})
-        info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run.info.run_id)
+        info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run_id)
+        heatmaps = nights.heatmap_prefix(output, deployment, date, run_id)
         t0 = time.time()
-        parts = score_partition(archive_uri, deployment, date, uri, spec, info,
-                                heatmaps=HeatmapTarget(output, deployment, date), budget_mb=budget_mb,
-                                actors_per_shard=actors_per_shard, batch_size=batch_size, use_gpu=has_gpus())
-        storage.remove_tree(out_scores)  # a rerun replaces the night's rows, never appends to them
-        for ds in parts:
-            ds.map_batches(to_table, batch_format="numpy").write_parquet(out_scores)
+        parts = score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=HeatmapTarget(heatmaps),
+                                budget_mb=budget_mb, actors_per_shard=actors_per_shard, batch_size=batch_size,
+                                use_gpu=has_gpus())
+        writer = nights.NightWriter(output, deployment, date, run_id, SCORE_SCHEMA)
+        counts = {"ok": 0, "error": 0, "anomalous": 0}
+        try:
+            for ds in parts:
+                for table in ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
+                                                                                        batch_size=None):
+                    writer.write(table)
+                    ok = pc.equal(table["status"], "ok")
+                    counts["ok"] += pc.sum(ok).as_py() or 0
+                    counts["anomalous"] += pc.sum(table["is_anomalous"]).as_py() or 0
+            counts["error"] = writer.rows - counts["ok"]
+            n_in = archive.count_rows(archive_uri, deployment, date)
+            if writer.rows != n_in:  # an invariant: a bug if it breaks, never an input problem
+                raise RuntimeError(f"scored {writer.rows} rows for {n_in} input rows; nothing published")
+            marker = writer.publish({"model_version": str(mv.version), "heatmaps": heatmaps, **counts})
+        except BaseException:
+            writer.abort()
+            raise
         seconds = time.time() - t0
-        n_in = archive.count_rows(archive_uri, deployment, date)
-        summary = _summarize_scores(out_scores)
-        summary.update({"rows_in": n_in, "seconds": seconds, "images_per_s": n_in / seconds if seconds else 0.0,
-                        "bank_shards": len(shards), "model_version": mv.version, "run_id": run.info.run_id,
-                        "scores_uri": out_scores, "heatmaps_uri": storage.join(output, "heatmaps"),
-                        "random_weights": spec.is_random})
+        # the night now names this run: files of runs that ended (killed, failed, replaced) go
+        alive = registry.running_runs(exp, {"job": "score", "deployment": deployment, "date": date})
+        for other in nights.runs_with_files(output, deployment, date) - alive - {run_id}:
+            nights.remove_run_files(output, deployment, date, other)
+        summary = {"rows_in": n_in, "rows_out": writer.rows, **counts, "seconds": seconds,
+                   "images_per_s": n_in / seconds if seconds else 0.0, "bank_shards": len(shards),
+                   "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
+                   "heatmaps_uri": heatmaps, "random_weights": spec.is_random, "stale_runs_failed": stale}
         mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
                                                            "seconds", "images_per_s")})
-        if summary["rows_out"] != n_in:  # an invariant: a bug if it breaks, never an input problem
-            raise RuntimeError(f"wrote {summary['rows_out']} score rows for {n_in} input rows")
     return summary
-
-
-def _summarize_scores(out_scores: str) -> dict:
-    fs, path = storage.arrow_filesystem(out_scores)
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["status", "is_anomalous"])
-    status = np.asarray(t["status"].to_pylist())
-    return {"rows_out": t.num_rows, "ok": int((status == "ok").sum()), "error": int((status != "ok").sum()),
-            "anomalous": int(np.sum(t["is_anomalous"].to_numpy(zero_copy_only=False)))}
 
 
 def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_size: int = 16) -> dict:
@@ -136,6 +153,11 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
         flat["eval.errors"] = len(errors)
         mlflow.log_metrics(flat)
         mlflow.log_dict({"per_product": results, "mean": mean, "errors": errors}, "evaluation.json")
+    if errors:  # an evaluation that could not use every labelled image is not one the gate accepts
+        raise EvaluationIncomplete(
+            f"{len(errors)} labelled test image(s) or mask(s) could not be used, so version {mv.version} is not "
+            "marked evaluated:\n  " + "\n  ".join(errors[:20]) + ("\n  ..." if len(errors) > 20 else ""))
+    registry.record_evaluation(mv, mean, len(errors))
     clipped = sum(m.pixel.clipped for m in per.values())
     return {"per_product": results, "mean": mean, "errors": errors, "unlabelled": unlabelled,
             "model_version": mv.version, "random_weights": spec.is_random, "clipped_pixels": clipped}

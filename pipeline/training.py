@@ -28,7 +28,7 @@ from pipeline.bank import pick_backend
 from pipeline.errors import PipelineError, UsageError
 from pipeline.fitting import fit_products, load_shots, shot_batch
 from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
-from pipeline.model.backbone import fingerprint
+from pipeline.model.backbone import fingerprint, looks_untrained
 from pipeline.model.config import AnoPLeConfig
 from pipeline.prompt_training import train_prompts
 from pipeline.weights import build_model, check_weights, weights_kind
@@ -96,7 +96,7 @@ def _fit_worker(config: dict) -> None:
         meta = {"fingerprint": fingerprint(model.clip), "bank_layers": list(model.bank_layers),
                 "decoder_layers": list(model.decoder_layers), "prompt_depth": model.J,
                 "image_size": model.image_size, "feature_dim": int(model.d_v), "device": device,
-                "backend": pick_backend(device)}
+                "backend": pick_backend(device), "untrained_backbone": looks_untrained(model.clip)}
         _write(os.path.join(out, f"worker-{rank}.json"), json.dumps(meta))
         if cfg.anople.trains and rank == 0:
             _write(os.path.join(out, "prompts.safetensors"), st_save(model.prompt_state()))
@@ -123,7 +123,9 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
     resolved = cfg.anople.to_dict() | {"bank_layers": w0["bank_layers"], "decoder_layers": w0["decoder_layers"],
                                         "prompt_depth": w0["prompt_depth"]}
     spec = artifact.ModelSpec(
-        deployment=cfg.deployment, backbone=cfg.backbone, weights=cfg.weights, weights_kind=weights_kind(cfg.weights),
+        deployment=cfg.deployment, backbone=cfg.backbone, weights=cfg.weights,
+        # the weights decide, not the argument: an untrained backbone from any file or tag is "random"
+        weights_kind="random" if w0["untrained_backbone"] else weights_kind(cfg.weights),
         weights_fingerprint=w0["fingerprint"], seed=cfg.seed, image_size=w0["image_size"],
         bank_layers=w0["bank_layers"], shots=cfg.shots, feature_dim=w0["feature_dim"], anople=resolved,
         prompts_file="prompts.safetensors" if cfg.anople.trains else "")

@@ -32,7 +32,7 @@ def test_score_rows_stamp_the_run_and_never_call_an_error_anomalous():
 
 
 def test_writes_a_16bit_png_per_scored_row_at_the_image_resolution(tmp_path):
-    target = HeatmapTarget(str(tmp_path), "d", "2026-11-22")
+    target = HeatmapTarget(str(tmp_path / "run=r1"))
     batch, maps = _scored_batch()
     out = write_heatmaps(batch, target)
     assert "map" not in out and "height" not in out  # the writer's inputs do not reach the score table
@@ -40,7 +40,7 @@ def test_writes_a_16bit_png_per_scored_row_at_the_image_resolution(tmp_path):
     assert out["heatmap_uri"][1] is None and np.isnan(out["heatmap_scale"][1])
     for i in (0, 2):
         uri = out["heatmap_uri"][i]
-        assert uri == str(tmp_path / "heatmaps" / "deployment=d" / "date=2026-11-22" / f"img%2F{i}.png")
+        assert uri == str(tmp_path / "run=r1" / f"img%2F{i}.png")
         with Image.open(uri) as im:
             assert im.size == (30, 40) and im.mode.startswith("I")
         back = decode_heatmap(open(uri, "rb").read(), out["heatmap_scale"][i])
@@ -53,8 +53,9 @@ def test_a_failed_write_becomes_an_error_row_not_a_failed_batch(tmp_path):
     blocker = tmp_path / "out"
     blocker.write_text("a file where the output folder should be")
     batch, _ = _scored_batch()
-    out = write_heatmaps(batch, HeatmapTarget(str(blocker), "d", "2026-11-22"))
+    out = write_heatmaps(batch, HeatmapTarget(str(blocker / "run=r1")))
     assert list(out["status"]) == ["error"] * 3
+    assert np.isnan(out["score"]).all()  # an error row carries no score, also when only its heatmap failed
     assert out["error"][0].startswith("heatmap write failed") and out["error"][1] == "image does not decode"
     assert not out["is_anomalous"].any() and all(u is None for u in out["heatmap_uri"])
     assert not os.path.isdir(blocker)

@@ -17,6 +17,11 @@ def _register(deployment, weights_kind, tmp_path):
 def test_register_sets_candidate_and_promotion_is_gated(mlflow_root, tmp_path, capsys):
     v1 = _register("line9", "hub", tmp_path)
     v2 = _register("line9", "random", tmp_path)
+    # a version nobody evaluated is refused, whatever its weights
+    assert promote_job.main(["--deployment", "line9", "--version", "1", "--to", "production"]) == 3
+    assert "no completed evaluation" in capsys.readouterr().err
+    for mv, auroc in ((v1, 0.9), (v2, 0.7)):
+        registry.record_evaluation(mv, {"image_auroc": auroc, "pixel_auroc": 0.8, "aupro": 0.6}, 0)
     assert (str(v1.version), str(v2.version)) == ("1", "2")
     assert str(registry.get_version("line9", alias="candidate").version) == "2"
     assert str(mlflow_root) in registry.tracking_uri()
@@ -25,11 +30,14 @@ def test_register_sets_candidate_and_promotion_is_gated(mlflow_root, tmp_path, c
     assert rc == 3 and "random-init" in capsys.readouterr().err
     with pytest.raises(LookupError):
         registry.get_version("line9", alias="production")
-    # ...a real-weights version by number is not, and --force overrides the gate
+    # ...an evaluated real-weights version by number is not, and --force overrides the gate
     assert promote_job.main(["--deployment", "line9", "--version", "1", "--to", "production"]) == 0
     assert str(registry.get_version("line9", alias="production").version) == "1"
     assert promote_job.main(["--deployment", "line9", "--version", "2", "--to", "production", "--force"]) == 0
-    assert "RANDOM-INIT" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "RANDOM-INIT" in out
+    table = {line.split(" (")[0]: line for line in out.splitlines() if line.startswith("version ")}
+    assert "90.0" in table["version 1"] and "70.0" in table["version 2"]  # the candidate beside production
     mv = registry.get_version("line9", alias="production")
     assert str(mv.version) == "2" and set(mv.aliases) == {"candidate", "production"}
     assert registry.artifact_uri(mv).endswith("/anople")

@@ -60,3 +60,12 @@ def fingerprint(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def looks_untrained(module: nn.Module) -> bool:
+    """True when every LayerNorm still holds its initial affine (weight 1, bias 0), as in a random-init
+    CLIP and never in a trained one: random weights are recognised by what they are, whatever the file
+    or argument they came from (`random`, `file://random`, a random init saved to a checkpoint)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine]
+    return bool(norms) and all(bool((m.weight == 1).all()) and (m.bias is None or bool((m.bias == 0).all()))
+                               for m in norms)

@@ -72,3 +72,15 @@ def test_anomaly_map_upsamples_blurs_and_scores():
     assert float(gaussian_kernel(4.0).sum()) == pytest.approx(1.0)
     a, b = torch.tensor([0.2, 0.0]), torch.tensor([0.6, 0.5])
     assert harmonic_fusion(a, b).tolist() == pytest.approx([0.3, 0.0])
+
+
+def test_an_untrained_backbone_is_recognised_by_its_weights_not_its_name(tmp_path, tiny_clip):
+    from pipeline.model.backbone import looks_untrained
+    assert looks_untrained(tiny_clip) and looks_untrained(create_clip(TINY, "random", seed=9))
+    path = tmp_path / "random.pt"
+    torch.save(tiny_clip.state_dict(), path)  # a random init saved as if it were a checkpoint
+    assert looks_untrained(create_clip(TINY, str(path)))
+    trained = create_clip(TINY, str(path))
+    with torch.no_grad():
+        trained.ln_final.weight.mul_(1.01)  # training moves every LayerNorm; one is enough to tell
+    assert not looks_untrained(trained)

@@ -1,0 +1,125 @@
+"""A night's scoring outputs, published atomically: readers see the previous complete night or the new
+complete night, never a mix and never nothing.
+
+Layout under the output root, per deployment and date:
+
+    scores/deployment=D/date=X/scores.parquet      the night's score rows: one file, replaced in one step
+    scores/deployment=D/date=X/_SUCCESS            JSON naming the run that published it (written after)
+    scores/deployment=D/date=X/_staging/<run>.parquet   a run's rows while it runs (hidden from readers)
+    heatmaps/deployment=D/date=X/run=<run>/<key>.png    each run's own heatmaps, named by its score rows
+
+A run streams its rows into its staging file, then publishes with one rename (local filesystems) or one
+object copy (S3, whose copy of a single object is atomic): every reader that skips names starting with '_'
+or '.' (pyarrow, pandas, DuckDB, Spark) sees one complete night. Heatmaps are never overwritten in place:
+each run writes its own folder, so the published rows always point at a complete set; folders and staging
+files of runs that ended (killed, failed, replaced) are removed after a publish. Two runs of one night at
+once: the last complete publish wins, and neither removes the other's files while it runs.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+SCORES_FILE = "scores.parquet"
+MARKER = "_SUCCESS"
+_MAX_KEY = 180  # heatmap file name budget (most filesystems allow 255 bytes)
+
+
+def night_uri(output: str, deployment: str, date: str) -> str:
+    return storage.join(output, "scores", f"deployment={deployment}", f"date={date}")
+
+
+def heatmap_root(output: str, deployment: str, date: str) -> str:
+    return storage.join(output, "heatmaps", f"deployment={deployment}", f"date={date}")
+
+
+def heatmap_prefix(output: str, deployment: str, date: str, run_id: str) -> str:
+    return storage.join(heatmap_root(output, deployment, date), f"run={run_id}")
+
+
+def heatmap_key(image_id: str) -> str:
+    """A file name for any image_id: URL-quoted; past the length budget, a readable head plus a hash of the
+    whole id (distinct ids stay distinct, the same id always maps to the same key)."""
+    key = quote(image_id, safe="")
+    if len(key) > _MAX_KEY:
+        head = quote(image_id[:60], safe="")[:120].rstrip("%0123456789ABCDEF") or "id"
+        key = f"{head}~{hashlib.sha256(image_id.encode()).hexdigest()[:32]}"
+    return key + ".png"
+
+
+class NightWriter:
+    """Streams one run's score rows (Arrow tables of one schema) to its staging file; `publish` makes them
+    the night, `abort` leaves the night as it was."""
+
+    def __init__(self, output: str, deployment: str, date: str, run_id: str, schema: pa.Schema):
+        self.night = night_uri(storage.normalize(output), deployment, date)
+        self.run_id = run_id
+        self.staging = storage.join(self.night, "_staging", f"{run_id}.parquet")
+        self.final = storage.join(self.night, SCORES_FILE)
+        self.fs, path = storage.arrow_filesystem(self.staging)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self._writer = pq.ParquetWriter(path, schema, filesystem=self.fs)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def publish(self, info: dict) -> dict:
+        """Switch the night to this run's rows in one step, then drop what older layouts left beside them
+        and write the marker. Returns the marker."""
+        self._writer.close()
+        self.fs.move(storage.arrow_filesystem(self.staging)[1], storage.arrow_filesystem(self.final)[1])
+        for uri in storage.list_files(self.night):
+            name = uri[len(self.night):].lstrip("/")
+            if name != SCORES_FILE and not name.startswith(("_", ".")):
+                storage.remove_tree(uri)  # part files of the pre-publish layout
+        marker = {"run_id": self.run_id, "rows": self.rows, "scores": self.final,
+                  "published_at": dt.datetime.now(dt.timezone.utc).isoformat(), **info}
+        storage.write_bytes(storage.join(self.night, MARKER), json.dumps(marker, indent=1).encode())
+        return marker
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            storage.remove_tree(self.staging)
+
+
+def published(output: str, deployment: str, date: str) -> dict | None:
+    """The marker of the night's current publish (which run, how many rows), or None if never published."""
+    uri = storage.join(night_uri(storage.normalize(output), deployment, date), MARKER)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def runs_with_files(output: str, deployment: str, date: str) -> set[str]:
+    """Run ids that left heatmaps or staging rows for the night."""
+    output = storage.normalize(output)
+    found = set()
+    for root, tag in ((heatmap_root(output, deployment, date), "run="),
+                      (storage.join(night_uri(output, deployment, date), "_staging"), "")):
+        try:
+            files = storage.list_files(root)
+        except FileNotFoundError:
+            continue
+        for uri in files:
+            first = uri[len(root):].lstrip("/").split("/")[0]
+            if tag and first.startswith(tag):
+                found.add(first[len(tag):])
+            elif not tag and first.endswith(".parquet"):
+                found.add(first[:-len(".parquet")])
+    return found
+
+
+def remove_run_files(output: str, deployment: str, date: str, run_id: str) -> None:
+    """Delete a run's heatmaps and staging rows (never the published night)."""
+    output = storage.normalize(output)
+    storage.remove_tree(heatmap_prefix(output, deployment, date, run_id))
+    storage.remove_tree(storage.join(night_uri(output, deployment, date), "_staging", f"{run_id}.parquet"))

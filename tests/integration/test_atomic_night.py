@@ -1,0 +1,115 @@
+"""A scoring run killed part-way, then rerun, the way a plant's scheduler does it: readers never see a
+partial night, the killed run is marked failed, and the rerun publishes every row exactly once."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from jobs import ingest as ingest_job
+from jobs import promote as promote_job
+from jobs import score as score_job
+from jobs import train as train_job
+from pipeline import nights, registry, storage
+from pipeline.model.backbone import create_clip
+from pipeline.synthetic import make_mvtec_folder
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.integration
+DATE = "2026-11-22"
+
+
+@pytest.fixture(scope="module")
+def plant(ray_local, synthetic_src, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("atomic")
+    mp.setenv("ANOPLE_ROOT", str(root / "root"))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("ANOPLE_ARTIFACT_ROOT", raising=False)
+    arch, out = str(root / "archive"), str(root / "out")
+    night = make_mvtec_folder(str(root / "night"), ("tile", "washer"), n_train=0, n_test_good=30, n_test_defect=1,
+                              size=64, seed=5)
+    assert ingest_job.main([synthetic_src, "--archive", arch, "--deployment", "an", "--date", "2026-11-20"]) == 0
+    for p in ("tile", "washer"):
+        assert ingest_job.main([f"{night}/{p}/test", "--archive", arch, "--deployment", "an", "--date", DATE,
+                                "--product", p]) == 0
+    ckpt = root / "clip.pt"  # random weights behind a file name: the gate must still see them
+    torch.save(create_clip(TINY, "random", seed=0).state_dict(), ckpt)
+    assert train_job.main(["--deployment", "an", "--archive", arch, "--shots", "1", "--backbone", TINY,
+                           "--weights", f"file://{ckpt}", "--prompt-mode", "none"]) == 0
+    assert registry.get_version("an", alias="candidate").tags["weights_kind"] == "random"
+    assert promote_job.main(["--deployment", "an", "--from-alias", "candidate", "--to", "production"]) == 3
+    assert promote_job.main(["--deployment", "an", "--from-alias", "candidate", "--to", "production", "--force"]) == 0
+    yield {"arch": arch, "out": out, "root": root, "n": 66}
+    mp.undo()
+
+
+def _night(out):
+    fs, path = storage.arrow_filesystem(nights.night_uri(out, "an", DATE))
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "score", "run_id",
+                                                                            "heatmap_uri", "status"])
+    return sorted(zip(t["image_id"].to_pylist(), t["score"].to_pylist(), t["run_id"].to_pylist(),
+                      t["heatmap_uri"].to_pylist(), t["status"].to_pylist()))
+
+
+def _start_and_kill(plant, sig, first_run):
+    """Start jobs.score as its own process; signal it once its first heatmaps exist (mid-run)."""
+    cmd = [sys.executable, "-m", "jobs.score", "--deployment", "an", "--archive", plant["arch"], "--date", DATE,
+           "--output", plant["out"], "--batch-size", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a cron job starts
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    def heatmaps_of(run):
+        try:
+            return storage.list_files(nights.heatmap_prefix(plant["out"], "an", DATE, run))
+        except FileNotFoundError:
+            return []
+
+    seen = set()
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        seen = nights.runs_with_files(plant["out"], "an", DATE) - {first_run}
+        if any(heatmaps_of(r) for r in seen):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and seen, "the run ended before it could be killed"
+    during = _night(plant["out"])
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, sig)  # the job and its local Ray, all at once
+    else:
+        os.kill(proc.pid, sig)  # a scheduler's stop: the job unwinds, its Ray goes with it
+    proc.wait(60)
+    return seen.pop(), during
+
+
+def test_killed_runs_leave_the_previous_night_and_a_rerun_completes_it(plant):
+    assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", DATE,
+                           "--output", plant["out"]]) == 0
+    first = _night(plant["out"])
+    run1 = first[0][2]
+    assert len(first) == plant["n"] and {r[2] for r in first} == {run1}
+
+    killed, during = _start_and_kill(plant, signal.SIGKILL, run1)
+    assert during == first and _night(plant["out"]) == first  # during and after the kill: the old night, whole
+    c = registry.client()
+    assert c.get_run(killed).info.status == "RUNNING"  # SIGKILL: nobody could mark it
+
+    termed, _ = _start_and_kill(plant, signal.SIGTERM, run1)  # a scheduler's stop
+    assert _night(plant["out"]) == first
+    assert nights.runs_with_files(plant["out"], "an", DATE) >= {killed}
+
+    assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", DATE,
+                           "--output", plant["out"]]) == 0
+    after = _night(plant["out"])
+    run3 = after[0][2]
+    assert {r[2] for r in after} == {run3} and run3 not in (run1, killed, termed)
+    assert [r[0] for r in after] == [r[0] for r in first]  # every row once: 0 missing, 0 duplicated
+    assert c.get_run(killed).info.status == "FAILED" and "killed" in c.get_run(killed).data.tags["failure"]
+    assert c.get_run(termed).info.status == "FAILED"  # by itself at exit, or by the rerun
+    assert nights.runs_with_files(plant["out"], "an", DATE) == {run3}  # ended runs' heatmaps and staging are gone
+    for _, _, _, uri, status in after:
+        assert status != "ok" or storage.exists(uri)
+    assert nights.published(plant["out"], "an", DATE)["run_id"] == run3

@@ -1,0 +1,99 @@
+"""Atomic nights: what the standard readers see of a night before, during and after a publish, on local
+storage and on an S3 API."""
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline import nights, storage
+
+SCHEMA = pa.schema([("image_id", pa.string()), ("score", pa.float64())])
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    request.getfixturevalue("bucket")
+    return f"s3://anople-test/nights-{tmp_path.name}"
+
+
+def _rows(prefix, n):
+    return pa.table({"image_id": [f"{prefix}/{i}" for i in range(n)], "score": np.arange(n, dtype=float)},
+                    schema=SCHEMA)
+
+
+def _visible(output):
+    """The night as a standard reader sees it: pyarrow.dataset on the folder (pandas and DuckDB skip the
+    same '_'/'.' names)."""
+    fs, path = storage.arrow_filesystem(nights.night_uri(output, "d", "2026-11-22"))
+    try:
+        return sorted(pads.dataset(path, filesystem=fs, format="parquet").to_table()["image_id"].to_pylist())
+    except FileNotFoundError:
+        return []
+
+
+def _publish(output, run, n):
+    w = nights.NightWriter(output, "d", "2026-11-22", run, SCHEMA)
+    w.write(_rows(run, n))
+    return w, w.publish({"heatmaps": "h"})
+
+
+def test_a_publish_switches_the_whole_night_and_names_its_run(output):
+    _, marker = _publish(output, "run1", 3)
+    assert _visible(output) == ["run1/0", "run1/1", "run1/2"]
+    assert nights.published(output, "d", "2026-11-22")["run_id"] == "run1" and marker["rows"] == 3
+    w = nights.NightWriter(output, "d", "2026-11-22", "run2", SCHEMA)
+    w.write(_rows("run2", 2))
+    assert _visible(output) == ["run1/0", "run1/1", "run1/2"]  # during a run: the previous night, whole
+    w.write(_rows("run2b", 1))
+    w.publish({})
+    assert _visible(output) == ["run2/0", "run2/1", "run2b/0"]  # after: the new night, whole
+    assert nights.published(output, "d", "2026-11-22")["run_id"] == "run2"
+
+
+def test_an_aborted_run_leaves_the_previous_night(output):
+    _publish(output, "run1", 2)
+    w = nights.NightWriter(output, "d", "2026-11-22", "run2", SCHEMA)
+    w.write(_rows("run2", 5))
+    w.abort()
+    assert _visible(output) == ["run1/0", "run1/1"] and nights.runs_with_files(output, "d", "2026-11-22") == set()
+
+
+def test_pandas_reads_the_scores_tree(tmp_path):
+    out = str(tmp_path / "out")
+    _publish(out, "run1", 2)
+    w = nights.NightWriter(out, "d", "2026-11-22", "run2", SCHEMA)  # a run in flight: its staging file exists
+    w.write(_rows("run2", 4))
+    df = pd.read_parquet(storage.join(out, "scores"))
+    assert sorted(df["image_id"]) == ["run1/0", "run1/1"]
+
+
+def test_a_publish_replaces_the_part_files_of_the_old_layout(tmp_path):
+    import pyarrow.parquet as pq
+    out = str(tmp_path / "out")
+    night = tmp_path / "out" / "scores" / "deployment=d" / "date=2026-11-22"
+    night.mkdir(parents=True)
+    pq.write_table(_rows("old", 2), night / "7_000000_000000.parquet")
+    _publish(out, "run1", 1)
+    assert _visible(out) == ["run1/0"] and sorted(p.name for p in night.iterdir()) == [
+        "_SUCCESS", "_staging", "scores.parquet"]
+
+
+def test_run_files_are_found_and_removed_per_run(output):
+    storage.write_bytes(storage.join(nights.heatmap_prefix(output, "d", "2026-11-22", "r1"), "a.png"), b"png")
+    storage.write_bytes(storage.join(nights.heatmap_prefix(output, "d", "2026-11-22", "r2"), "a.png"), b"png")
+    nights.NightWriter(output, "d", "2026-11-22", "r3", SCHEMA).write(_rows("r3", 1))
+    assert nights.runs_with_files(output, "d", "2026-11-22") == {"r1", "r2", "r3"}
+    nights.remove_run_files(output, "d", "2026-11-22", "r1")
+    assert nights.runs_with_files(output, "d", "2026-11-22") == {"r2", "r3"}
+
+
+@pytest.mark.parametrize("image_id", ["a/b", "x" * 300, "é/" * 200, "%41", "../../etc/passwd"])
+def test_heatmap_keys_are_valid_file_names_for_any_image_id(image_id, tmp_path):
+    key = nights.heatmap_key(image_id)
+    assert key.endswith(".png") and "/" not in key and len(key.encode()) <= 255
+    (tmp_path / key).write_bytes(b"ok")  # the filesystem takes it
+    assert nights.heatmap_key(image_id) == key
+    assert len({nights.heatmap_key(image_id + s) for s in ("", "1", "2")}) == 3
