@@ -9,6 +9,16 @@ import ray
 import ray.data
 
 FORWARDED_ENV = ("AWS_", "MLFLOW_", "ANOPLE_", "HF_", "OPENBLAS_")
+# Never through a runtime env: Ray writes runtime envs to its logs (runtime_env_agent.log). Local workers
+# inherit credentials from this process's environment; a cluster's nodes get them from their own
+# (a Kubernetes Secret, an instance role), never from the job.
+SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL", "SESSION")
+
+
+def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
+    """The variables the jobs read that local workers get through the runtime env: settings, no secrets."""
+    return {k: v for k, v in environ.items()
+            if k.startswith(FORWARDED_ENV) and not any(w in k.upper() for w in SECRET_WORDS)}
 
 
 def init_ray(num_cpus: int | None = None) -> dict:
@@ -17,7 +27,7 @@ def init_ray(num_cpus: int | None = None) -> dict:
         kwargs: dict = {"ignore_reinit_error": True, "logging_level": logging.WARNING, "log_to_driver": True}
         if not os.environ.get("RAY_ADDRESS"):
             # Local workers start from this process; pass on what the jobs read from the environment.
-            env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+            env = forwarded_env(dict(os.environ))
             kwargs.update(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()

@@ -11,7 +11,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import pytest  # noqa: E402
 
-TINY = "anople-tiny-vit"  # 4-block, 64 px random-init open_clip config shipped in pipeline/model/configs
+TINY = "anople-tiny-vit"
+# The S3 secret of the whole session: distinctive, so a test can grep every log and store for it.
+SECRET_MARKER = "anople-marker-secret-" + os.urandom(6).hex()  # 4-block, 64 px random-init open_clip config shipped in pipeline/model/configs
 
 
 def free_port() -> int:
@@ -31,8 +33,10 @@ def s3_server():
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_REGION": "us-east-1"})
+                       "AWS_SECRET_ACCESS_KEY": SECRET_MARKER, "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1",
+                       # read by nothing here (sqlite store): a second credential that must not leak either
+                       "MLFLOW_TRACKING_PASSWORD": SECRET_MARKER + "-mlflow"})
     yield endpoint
     server.stop()
 

@@ -49,8 +49,9 @@ def test_kuberay_training_job_runs_the_train_job_with_valid_arguments():
     assert any(w["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for w in workers)
 
 
-def test_nightly_cronjob_renders_one_valid_scoring_rayjob_per_deployment(tmp_path):
-    """Run the CronJob's own script with a stand-in kubectl that keeps what it is given."""
+def _nightly_rayjobs(tmp_path):
+    """Run the nightly CronJob's own script with a stand-in kubectl that keeps what it is given.
+    Returns (the CronJob container's env, the RayJobs it applies)."""
     import os
     import subprocess
 
@@ -63,10 +64,56 @@ def test_nightly_cronjob_renders_one_valid_scoring_rayjob_per_deployment(tmp_pat
     kubectl.chmod(0o755)
     subprocess.run(container["command"] + container["args"], check=True, timeout=30,
                    env={**os.environ, **env, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
-    jobs = [d for d in yaml.safe_load_all((tmp_path / "applied.yaml").read_text()) if d]
+    return env, [d for d in yaml.safe_load_all((tmp_path / "applied.yaml").read_text()) if d]
+
+
+def test_nightly_cronjob_renders_one_valid_scoring_rayjob_per_deployment(tmp_path):
+    env, jobs = _nightly_rayjobs(tmp_path)
     assert [j["kind"] for j in jobs] == ["RayJob"] * len(env["DEPLOYMENTS"].split())
     for j, deployment in zip(jobs, env["DEPLOYMENTS"].split()):
         assert j["metadata"]["name"].startswith(f"anople-score-{deployment}-")
         entry = j["spec"]["entrypoint"]
         assert entry.startswith("python -m jobs.score ") and f"--deployment {deployment} " in entry
         _accepts(entry)
+
+
+def _containers(doc):
+    """Every container spec in a manifest (any depth)."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k == "containers":
+                yield from v
+            else:
+                yield from _containers(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _containers(v)
+
+
+def test_ray_nodes_require_a_provisioned_token_and_the_dashboard_is_not_open(tmp_path):
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    opts = cfg["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in opts and "-e RAY_AUTH_TOKEN" not in opts  # not copied from an unset variable
+    env_file = next(o.split()[1] for o in opts if o.startswith("--env-file"))
+    assert any(env_file in c and "secretsmanager" in c for c in cfg["initialization_commands"])
+    train = yaml.safe_load((ROOT / "infra" / "kuberay-train-job.yaml").read_text())
+    for name, docs in (("train", [train]), ("nightly", _nightly_rayjobs(tmp_path)[1])):
+        ray = [c for d in docs for c in _containers(d) if "anople" in c["image"]]
+        assert ray, name
+        for c in ray:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", (name, c["name"])
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], (name, c["name"])
+
+
+def test_no_password_on_a_command_line_and_mlflow_behind_authentication():
+    import re
+    doc = (ROOT / "infra" / "mlflow-server.md").read_text()
+    server = doc[doc.index("mlflow server"):].split("```")[0]
+    assert "--app-name basic-auth" in server and "--host 127.0.0.1" in server and "0.0.0.0" not in server
+    for path in [ROOT / "ray_cluster.yaml", *(ROOT / "infra").glob("*.yaml"), ROOT / "infra" / "mlflow-server.md",
+                 ROOT / "README.md"]:
+        text = path.read_text()
+        assert not re.search(r"\$\{?(PG)?PASSWORD|://[^/\s:@]+:[^/\s@]+@", text), path  # no user:password@ or $PASSWORD

@@ -17,7 +17,7 @@ from jobs import train as train_job
 from pipeline import nights, registry, storage
 from pipeline.model.backbone import create_clip
 from pipeline.synthetic import make_mvtec_folder
-from tests.conftest import TINY
+from tests.conftest import SECRET_MARKER, TINY
 
 pytestmark = pytest.mark.integration
 DATE = "2026-11-22"
@@ -113,3 +113,28 @@ def test_killed_runs_leave_the_previous_night_and_a_rerun_completes_it(plant):
     for _, _, _, uri, status in after:
         assert status != "ok" or storage.exists(uri)
     assert nights.published(plant["out"], "an", DATE)["run_id"] == run3
+
+
+def test_no_credential_reaches_a_log_a_store_or_the_output(plant, capfd):
+    """After train, evaluate-less promote and three scoring runs (above): grep Ray's session folder, the MLflow
+    store (sqlite and artifacts), the outputs and this process's captured output for the session's secret."""
+    import ray
+
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET_MARKER  # the secret every S3 client here uses
+    assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", DATE,
+                           "--output", plant["out"]]) == 0
+    places = [ray._private.worker._global_node.get_session_dir_path(), str(plant["root"])]
+    leaks = []
+    for place in places:
+        for folder, _, files in os.walk(place):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    with open(path, "rb") as f:
+                        if SECRET_MARKER.encode() in f.read():
+                            leaks.append(path)
+                except OSError:
+                    continue
+    out = capfd.readouterr()
+    assert not leaks and SECRET_MARKER not in out.out + out.err, leaks
+    assert sum(len(files) for place in places for _, _, files in os.walk(place)) > 20  # the grep saw something
