@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.mean(secs):.2f} s/epoch (first {secs[0]:.2f} s, median {np.median(secs):.2f} s)")
     for p, ps in sorted(spec.products.items()):
         print(f"  {p}: threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
+    skipped = [s for p in sorted(summary["skipped"]) for s in summary["skipped"][p]]
+    if skipped:
+        print(f"WARNING: {len(skipped)} normal train image(s) do not decode and were left out:", file=sys.stderr)
+        for s in skipped[:20]:
+            print(f"  {s}", file=sys.stderr)
     return 0
 
 

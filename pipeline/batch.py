@@ -23,7 +23,7 @@ from ray.data.expressions import col
 
 from pipeline import archive, artifact, storage
 from pipeline.nights import heatmap_key
-from pipeline.images import ImageDecodeError, decode_image, decode_mask, encode_heatmap, resize_mask, to_model_input
+from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, encode_heatmap, resize_mask, to_model_input
 from pipeline.scorer import Scorer
 
 SCORE_SCHEMA = pa.schema([
@@ -70,14 +70,13 @@ def decode_batch(batch: dict, image_size: int, with_masks: bool) -> dict:
     masks = np.zeros((n, image_size, image_size), dtype=bool) if with_masks else None
     for i in range(n):
         try:
-            rgb = decode_image(batch["image"][i])
+            rgb, hw[i] = decode_scaled(batch["image"][i], image_size)  # hw: full size, display orientation
             pixels[i] = to_model_input(rgb, image_size)
-            hw[i] = rgb.shape[:2]
             if with_masks:
                 m = batch["mask"][i]
-                full = decode_mask(m if m is not None else None, rgb.shape[:2])
-                if full.shape != rgb.shape[:2]:
-                    raise ImageDecodeError(f"mask shape {full.shape} differs from image {rgb.shape[:2]}")
+                full = decode_mask(m if m is not None else None, tuple(hw[i]))
+                if full.shape != tuple(hw[i]):
+                    raise ImageDecodeError(f"mask shape {full.shape} differs from image {tuple(hw[i])}")
                 masks[i] = resize_mask(full, image_size)
         except Exception as e:  # decode_image already words its own errors; anything else is reported as is
             status[i], error[i] = "error", str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"

@@ -19,7 +19,7 @@ import torch
 from pipeline import archive, artifact
 from pipeline.bank import MemoryBank, pick_backend
 from pipeline.errors import UsageError
-from pipeline.images import decode_image, to_model_input
+from pipeline.images import ImageDecodeError, decode_image, to_model_input
 from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.prompt_training import ShotBatch, shots_batch
 from pipeline.scorer import component_maps, encode, fuse, text_features
@@ -28,10 +28,12 @@ MAX_CALIBRATION = 64  # held-out normals scored per product; more adds time, not
 
 
 class ProductShots(NamedTuple):
-    """A product's reference images: encoded bytes by image_id, the K shots, the held-out normals."""
+    """A product's reference images: encoded bytes by image_id, the K shots, the held-out normals, and the
+    normals left out because they do not decode ("<image_id>: <reason>")."""
     images: dict[str, bytes]
     shots: list[str]
     heldout: list[str]
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass
@@ -44,6 +46,8 @@ class ProductFit:
     calibration_scores: list[float]  # the normal images' fused scores behind the threshold
     shots: list[str]
     map_scales: dict[str, float]     # each component map's level on the calibration normals
+
+    skipped: tuple[str, ...] = ()    # normals left out because they do not decode
 
     def spec(self) -> artifact.ProductSpec:
         return artifact.ProductSpec(threshold=self.threshold, calibration=self.calibration,
@@ -71,12 +75,22 @@ def load_shots(archive_uri: str, deployment: str, products: list[str], k: int, s
         rows[r["product"]].append(r)
     data = {}
     for product, rs in rows.items():
+        images = {r["image_id"]: r["image"] for r in rs}
         normal = [r["image_id"] for r in rs if r["label"] in (0, None)]
-        try:
-            shots, heldout = choose_shots(normal, k, seed)
-        except UsageError as e:
-            raise UsageError(f"product {product!r}: {e}") from None
-        data[product] = ProductShots({r["image_id"]: r["image"] for r in rs}, shots, heldout)
+        order, _ = choose_shots(normal, len(normal), seed)  # the seed's order; undecodable images drop out
+        usable, skipped = [], []
+        for i in order:
+            try:
+                decode_image(images[i])
+                usable.append(i)
+            except ImageDecodeError as e:
+                skipped.append(f"{i}: {e}")
+            if len(usable) == k + MAX_CALIBRATION:
+                break
+        if len(usable) < k:
+            raise UsageError(f"product {product!r}: only {len(usable)} decodable normal train images "
+                             f"({len(skipped)} do not decode), --shots {k} needs {k}")
+        data[product] = ProductShots(images, usable[:k], usable[k:], tuple(skipped))
     return data
 
 
@@ -132,7 +146,7 @@ def fit_product(model: AnoPLe, product: str, data: ProductShots, device: str, ba
     # each map's level on normal images: the mean of its per-image maxima (calibrated fusion)
     scales = {k: max(float(v.flatten(1).amax(1).mean()), 1e-8) for k, v in comp.items()}
     cal = [float(x) for x in fuse(model.cfg, comp, [product] * n, {product: scales})[0]]
-    return ProductFit(product, bank, threshold_from(cal), how, cal, list(data.shots), scales)
+    return ProductFit(product, bank, threshold_from(cal), how, cal, list(data.shots), scales, data.skipped)
 
 
 def fit_products(model: AnoPLe, data: dict[str, ProductShots], products: list[str], device: str) -> dict[str, ProductFit]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
@@ -38,23 +38,40 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(data: bytes | None) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB [H, W, 3]. Raises ImageDecodeError with a readable reason."""
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def decode_scaled(data: bytes | None, side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Encoded bytes -> (uint8 RGB [h, w, 3], (H, W) of the full image), both in display orientation (EXIF
+    orientation applied, as every image viewer shows it). With `side`, a JPEG is decoded at a reduced scale
+    in the DCT domain (Image.draft: at least `side` pixels per side), so a large image costs memory and time
+    for what the model sees, not for its full size. Raises ImageDecodeError with a readable reason."""
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image bytes")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if side and img.format == "JPEG":
+                img.draft("RGB", (side, side))
             img.load()
             if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # multi-page TIFF: the first page is the image
-            rgb = _to_rgb8(img)
+                img.seek(0)  # multi-page TIFF, animated GIF: the first frame is the image
+            orientation = img.getexif().get(0x0112, 1)
+            rgb = _to_rgb8(ImageOps.exif_transpose(img))
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
-    if rgb.ndim != 3 or rgb.shape[0] < 2 or rgb.shape[1] < 2:
-        raise ImageDecodeError(f"image too small to score: shape {rgb.shape}")
-    return rgb
+    if orientation in _TRANSPOSED:
+        h, w = w, h
+    if rgb.ndim != 3 or min(h, w, *rgb.shape[:2]) < 2:
+        raise ImageDecodeError(f"image too small to score: {w}x{h} pixels")
+    return rgb, (h, w)
+
+
+def decode_image(data: bytes | None) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB [H, W, 3] at full resolution, in display orientation."""
+    return decode_scaled(data)[0]
 
 
 def decode_mask(data: bytes | None, shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -59,8 +59,11 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
             key = _metric_key(p)
             metrics[f"threshold.{key}"] = ps.threshold
             metrics[f"calibration_n.{key}"] = ps.n_calibration
+            metrics[f"skipped_undecodable.{key}"] = len(summary["skipped"].get(p, []))
             mlflow.log_param(f"threshold_source.{key}", ps.calibration)
         mlflow.log_metrics(metrics)
+        if any(summary["skipped"].values()):
+            mlflow.log_dict(summary["skipped"], "skipped_undecodable.json")
         mlflow.log_artifacts(out, artifact_path="anople")
         mv = registry.register(cfg.deployment, run.info.run_id, "anople", tags={
             "weights_kind": kind, "backbone": spec.backbone, "weights": spec.weights, "shots": str(spec.shots)})

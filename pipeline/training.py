@@ -104,7 +104,8 @@ def _fit_worker(config: dict) -> None:
         for p, fit in fits.items():
             _write(os.path.join(out, artifact.bank_file(p)), fit.bank.to_bytes())
             _write(os.path.join(out, artifact.fit_file(p)), json.dumps(
-                {"product": p, "spec": dataclasses.asdict(fit.spec()), "calibration_scores": fit.calibration_scores}))
+                {"product": p, "spec": dataclasses.asdict(fit.spec()), "calibration_scores": fit.calibration_scores,
+                 "skipped": list(fit.skipped)}))
         ray.train.report({"products_fitted": len(mine)}, checkpoint=ray.train.Checkpoint.from_directory(out))
 
 
@@ -130,7 +131,7 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
         bank_layers=w0["bank_layers"], shots=cfg.shots, feature_dim=w0["feature_dim"], anople=resolved,
         prompts_file="prompts.safetensors" if cfg.anople.trains else "")
     log_path = os.path.join(out_dir, "train_log.json")
-    summary = {"device": w0["device"], "knn_backend": w0["backend"], "calibration": {},
+    summary = {"device": w0["device"], "knn_backend": w0["backend"], "calibration": {}, "skipped": {},
                "epochs": _read_json(log_path) if os.path.exists(log_path) else []}
     for p in products:
         path = os.path.join(out_dir, artifact.fit_file(p))
@@ -139,6 +140,7 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
         fit = _read_json(path)
         spec.products[p] = artifact.ProductSpec(**fit["spec"])
         summary["calibration"][p] = fit["calibration_scores"]
+        summary["skipped"][p] = fit.get("skipped", [])
     artifact.save_spec(spec, out_dir)
     return spec, summary
 

@@ -126,3 +126,20 @@ def test_map_levels_survive_the_artifact_round_trip(tmp_path, tiny_model):
     d = json.loads(spec.to_json())
     del d["products"]["tile"]["map_scales"]
     assert ModelSpec.from_json(json.dumps(d)).products["tile"].map_scales == {}
+
+
+def test_undecodable_normals_are_left_out_of_the_shots_and_counted(tmp_path):
+    from pipeline.fitting import load_shots
+    from pipeline.ingest import ingest
+    from pipeline.synthetic import make_mvtec_folder
+
+    src = make_mvtec_folder(str(tmp_path / "src"), ("tile", "pill"), n_train=4, n_test_good=0, n_test_defect=0, size=32)
+    (tmp_path / "src" / "tile" / "train" / "good" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    for name in ("000", "001", "002", "003"):
+        (tmp_path / "src" / "pill" / "train" / "good" / f"{name}.png").write_bytes(b"not an image")
+    ingest(src, str(tmp_path / "a"), "d", "2026-01-01")
+    data = load_shots(str(tmp_path / "a"), "d", ["tile"], 2, seed=0)["tile"]
+    assert len(data.skipped) == 1 and data.skipped[0].startswith("tile/train/good/001: cannot decode")
+    assert "tile/train/good/001" not in data.shots + data.heldout and len(data.shots) == 2 and len(data.heldout) == 1
+    with pytest.raises(UsageError, match="product 'pill': only 0 decodable normal train images \\(4 do not decode\\)"):
+        load_shots(str(tmp_path / "a"), "d", ["pill"], 1, seed=0)

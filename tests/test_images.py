@@ -73,3 +73,80 @@ def test_heatmap_is_16bit_at_image_resolution_and_round_trips():
     assert np.abs(back - amap).max() <= scale / 65535
     png2, _ = encode_heatmap(amap, 90, 120)  # resized to the source image's own resolution
     assert decode_heatmap(png2, scale).shape == (90, 120)
+
+
+def _png16_rgb(h, w):
+    """A 48-bit RGB PNG (16 bits per channel), written by hand: PIL cannot write one."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    rows = b"".join(b"\x00" + np.full((w, 3), 40000, ">u2").tobytes() for _ in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _exif_rotated_jpeg():
+    """Stored 64 wide x 40 high, EXIF orientation 6: every viewer shows it 40 wide x 64 high."""
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def _big_jpeg():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (1500, 2400, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+GOOD = {  # kind -> (bytes, the full size (H, W) in display orientation)
+    "grayscale": (_png(np.full((10, 12), 100, np.uint8)), (10, 12)),
+    "rgba": (_png(np.zeros((8, 9, 4), np.uint8)), (8, 9)),
+    "palette": (_png(np.zeros((8, 8, 3), np.uint8), fmt="GIF"), (8, 8)),
+    "16-bit gray": (_png(np.full((6, 7), 65535, np.uint16)), (6, 7)),
+    "48-bit rgb": (_png16_rgb(5, 6), (5, 6)),
+    "cmyk": (_png(np.zeros((8, 8, 4), np.uint8), mode="CMYK", fmt="JPEG"), (8, 8)),
+    "exif-rotated": (_exif_rotated_jpeg(), (64, 40)),
+    "very large": (_big_jpeg(), (1500, 2400)),
+}
+BAD = {  # kind -> (bytes, words the error row must carry)
+    "truncated": (_png(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))[:3000],
+                  "cannot decode image"),
+    "zero-byte": (b"", "empty image bytes"),
+    "not an image": (b"%PDF-1.4 a pdf", "cannot decode image"),
+    "1x1": (_png(np.zeros((1, 1, 3), np.uint8)), "too small"),
+}
+
+
+def test_every_input_kind_gets_one_honest_row_from_the_decode_task(monkeypatch):
+    from pipeline.batch import decode_batch
+
+    def decode(kinds, data):
+        return decode_batch({"image_id": np.array(kinds, dtype=object), "product": np.array(["p"] * len(kinds), dtype=object),
+                             "image": np.array(data, dtype=object)}, 32, with_masks=False)
+
+    kinds = list(GOOD) + list(BAD)
+    out = decode(kinds, [GOOD[k][0] if k in GOOD else BAD[k][0] for k in kinds])
+    assert len(out["status"]) == len(kinds)  # one row each, in order
+    for i, k in enumerate(kinds):
+        if k in GOOD:
+            assert out["status"][i] == "ok", (k, out["error"][i])
+            assert (int(out["height"][i]), int(out["width"][i])) == GOOD[k][1], k
+            assert np.isfinite(out["pixels"][i]).all() and out["pixels"][i].shape == (3, 32, 32)
+        else:
+            assert out["status"][i] == "error" and BAD[k][1] in out["error"][i], (k, out["error"][i])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 64x64 image is then > 2x the limit: a "bomb"
+    bomb = decode(["bomb"], [_png(np.zeros((64, 64, 3), np.uint8))])
+    assert bomb["status"][0] == "error" and "DecompressionBomb" in bomb["error"][0]
+
+
+def test_exif_orientation_is_applied_to_the_pixels():
+    raw = np.asarray(Image.open(io.BytesIO(_exif_rotated_jpeg())))  # as stored: [40, 64]
+    shown = decode_image(_exif_rotated_jpeg())
+    assert raw.shape[:2] == (40, 64) and shown.shape[:2] == (64, 40)
+    # orientation 6 = rotate 90 degrees clockwise for display: the stored top-left is shown top-right
+    assert np.abs(shown.astype(int) - np.rot90(raw, k=-1).astype(int)).mean() < 1
