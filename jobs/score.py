@@ -21,6 +21,9 @@ def parser() -> argparse.ArgumentParser:
                     help="per-actor memory-bank budget; banks above it are sharded across actors by product")
     ap.add_argument("--actors-per-shard", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-error-rate", type=float, default=0.05,
+                    help="fail (exit 1, nothing published) when more than this fraction of rows fail for "
+                         "infrastructure reasons (scoring or heatmap-write failures, crashed processes)")
     return ap
 
 
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     init_ray()
     s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
-                    args.bank_budget_mb, args.actors_per_shard, args.batch_size)
+                    args.bank_budget_mb, args.actors_per_shard, args.batch_size, args.max_error_rate)
     if s["random_weights"]:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"scored {s['rows_out']} of {s['rows_in']} rows with model version {s['model_version']} "

@@ -162,6 +162,7 @@ class Rows:
     split: str | None = None
     products: tuple[str, ...] | None = None
     exclude: bool = False
+    image_ids: tuple[str, ...] | None = None  # only these rows (a rerun of some rows)
 
     def predicate(self, field=pads.field):
         """The filter as one expression built from `field(name)`: pyarrow's by default; Ray Data's `col`
@@ -175,6 +176,9 @@ class Rows:
             terms.append((~inside | product.is_null()) if self.exclude else inside)
         if self.split is not None:
             terms.append(field("split") == self.split)
+        if self.image_ids is not None:
+            ids = field("image_id")
+            terms.append((getattr(ids, "is_in", None) or ids.isin)(list(self.image_ids)))
         return functools.reduce(operator.and_, terms) if terms else None
 
 

@@ -14,11 +14,14 @@ always equals rows in.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import ray.data
+import ray.exceptions
 from ray.data.expressions import col
 
 from pipeline import archive, artifact, storage
@@ -35,6 +38,28 @@ SCORE_SCHEMA = pa.schema([
     ("scored_at", pa.timestamp("us", tz="UTC")),
 ])
 EVAL_COLUMNS = ("mask", "label")  # decoded ground truth, carried past the actors when evaluating
+# Bounded: Ray Data's defaults restart actors and retry tasks without end, so one image that kills its
+# process would keep a night running forever. Past these, the night isolates the rows (runs.score_night).
+TASK_RETRIES = 3     # decode, unknown-product and heatmap-writer tasks
+ACTOR_RESTARTS = 2   # a scoring actor's process dying (and each task's retries on it)
+CRASHES = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)  # a process died, retries spent
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """Test-only fault on the rows with these image_ids: "crash" kills the scoring process (os._exit) as a
+    native crash would; "raise" makes scoring raise, as a failing device would. Only the Python API takes it
+    (runs.score_night's `fault`): no job flag, nothing in the data can trigger it."""
+    image_ids: frozenset[str]
+    kind: str = "crash"  # crash | raise
+
+    def crash(self, image_ids) -> None:
+        if self.kind == "crash" and self.image_ids & {str(i) for i in image_ids}:
+            os._exit(70)
+
+    def fail(self, image_ids) -> None:
+        if self.kind == "raise" and self.image_ids & {str(i) for i in image_ids}:
+            raise RuntimeError("injected fault")
 
 
 @dataclass(frozen=True)
@@ -125,18 +150,23 @@ class ScoreActor:
     """Holds one bank shard; loads the artifact from storage in __init__ (survives actor restarts).
     With `heatmaps`, writes them itself (CPU actors); else returns the maps for a later stage."""
 
-    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget | None = None):
+    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget | None = None,
+                 fault: InjectedFault | None = None):
         self.scorer = Scorer.load(artifact_uri, products)
-        self.info, self.heatmaps = info, heatmaps
+        self.info, self.heatmaps, self.fault = info, heatmaps, fault
 
-    def _score_rows(self, pixels, products):
+    def _score_rows(self, pixels, products, image_ids):
         try:
+            if self.fault is not None:
+                self.fault.fail(image_ids)
             s, m = self.scorer.score(pixels, products)
             return [(s[i], m[i], None) for i in range(len(products))]
         except Exception:  # isolate the failing row(s); a batch never fails as a whole
             out = []
             for i in range(len(products)):
                 try:
+                    if self.fault is not None:
+                        self.fault.fail(image_ids[i:i + 1])
                     s, m = self.scorer.score(pixels[i:i + 1], products[i:i + 1])
                     out.append((s[0], m[0], None))
                 except Exception as e:
@@ -144,11 +174,14 @@ class ScoreActor:
             return out
 
     def __call__(self, batch: dict) -> dict:
+        if self.fault is not None:
+            self.fault.crash(batch["image_id"])
         products = [str(p) for p in batch["product"]]
         n, S = len(products), self.scorer.model.image_size
         status, error = list(batch["status"]), list(batch["error"])  # decode errors pass straight through
         todo = [i for i in range(n) if status[i] == "ok"]
-        results = dict(zip(todo, self._score_rows(batch["pixels"][todo], [products[i] for i in todo]))) if todo else {}
+        results = dict(zip(todo, self._score_rows(batch["pixels"][todo], [products[i] for i in todo],
+                                                  [str(batch["image_id"][i]) for i in todo]))) if todo else {}
         score = np.full(n, np.nan)
         maps = np.zeros((n, S, S), dtype=np.float32)  # float32: the heatmap PNG gets 16 bits of it
         for i, (s, amap, err) in results.items():
@@ -202,12 +235,13 @@ def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list
 def score_partition(archive_uri: str, deployment: str, date: str | None, artifact_uri: str,
                     spec: artifact.ModelSpec, info: RunInfo, *, split: str | None = None,
                     heatmaps: HeatmapTarget | None = None, with_masks: bool = False, only: list[str] | None = None,
-                    budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16,
-                    use_gpu: bool = False) -> list:
+                    image_ids: tuple[str, ...] | None = None, budget_mb: float | None = None,
+                    actors_per_shard: int = 1, batch_size: int = 16, use_gpu: bool = False,
+                    actor_restarts: int = ACTOR_RESTARTS, fault: InjectedFault | None = None) -> list:
     """Archive rows -> Datasets of scored rows: one for the rows of unknown products (error rows), then
     one per bank shard. With `heatmaps` the maps are written and dropped (the score table's rows); without,
     each row keeps its map (and with `with_masks` its mask and label) for the metrics. `only` scores just
-    those products (e.g. the unseen one of leave-one-product-out).
+    those products (e.g. the unseen one of leave-one-product-out), `image_ids` just those rows.
 
     Each bank shard reads only its products' rows, decodes them in CPU tasks and scores them in its own
     actor pool. Callers run the datasets one after another: run together, N shards' pools would need N
@@ -215,13 +249,14 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     cluster and only one shard's banks are in memory per actor.
     """
     known = sorted(spec.products)
-    present = archive.product_counts(archive_uri, deployment, date, archive.Rows(split=split))
+    present = archive.product_counts(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids))
     eval_cols = list(EVAL_COLUMNS) if with_masks else []
     branches = []
     if only is None and any(p not in spec.products for p in present):
         cols = ["image_id", "product"] + (["label"] if with_masks else [])
-        branches.append(read_rows(archive_uri, deployment, date, cols, archive.Rows(split, tuple(known), exclude=True))
-                        .map_batches(unknown_product_rows, batch_format="numpy",
+        branches.append(read_rows(archive_uri, deployment, date, cols,
+                                  archive.Rows(split, tuple(known), exclude=True, image_ids=image_ids))
+                        .map_batches(unknown_product_rows, batch_format="numpy", max_retries=TASK_RETRIES,
                                      fn_kwargs={"info": info, "known": known}))
     for products in artifact.plan_shards(spec, budget_mb):
         if only is not None:
@@ -229,20 +264,52 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
         if not any(p in present for p in products):
             continue  # no rows tonight for this shard: start no actor for it
         rows = read_rows(archive_uri, deployment, date, ["image_id", "product", "image"] + eval_cols,
-                         archive.Rows(split, tuple(products)))
-        decoded = rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size,
+                         archive.Rows(split, tuple(products), image_ids=image_ids))
+        decoded = rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size, max_retries=TASK_RETRIES,
                                    fn_kwargs={"image_size": spec.image_size, "with_masks": with_masks})
         # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score
         scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,
             fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info,
-                                   "heatmaps": None if use_gpu else heatmaps},
+                                   "heatmaps": None if use_gpu else heatmaps, "fault": fault},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors_per_shard)),
-            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)
+            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+            max_restarts=actor_restarts, max_task_retries=actor_restarts)
         if heatmaps is not None and use_gpu:
-            scored = scored.map_batches(write_heatmaps, batch_format="numpy", fn_kwargs={"target": heatmaps})
+            scored = scored.map_batches(write_heatmaps, batch_format="numpy", max_retries=TASK_RETRIES,
+                                        fn_kwargs={"target": heatmaps})
         branches.append(scored)
     return branches
+
+
+INFRA_ERRORS = ("scoring failed", "heatmap write failed", "scoring process crashed")  # not the image's fault
+
+
+def isolating(build: Callable[[tuple[str, ...] | None, int], Iterator[pa.Table]], all_ids: Callable[[], list[str]],
+              crashed_row: Callable[[str, str], pa.Table]) -> Iterator[pa.Table]:
+    """The score tables of `build(None, ACTOR_RESTARTS)` (the whole night), each row once. When a scoring
+    process dies again and again (its bounded retries spent), the rows already produced are kept and the
+    rest is split in halves and run again, down to single rows: a row that still kills its process becomes
+    `crashed_row(image_id, reason)`, an error row, and the night goes on. Halves get no restarts (a crash
+    just splits them further); a single row gets one, so a passing fault does not condemn it."""
+    done: set[str] = set()
+    todo: list[tuple[str, ...] | None] = [None]
+    while todo:
+        subset = todo.pop()
+        restarts = ACTOR_RESTARTS if subset is None else 1 if len(subset) == 1 else 0
+        try:
+            for table in build(subset, restarts):
+                done.update(table["image_id"].to_pylist())
+                yield table
+        except CRASHES as e:
+            rest = [i for i in (all_ids() if subset is None else subset) if i not in done]
+            if len(rest) == 1:
+                done.add(rest[0])
+                yield crashed_row(rest[0], f"scoring process crashed on this image, retries spent "
+                                           f"({type(e).__name__})")
+            elif rest:
+                half = len(rest) // 2
+                todo += [tuple(rest[half:]), tuple(rest[:half])]
 
 
 def to_table(batch: dict) -> pa.Table:

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import archive, artifact, nights, registry, storage
-from pipeline.batch import SCORE_SCHEMA, HeatmapTarget, RunInfo, score_partition, to_table
+from pipeline.batch import (INFRA_ERRORS, SCORE_SCHEMA, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition,
+                            score_rows, to_table)
 from pipeline.cluster import has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
@@ -81,10 +82,18 @@ def _resolve(deployment: str, alias: str):
     return mv, uri, artifact.load_spec(uri)
 
 
+class TooManyErrors(PipelineError):
+    """More rows failed for infrastructure reasons than the night may lose; nothing was published."""
+
+
 def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
-                budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16) -> dict:
+                budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16,
+                max_error_rate: float = 0.05, fault: InjectedFault | None = None) -> dict:
     """Score one night's partition and publish its score rows and heatmaps under `output` atomically
-    (pipeline.nights): a run that fails or is killed leaves the previous night as it was. Returns a summary."""
+    (pipeline.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
+    its scoring process again and again is isolated into an error row (batch.isolating). More than
+    `max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
+    `fault` is a test's injected crash. Returns a summary."""
     archive.check_date(date)
     mlflow = registry.connect()
     mv, uri, spec = _resolve(deployment, alias)
@@ -104,23 +113,41 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
         info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run_id)
         heatmaps = nights.heatmap_prefix(output, deployment, date, run_id)
         t0 = time.time()
-        parts = score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=HeatmapTarget(heatmaps),
-                                budget_mb=budget_mb, actors_per_shard=actors_per_shard, batch_size=batch_size,
-                                use_gpu=has_gpus())
+
+        def night(image_ids, actor_restarts):  # the whole night (None), or some of its rows again
+            for ds in score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=HeatmapTarget(heatmaps),
+                                      image_ids=image_ids, budget_mb=budget_mb, actors_per_shard=actors_per_shard,
+                                      batch_size=batch_size, use_gpu=has_gpus(), actor_restarts=actor_restarts,
+                                      fault=fault):
+                yield from ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
+                                                                                       batch_size=None)
+
+        def crashed_row(image_id, reason):
+            row = archive.read_table(archive_uri, deployment, date, archive.Rows(image_ids=(image_id,)),
+                                     columns=["image_id", "product"]).to_pydict()
+            thr = [spec.products[p].threshold if p in spec.products else np.nan for p in row["product"]]
+            return to_table(score_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info,
+                                       score=[np.nan], threshold=thr, status=["error"], error=[reason]))
+
+        def all_ids():
+            return archive.read_table(archive_uri, deployment, date, columns=["image_id"])["image_id"].to_pylist()
+
         writer = nights.NightWriter(output, deployment, date, run_id, SCORE_SCHEMA)
-        counts = {"ok": 0, "error": 0, "anomalous": 0}
+        counts = {"ok": 0, "error": 0, "anomalous": 0, "infra_errors": 0}
         try:
-            for ds in parts:
-                for table in ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
-                                                                                        batch_size=None):
-                    writer.write(table)
-                    ok = pc.equal(table["status"], "ok")
-                    counts["ok"] += pc.sum(ok).as_py() or 0
-                    counts["anomalous"] += pc.sum(table["is_anomalous"]).as_py() or 0
+            for table in isolating(night, all_ids, crashed_row):
+                writer.write(table)
+                counts["ok"] += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+                counts["anomalous"] += pc.sum(table["is_anomalous"]).as_py() or 0
+                counts["infra_errors"] += sum(1 for e in table["error"].to_pylist() if e and e.startswith(INFRA_ERRORS))
             counts["error"] = writer.rows - counts["ok"]
             n_in = archive.count_rows(archive_uri, deployment, date)
             if writer.rows != n_in:  # an invariant: a bug if it breaks, never an input problem
                 raise RuntimeError(f"scored {writer.rows} rows for {n_in} input rows; nothing published")
+            if counts["infra_errors"] > max_error_rate * n_in:
+                raise TooManyErrors(f"{counts['infra_errors']} of {n_in} rows failed for infrastructure reasons "
+                                    f"(over --max-error-rate {max_error_rate:g}); nothing published, the previous "
+                                    "night stands")
             marker = writer.publish({"model_version": str(mv.version), "heatmaps": heatmaps, **counts})
         except BaseException:
             writer.abort()
@@ -135,7 +162,7 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
                    "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
                    "heatmaps_uri": heatmaps, "random_weights": spec.is_random, "stale_runs_failed": stale}
         mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
-                                                           "seconds", "images_per_s")})
+                                                           "infra_errors", "seconds", "images_per_s")})
     return summary
 
 

@@ -21,6 +21,7 @@ from tests.conftest import SECRET_MARKER, TINY
 
 pytestmark = pytest.mark.integration
 DATE = "2026-11-22"
+SMALL = "2026-11-23"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,10 @@ def plant(ray_local, synthetic_src, tmp_path_factory):
                                 "--product", p]) == 0
     ckpt = root / "clip.pt"  # random weights behind a file name: the gate must still see them
     torch.save(create_clip(TINY, "random", seed=0).state_dict(), ckpt)
+    small = make_mvtec_folder(str(root / "small"), ("tile",), n_train=0, n_test_good=5, n_test_defect=1,
+                              size=64, seed=6)  # 8 rows: a night to crash in
+    assert ingest_job.main([f"{small}/tile/test", "--archive", arch, "--deployment", "an", "--date", SMALL,
+                            "--product", "tile"]) == 0
     assert train_job.main(["--deployment", "an", "--archive", arch, "--shots", "1", "--backbone", TINY,
                            "--weights", f"file://{ckpt}", "--prompt-mode", "none"]) == 0
     assert registry.get_version("an", alias="candidate").tags["weights_kind"] == "random"
@@ -48,8 +53,8 @@ def plant(ray_local, synthetic_src, tmp_path_factory):
     mp.undo()
 
 
-def _night(out):
-    fs, path = storage.arrow_filesystem(nights.night_uri(out, "an", DATE))
+def _night(out, date=DATE):
+    fs, path = storage.arrow_filesystem(nights.night_uri(out, "an", date))
     t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "score", "run_id",
                                                                             "heatmap_uri", "status"])
     return sorted(zip(t["image_id"].to_pylist(), t["score"].to_pylist(), t["run_id"].to_pylist(),
@@ -138,3 +143,45 @@ def test_no_credential_reaches_a_log_a_store_or_the_output(plant, capfd):
     out = capfd.readouterr()
     assert not leaks and SECRET_MARKER not in out.out + out.err, leaks
     assert sum(len(files) for place in places for _, _, files in os.walk(place)) > 20  # the grep saw something
+
+
+def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_completes(plant):
+    from pipeline.batch import InjectedFault
+    from pipeline.runs import TooManyErrors, score_night
+
+    ids = sorted(archive_ids(plant["arch"], SMALL))
+    poison = ids[len(ids) // 2]
+    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.2,
+                    fault=InjectedFault(frozenset({poison})))
+    rows = {r[0]: r for r in _night(plant["out"], SMALL)}
+    assert sorted(rows) == ids and s["rows_out"] == len(ids)  # every row once
+    _, score, _, uri, status = rows[poison]
+    assert status == "error" and score is None and uri is None
+    assert all(r[4] == "ok" for i, r in rows.items() if i != poison) and s["infra_errors"] == 1
+    err = registry.client().get_run(s["run_id"]).data.metrics["infra_errors"]
+    assert err == 1
+    fs, path = storage.arrow_filesystem(nights.night_uri(plant["out"], "an", SMALL))
+    errors = dict(zip(*pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["image_id", "error"]).to_pydict().values()))
+    assert errors[poison].startswith("scoring process crashed on this image")
+
+
+def test_more_infrastructure_errors_than_allowed_fail_the_run_and_publish_nothing(plant):
+    from pipeline.batch import InjectedFault
+    from pipeline.runs import TooManyErrors, score_night
+
+    ids = sorted(archive_ids(plant["arch"], SMALL))
+    before = score_night("an", plant["arch"], SMALL, plant["out"])
+    published = _night(plant["out"], SMALL)
+    failing = InjectedFault(frozenset(ids[:2]), kind="raise")  # scoring raises on 2 of 8 rows
+    with pytest.raises(TooManyErrors, match="2 of 8 rows failed for infrastructure reasons"):
+        score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.2, fault=failing)
+    assert _night(plant["out"], SMALL) == published and nights.published(plant["out"], "an", SMALL)["run_id"] == before["run_id"]
+    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.25, fault=failing)  # within budget
+    rows = {r[0]: r for r in _night(plant["out"], SMALL)}
+    assert s["infra_errors"] == 2 and [rows[i][4] for i in ids[:2]] == ["error", "error"]
+
+
+def archive_ids(arch, date):
+    from pipeline import archive
+    return archive.read_table(arch, "an", date, columns=["image_id"])["image_id"].to_pylist()
