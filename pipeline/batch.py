@@ -24,7 +24,7 @@ import ray.data
 import ray.exceptions
 from ray.data.expressions import col
 
-from pipeline import archive, artifact, storage
+from pipeline import archive, artifact, registry, storage
 from pipeline.nights import heatmap_key
 from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, encode_heatmap, resize_mask, to_model_input
 from pipeline.scorer import Scorer
@@ -95,13 +95,14 @@ def decode_batch(batch: dict, image_size: int, with_masks: bool) -> dict:
     masks = np.zeros((n, image_size, image_size), dtype=bool) if with_masks else None
     for i in range(n):
         try:
-            rgb, hw[i] = decode_scaled(batch["image"][i], image_size)  # hw: full size, display orientation
+            rgb, size = decode_scaled(batch["image"][i], image_size)  # full size, display orientation
+            hw[i] = size
             pixels[i] = to_model_input(rgb, image_size)
             if with_masks:
                 m = batch["mask"][i]
-                full = decode_mask(m if m is not None else None, tuple(hw[i]))
-                if full.shape != tuple(hw[i]):
-                    raise ImageDecodeError(f"mask shape {full.shape} differs from image {tuple(hw[i])}")
+                full = decode_mask(m if m is not None else None, size)
+                if full.shape != size:
+                    raise ImageDecodeError(f"mask shape {full.shape} differs from image {size}")
                 masks[i] = resize_mask(full, image_size)
         except Exception as e:  # decode_image already words its own errors; anything else is reported as is
             status[i], error[i] = "error", str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
@@ -147,12 +148,13 @@ def unknown_product_rows(batch: dict, info: RunInfo, known: list[str]) -> dict:
 
 
 class ScoreActor:
-    """Holds one bank shard; loads the artifact from storage in __init__ (survives actor restarts).
-    With `heatmaps`, writes them itself (CPU actors); else returns the maps for a later stage."""
+    """Holds one bank shard; loads the artifact in __init__ (survives actor restarts) from where the
+    registry says it is, fetched on this actor's own node when it is behind a tracking server. With
+    `heatmaps`, writes them itself (CPU actors); else returns the maps for a later stage."""
 
     def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget | None = None,
                  fault: InjectedFault | None = None):
-        self.scorer = Scorer.load(artifact_uri, products)
+        self.scorer = Scorer.load(registry.materialize(artifact_uri), products)
         self.info, self.heatmaps, self.fault = info, heatmaps, fault
 
     def _score_rows(self, pixels, products, image_ids):

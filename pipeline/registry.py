@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -177,13 +178,29 @@ def promote(deployment: str, to_alias: str, version: str | int | None = None, fr
     return c.get_model_version(model_name(deployment), mv.version)
 
 
-def artifact_uri(mv) -> str:
-    """Where a version's artifact folder can be read by the storage layer (local path or s3://); other
-    schemes (e.g. mlflow-artifacts:/ behind a tracking server) are downloaded to a local folder."""
+def model_source(mv) -> str:
+    """Where the registry says a version's artifact folder is, in a form any node can use: a storage URI
+    (local path or s3://) as is, else the tracking server's URI (e.g. mlflow-artifacts:/...), which each
+    process fetches for itself with `materialize`. Never a path local to this machine's temp folder."""
     src = mv.source
-    if src.startswith("file://"):
-        src = src[len("file://"):]
-    if "://" not in src or src.startswith(("s3://", "s3a://")):
-        return src
-    dst = tempfile.mkdtemp(prefix="anople-model-")
-    return connect().artifacts.download_artifacts(artifact_uri=src, dst_path=dst)
+    return src[len("file://"):] if src.startswith("file://") else src
+
+
+_FETCHED: dict[str, str] = {}
+
+
+def materialize(uri: str) -> str:
+    """A model folder the storage layer reads: a storage URI as is; a tracking-server URI downloaded once per
+    process into this node's temp folder (so actors on other nodes fetch their own copy)."""
+    scheme = re.match(r"^([a-zA-Z][\w+.-]*):/", uri)
+    if scheme is None or scheme[1] in ("s3", "s3a", "file"):
+        return uri
+    if uri not in _FETCHED:
+        _FETCHED[uri] = connect().artifacts.download_artifacts(artifact_uri=uri,
+                                                               dst_path=tempfile.mkdtemp(prefix="anople-model-"))
+    return _FETCHED[uri]
+
+
+def artifact_uri(mv) -> str:
+    """A version's artifact folder, readable here (fetched into this process's node if need be)."""
+    return materialize(model_source(mv))

@@ -77,9 +77,10 @@ def _metric_key(name: str) -> str:
 
 
 def _resolve(deployment: str, alias: str):
+    """(version, its model source for the actors, its spec): actors fetch the source on their own node."""
     mv = registry.get_version(deployment, alias=alias)
-    uri = registry.artifact_uri(mv)
-    return mv, uri, artifact.load_spec(uri)
+    uri = registry.model_source(mv)
+    return mv, uri, artifact.load_spec(registry.materialize(uri))
 
 
 class TooManyErrors(PipelineError):

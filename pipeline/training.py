@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import ray.train
 import torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
 from safetensors.torch import save as st_save
@@ -32,6 +32,9 @@ from pipeline.model.backbone import fingerprint, looks_untrained
 from pipeline.model.config import AnoPLeConfig
 from pipeline.prompt_training import train_prompts
 from pipeline.weights import build_model, check_weights, weights_kind
+
+
+MAX_WORKER_FAILURES = 2  # worker-group restarts (preempted or crashed workers) before the fit fails
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class WorkerCrash:
+    """Test-only fault: rank 0's process dies (os._exit) right after writing epoch `after_epoch`'s
+    checkpoint, once per run (a marker in storage says it happened), as a preempted node would. Only the
+    Python API takes it (fit_deployment's `fault`)."""
+    after_epoch: int
+
+
+@dataclass(frozen=True)
 class FitJob:
     """What each Ray Train worker gets: the run's config (URIs normalised) and the deployment's products."""
     cfg: TrainConfig
     products: tuple[str, ...]
+    fault: WorkerCrash | None = None
 
 
 def _write(path: str, data: bytes | str) -> None:
@@ -87,10 +99,17 @@ def _fit_worker(config: dict) -> None:
     data = load_shots(cfg.archive, cfg.deployment, sorted(set(mine) | set(teach)), cfg.shots, cfg.seed)
     epochs = []
     if cfg.anople.trains:
-        # all ranks report each epoch (Ray Train's contract)
+        def on_epoch(metrics: dict) -> None:
+            ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
+            marker = storage.join(cfg.checkpoints(), "_injected-crash")
+            if job.fault and rank == 0 and metrics["epoch"] == job.fault.after_epoch and not storage.exists(marker):
+                storage.write_bytes(marker, b"crashed once")
+                os._exit(70)
+
+        # a restarted worker group (FailureConfig) resumes from the last epoch checkpoint (--restart
+        # removed the old ones before any worker started)
         epochs = train_prompts(model, shot_batch(data, teach, model.image_size), device,
-                               checkpoints=cfg.checkpoints(), restart=cfg.restart, rank=rank, world=world,
-                               on_epoch=ray.train.report)
+                               checkpoints=cfg.checkpoints(), rank=rank, world=world, on_epoch=on_epoch)
     fits = fit_products(model, data, mine, device)
     with tempfile.TemporaryDirectory() as out:
         meta = {"fingerprint": fingerprint(model.clip), "bank_layers": list(model.bank_layers),
@@ -145,20 +164,25 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
     return spec, summary
 
 
-def fit_deployment(cfg: TrainConfig, out_dir: str) -> tuple[artifact.ModelSpec, dict]:
-    """Run the TorchTrainer and write the artifact to local `out_dir`. Returns (spec, summary)."""
+def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = None) -> tuple[artifact.ModelSpec, dict]:
+    """Run the TorchTrainer and write the artifact to local `out_dir`. Returns (spec, summary). A worker
+    that dies (a preempted node) is restarted up to MAX_WORKER_FAILURES times and resumes from the last
+    epoch checkpoint. `fault` is a test's injected worker crash."""
     check_weights(cfg.backbone, cfg.weights)
     products = archive.products_in(cfg.archive, cfg.deployment)
     unknown = sorted(set(cfg.prompt_products) - set(products))
     if unknown:
         raise UsageError(f"prompt products {unknown} have no train images in the archive")
     cfg = dataclasses.replace(cfg, archive=storage.normalize(cfg.archive), storage_path=storage.normalize(cfg.storage_path))
+    if cfg.restart:  # start over: this run key's epoch checkpoints go before any worker starts
+        storage.remove_tree(cfg.checkpoints())
     trainer = TorchTrainer(
         _fit_worker,
-        train_loop_config={"job": FitJob(cfg, tuple(products))},
+        train_loop_config={"job": FitJob(cfg, tuple(products), fault)},
         scaling_config=ScalingConfig(num_workers=max(1, cfg.num_workers), use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=f"anople-{cfg.deployment}-{uuid.uuid4().hex[:12]}", storage_path=cfg.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
     )
     try:
         result = trainer.fit()

@@ -46,3 +46,18 @@ def test_register_sets_candidate_and_promotion_is_gated(mlflow_root, tmp_path, c
 def test_missing_model_is_a_clear_error(mlflow_root, capsys):
     assert promote_job.main(["--deployment", "nothere", "--version", "1", "--to", "production"]) == 2
     assert "anople-nothere" in capsys.readouterr().err
+
+
+def test_a_model_behind_the_tracking_server_is_fetched_by_each_process_not_handed_over_as_a_local_path(
+        mlflow_root, tmp_path):
+    """Actors get the registry's URI and fetch it on their own node; a runs:/ URI stands for any
+    tracking-server URI (mlflow-artifacts:/ behind `mlflow server` works the same way)."""
+    mv = _register("line7", "hub", tmp_path)
+    assert registry.model_source(mv) == registry.client().get_model_version(mv.name, mv.version).source.replace(
+        "file://", "")
+    remote = f"runs:/{mv.run_id}/anople"
+    assert registry.model_source(type("MV", (), {"source": remote})()) == remote  # handed on as it is
+    local = registry.materialize(remote)
+    assert local != remote and (tmp_path / "art-hub" / "model.json").read_text() == open(f"{local}/model.json").read()
+    assert registry.materialize(remote) == local  # once per process
+    assert registry.materialize("s3://bucket/x") == "s3://bucket/x"

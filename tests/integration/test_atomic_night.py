@@ -185,3 +185,17 @@ def test_more_infrastructure_errors_than_allowed_fail_the_run_and_publish_nothin
 def archive_ids(arch, date):
     from pipeline import archive
     return archive.read_table(arch, "an", date, columns=["image_id"])["image_id"].to_pylist()
+
+
+def test_evaluation_with_an_unusable_mask_exits_non_zero_and_marks_nothing(plant, tmp_path, capsys):
+    from PIL import Image
+
+    from jobs import evaluate as evaluate_job
+
+    src = make_mvtec_folder(str(tmp_path / "eval"), ("tile",), n_train=0, n_test_good=1, n_test_defect=1, size=64, seed=7)
+    Image.new("L", (32, 32), 255).save(f"{src}/tile/ground_truth/hole/000_mask.png")  # the image is 64x64
+    assert ingest_job.main([src, "--archive", plant["arch"], "--deployment", "an", "--date", "2026-11-24"]) == 0
+    assert evaluate_job.main(["--deployment", "an", "--archive", plant["arch"], "--model-alias", "production"]) == 1
+    err = capsys.readouterr().err
+    assert "could not be used" in err and "tile/test/hole/000: mask shape (32, 32) differs from image (64, 64)" in err
+    assert registry.evaluation_of(registry.get_version("an", alias="production")) is None

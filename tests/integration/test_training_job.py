@@ -1,6 +1,7 @@
 """jobs.train the way a user reruns it: two data-parallel Ray Train workers, a rerun that resumes from the
 epoch checkpoints instead of training again, and --restart that trains from scratch."""
 import pytest
+import torch
 from safetensors.torch import load as st_load
 
 from jobs import ingest as ingest_job
@@ -42,3 +43,26 @@ def test_two_workers_then_resume_then_restart(ray_local, synthetic_src, mlflow_r
 
     assert train_job.main(args + ["--restart"]) == 0
     assert "2 epoch(s) this run" in capsys.readouterr().out
+
+
+def test_a_killed_training_worker_resumes_from_its_last_epoch(ray_local, synthetic_src, mlflow_root, tmp_path):
+    """A preempted node, once: the worker group restarts, resumes at the last epoch checkpoint and ends
+    with the prompts of an uninterrupted run."""
+    import dataclasses
+
+    from pipeline.ingest import ingest
+    from pipeline.model.config import AnoPLeConfig
+    from pipeline.training import TrainConfig, WorkerCrash, fit_deployment
+
+    arch = str(tmp_path / "archive")
+    ingest(synthetic_src, arch, "kill", "2026-11-20")
+    cfg = TrainConfig(deployment="kill", archive=arch, shots=1, backbone=TINY, weights="random",
+                      anople=AnoPLeConfig(epochs=3, batch_shots=2), storage_path=str(tmp_path / "straight"))
+    fit_deployment(cfg, str(tmp_path / "out-straight"))
+    killed = dataclasses.replace(cfg, storage_path=str(tmp_path / "killed"))
+    _, summary = fit_deployment(killed, str(tmp_path / "out-killed"), fault=WorkerCrash(after_epoch=1))
+    assert storage.exists(storage.join(killed.checkpoints(), "_injected-crash"))  # it did die, once
+    assert [e["epoch"] for e in summary["epochs"]] == [2, 3]  # the restarted group trained only the rest
+    a = st_load(open(tmp_path / "out-straight" / "prompts.safetensors", "rb").read())
+    b = st_load(open(tmp_path / "out-killed" / "prompts.safetensors", "rb").read())
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
