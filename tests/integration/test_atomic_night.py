@@ -147,7 +147,7 @@ def test_no_credential_reaches_a_log_a_store_or_the_output(plant, capfd):
 
 def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_completes(plant):
     from pipeline.batch import InjectedFault
-    from pipeline.runs import TooManyErrors, score_night
+    from pipeline.runs import score_night
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
     poison = ids[len(ids) // 2]
