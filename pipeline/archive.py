@@ -188,7 +188,7 @@ def read_table(archive: str, deployment: str, date: str | None = None, rows: Row
     nightly scoring streams through Ray Data instead)."""
     fs, paths = shard_paths(archive, deployment, date)
     ds = pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs)
-    return ds.to_table(columns=columns, filter=rows.predicate())
+    return storage.retrying(ds.to_table, columns=columns, filter=rows.predicate())
 
 
 def products_in(archive: str, deployment: str) -> list[str]:

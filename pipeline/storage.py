@@ -9,12 +9,38 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
 
 from pipeline.errors import UsageError
+
+# Transient object-store faults (503 SlowDown, 500s, resets, slow answers) are retried with backoff, configured
+# here once for every client the project uses: botocore-based clients (boto3, s3fs, MLflow's S3 artifact store)
+# read the standard variables below (set before any client or Ray worker exists: jobs import this module
+# first, and local Ray workers inherit the environment); pyarrow's S3 client (also what Ray Data reads through)
+# gets the same attempts as its retry strategy.
+MAX_ATTEMPTS = 10
+os.environ.setdefault("AWS_RETRY_MODE", "standard")
+os.environ.setdefault("AWS_MAX_ATTEMPTS", str(MAX_ATTEMPTS))
+# Store errors that pyarrow's S3 client gives up on although they are transient: a throttling answer's
+# error body bigger than a small ranged read surfaces as INTERNAL_FAILURE ("Failed to flush response
+# stream"), which its retry strategy never retries. The same list Ray Data retries its own reads on.
+TRANSIENT = ("AWS Error INTERNAL_FAILURE", "AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN",
+             "AWS Error SERVICE_UNAVAILABLE", "AWS Error UNKNOWN (HTTP status 5")
+
+
+def retrying(fn, *args, **kwargs):
+    """fn(*args, **kwargs), again with exponential backoff while it fails with a transient store error."""
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            if attempt == MAX_ATTEMPTS - 1 or not any(t in str(e) for t in TRANSIENT):
+                raise
+            time.sleep(min(2.0, 0.05 * 2 ** attempt))
 
 
 def is_remote(uri: str) -> bool:
@@ -57,7 +83,13 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     ``S3FileSystem()`` does not (it goes to the real AWS host unless given endpoint_override)."""
     uri = normalize(uri)
     if is_remote(uri):
-        return pafs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
+        base, path = pafs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))  # resolves the bucket's region
+        options = {"region": base.region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS)}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            parsed = urlparse(endpoint)
+            options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+        return pafs.S3FileSystem(**options), path
     return pafs.LocalFileSystem(), uri
 
 
