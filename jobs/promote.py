@@ -17,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--version")
     src.add_argument("--from-alias")
     ap.add_argument("--to", required=True, help="alias to set, e.g. production")
-    ap.add_argument("--force", action="store_true", help="promote even a random-init-backbone version")
+    ap.add_argument("--force", action="store_true", help="promote even a random-init-backbone or not-evaluated version")
     return ap
 
 

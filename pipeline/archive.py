@@ -167,18 +167,20 @@ class Rows:
     def predicate(self, field=pads.field):
         """The filter as one expression built from `field(name)`: pyarrow's by default; Ray Data's `col`
         builds the same filter for its reader (its membership test is `is_in`, pyarrow's `isin`)."""
+        def isin(name, values):
+            expr = field(name)
+            return (getattr(expr, "is_in", None) or expr.isin)(list(values))
+
         terms = []
         if self.products is not None:
             product = field("product")
-            isin = getattr(product, "is_in", None) or product.isin
-            inside = isin(list(self.products))
+            inside = isin("product", self.products)
             # a null product is in no list: it belongs with the excluded (error) rows, never nowhere
             terms.append((~inside | product.is_null()) if self.exclude else inside)
         if self.split is not None:
             terms.append(field("split") == self.split)
         if self.image_ids is not None:
-            ids = field("image_id")
-            terms.append((getattr(ids, "is_in", None) or ids.isin)(list(self.image_ids)))
+            terms.append(isin("image_id", self.image_ids))
         return functools.reduce(operator.and_, terms) if terms else None
 
 
