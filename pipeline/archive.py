@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -208,6 +209,14 @@ def product_counts(archive: str, deployment: str, date: str | None, rows: Rows =
     for p in read_table(archive, deployment, date, rows, columns=["product"])["product"].to_pylist():
         counts[p] = counts.get(p, 0) + 1
     return counts
+
+
+def duplicate_ids(archive: str, deployment: str, date: str | None, rows: Rows = Rows()) -> frozenset[str]:
+    """image_ids that more than one row of the partition carries (ingest never writes them; a shard written
+    by other tools can). From the image_id column alone."""
+    ids = read_table(archive, deployment, date, rows, columns=["image_id"])
+    counts = ids.group_by("image_id").aggregate([("image_id", "count")])
+    return frozenset(counts.filter(pc.field("image_id_count") > 1)["image_id"].to_pylist()) - {None}
 
 
 def count_rows(archive: str, deployment: str, date: str | None) -> int:

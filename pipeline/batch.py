@@ -86,14 +86,24 @@ def _labels(values) -> np.ndarray:
                     dtype=np.int8)
 
 
-def decode_batch(batch: dict, image_size: int, with_masks: bool) -> dict:
-    """CPU task: image bytes -> model input. Failures become status/error, never exceptions."""
+def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: frozenset = frozenset()) -> dict:
+    """CPU task: image bytes -> model input. Failures become status/error, never exceptions. A row without
+    an image_id, or with one that other rows of the partition carry too (`duplicates`), is an error row:
+    its score and heatmap could not be told apart from theirs."""
     n = len(batch["image_id"])
     pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
     hw = np.zeros((n, 2), dtype=np.int32)
     status, error = ["ok"] * n, [""] * n
     masks = np.zeros((n, image_size, image_size), dtype=bool) if with_masks else None
     for i in range(n):
+        image_id = batch["image_id"][i]
+        if image_id is None or image_id == "":
+            status[i], error[i] = "error", "row has no image_id"
+            continue
+        if image_id in duplicates:
+            status[i], error[i] = "error", ("duplicate image_id: other rows of this partition carry it too; "
+                                            "none of them is scored (fix the archive)")
+            continue
         try:
             rgb, size = decode_scaled(batch["image"][i], image_size)  # full size, display orientation
             hw[i] = size
@@ -252,6 +262,7 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     """
     known = sorted(spec.products)
     present = archive.product_counts(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids))
+    duplicates = archive.duplicate_ids(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids))
     eval_cols = list(EVAL_COLUMNS) if with_masks else []
     branches = []
     if only is None and any(p not in spec.products for p in present):
@@ -268,7 +279,8 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
         rows = read_rows(archive_uri, deployment, date, ["image_id", "product", "image"] + eval_cols,
                          archive.Rows(split, tuple(products), image_ids=image_ids))
         decoded = rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size, max_retries=TASK_RETRIES,
-                                   fn_kwargs={"image_size": spec.image_size, "with_masks": with_masks})
+                                   fn_kwargs={"image_size": spec.image_size, "with_masks": with_masks,
+                                              "duplicates": duplicates})
         # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score
         scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,
@@ -304,7 +316,7 @@ def isolating(build: Callable[[tuple[str, ...] | None, int], Iterator[pa.Table]]
                 done.update(table["image_id"].to_pylist())
                 yield table
         except CRASHES as e:
-            rest = [i for i in (all_ids() if subset is None else subset) if i not in done]
+            rest = list(dict.fromkeys(i for i in (all_ids() if subset is None else subset) if i not in done))
             if len(rest) == 1:
                 done.add(rest[0])
                 yield crashed_row(rest[0], f"scoring process crashed on this image, retries spent "

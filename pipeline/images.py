@@ -23,7 +23,7 @@ class ImageDecodeError(ValueError):
 def _to_rgb8(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 [H, W, 3]. 16/32-bit and float images are rescaled, not clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img, dtype=np.float32)  # float32: 4 bytes a pixel on the largest images
         if img.mode.startswith("I;16"):
             a = a / 65535.0
         else:  # 32-bit int or float: scale by the image's own range (no fixed white point exists)
@@ -49,10 +49,16 @@ def decode_scaled(data: bytes | None, side: int | None = None) -> tuple[np.ndarr
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only; PIL refuses > 2x its bomb limit
             w, h = img.size
             if side and img.format == "JPEG":
                 img.draft("RGB", (side, side))
+            elif w * h > Image.MAX_IMAGE_PIXELS:
+                # PNG, TIFF, BMP... have no reduced decode: above PIL's bomb limit (where it only warns) the
+                # full-size decode would cost GBs per decode task, so the row is an error, not an OOM
+                raise ImageDecodeError(
+                    f"image of {w}x{h} pixels is over the {Image.MAX_IMAGE_PIXELS} pixel limit for {img.format} "
+                    "(decoded at full size; only JPEG decodes at reduced size)")
             img.load()
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # multi-page TIFF, animated GIF: the first frame is the image

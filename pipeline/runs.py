@@ -126,9 +126,11 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
         def crashed_row(image_id, reason):
             row = archive.read_table(archive_uri, deployment, date, archive.Rows(image_ids=(image_id,)),
                                      columns=["image_id", "product"]).to_pydict()
+            n = len(row["image_id"])  # one row, or more where the archive repeats the image_id
             thr = [spec.products[p].threshold if p in spec.products else np.nan for p in row["product"]]
             return to_table(score_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info,
-                                       score=[np.nan], threshold=thr, status=["error"], error=[reason]))
+                                       score=np.full(n, np.nan), threshold=thr, status=["error"] * n,
+                                       error=[reason] * n))
 
         def all_ids():
             return archive.read_table(archive_uri, deployment, date, columns=["image_id"])["image_id"].to_pylist()

@@ -139,6 +139,11 @@ def test_every_input_kind_gets_one_honest_row_from_the_decode_task(monkeypatch):
             assert np.isfinite(out["pixels"][i]).all() and out["pixels"][i].shape == (3, 32, 32)
         else:
             assert out["status"][i] == "error" and BAD[k][1] in out["error"][i], (k, out["error"][i])
+    # above PIL's bomb limit (where PIL only warns) formats without a reduced decode are refused; JPEG is not
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 64x64 = 4096 pixels: over it, under 2x
+    over = decode(["png", "jpeg"], [_png(np.zeros((64, 64, 3), np.uint8)), _png(np.zeros((64, 64, 3), np.uint8), fmt="JPEG")])
+    assert over["status"][0] == "error" and "over the 3000 pixel limit for PNG" in over["error"][0]
+    assert over["status"][1] == "ok" and (int(over["height"][1]), int(over["width"][1])) == (64, 64)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 64x64 image is then > 2x the limit: a "bomb"
     bomb = decode(["bomb"], [_png(np.zeros((64, 64, 3), np.uint8))])
     assert bomb["status"][0] == "error" and "DecompressionBomb" in bomb["error"][0]

@@ -5,7 +5,9 @@ import os
 
 import boto3
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -14,7 +16,7 @@ from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import registry, storage
+from pipeline import archive, registry, storage
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration
@@ -31,6 +33,14 @@ def _upload_folder(local, bucket, prefix):
 def _read_scores(uri):
     fs, path = storage.arrow_filesystem(uri)
     return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+
+
+def _write_foreign_shard(uri, image_path):
+    """A shard another tool wrote into the night: two rows share an image_id, one has none."""
+    data = open(image_path, "rb").read()
+    rows = [{"image_id": i, "product": "washer", "image": data, "split": "test"} for i in ("washer/dup", "washer/dup", None)]
+    fs, path = storage.arrow_filesystem(uri)
+    pq.write_table(pa.Table.from_pylist(rows, schema=archive.SCHEMA), path, filesystem=fs)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +70,8 @@ def nightly(request, bucket, ray_local, synthetic_src, tmp_path_factory):
                                           "--deployment", "line1", "--date", "2026-11-21", "--product", "washer"])
     rc["ingest_gear"] = ingest_job.main([f"s3://{bucket}/incoming/night/gear", "--archive", arch,
                                          "--deployment", "line1", "--date", "2026-11-21", "--product", "gear"])
+    _write_foreign_shard(f"{arch}/deployment=line1/date=2026-11-21/from-another-tool.parquet",
+                         f"{night}/000.png")
     rc["train"] = train_job.main(["--deployment", "line1", "--archive", arch, "--shots", "2", "--seed", "0",
                                   "--backbone", TINY, "--weights", "random", "--epochs", "2"])
     rc["evaluate"] = evaluate_job.main(["--deployment", "line1", "--archive", arch])
@@ -101,11 +113,17 @@ def test_registry_holds_the_version_with_both_aliases(nightly):
 
 def test_one_score_row_per_input_row_with_errors_reported(nightly):
     rows = _read_scores(f"{nightly['out']}/scores/deployment=line1/date=2026-11-21")
-    assert sorted(r["image_id"] for r in rows) == ["gear/g1", "washer/000", "washer/001", "washer/002",
-                                                  "washer/corrupt"]
+    assert sorted(r["image_id"] or "" for r in rows) == ["", "gear/g1", "washer/000", "washer/001", "washer/002",
+                                                        "washer/corrupt", "washer/dup", "washer/dup"]
     by_id = {r["image_id"]: r for r in rows}
     assert by_id["washer/corrupt"]["status"] == "error" and "cannot decode" in by_id["washer/corrupt"]["error"]
     assert by_id["gear/g1"]["status"] == "error" and "unknown product 'gear'" in by_id["gear/g1"]["error"]
+    # rows another tool wrote: a repeated image_id scores neither copy, a missing one is named
+    for r in rows:
+        if r["image_id"] in ("washer/dup", None):
+            assert r["status"] == "error" and (r["score"] is None or np.isnan(r["score"]))
+            assert ("duplicate image_id" if r["image_id"] else "no image_id") in r["error"]
+            assert r["heatmap_uri"] is None
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 3
     for r in ok:
@@ -121,7 +139,7 @@ def test_rerun_overwrites_instead_of_duplicating(nightly):
     assert score_job.main(["--deployment", "line1", "--archive", nightly["arch"], "--date", "2026-11-21",
                            "--output", nightly["out"]]) == 0
     rows = _read_scores(f"{nightly['out']}/scores/deployment=line1/date=2026-11-21")
-    assert len(rows) == 5
+    assert len(rows) == 8
     assert len(storage.list_files(f"{nightly['out']}/heatmaps/deployment=line1/date=2026-11-21")) == 3
 
 
