@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 
 import ray.train
@@ -174,13 +173,15 @@ def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = N
     if unknown:
         raise UsageError(f"prompt products {unknown} have no train images in the archive")
     cfg = dataclasses.replace(cfg, archive=storage.normalize(cfg.archive), storage_path=storage.normalize(cfg.storage_path))
-    if cfg.restart:  # start over: this run key's epoch checkpoints go before any worker starts
-        storage.remove_tree(cfg.checkpoints())
+    if cfg.restart:  # start over: this run key's epoch checkpoints and Ray's run state go before any worker starts
+        storage.remove_tree(storage.join(cfg.storage_path, cfg.run_key()))
     trainer = TorchTrainer(
         _fit_worker,
         train_loop_config={"job": FitJob(cfg, tuple(products), fault)},
         scaling_config=ScalingConfig(num_workers=max(1, cfg.num_workers), use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=f"anople-{cfg.deployment}-{uuid.uuid4().hex[:12]}", storage_path=cfg.storage_path,
+        # named by the run key: a resubmitted job finds this run's Ray Train state and epoch checkpoints
+        # (<storage>/<run key>/) instead of starting a stranger's
+        run_config=RunConfig(name=cfg.run_key(), storage_path=cfg.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
     )

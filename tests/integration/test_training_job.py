@@ -1,5 +1,7 @@
 """jobs.train the way a user reruns it: two data-parallel Ray Train workers, a rerun that resumes from the
 epoch checkpoints instead of training again, and --restart that trains from scratch."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -43,6 +45,9 @@ def test_two_workers_then_resume_then_restart(ray_local, synthetic_src, mlflow_r
 
     assert train_job.main(args + ["--restart"]) == 0
     assert "2 epoch(s) this run" in capsys.readouterr().out
+    # the three runs share one deterministic Ray Train run folder, named by the run key
+    key = registry.connect().get_run(registry.get_version("line2", version=3).run_id).data.params["run_key"]
+    assert os.listdir(mlflow_root / "ray_results") == [key]
 
 
 def test_a_killed_training_worker_resumes_from_its_last_epoch(ray_local, synthetic_src, mlflow_root, tmp_path):
