@@ -29,32 +29,43 @@ from pipeline.model.config import AnoPLeConfig
 from pipeline.prompt_training import train_prompts
 from pipeline.scorer import Scorer
 from pipeline.synthetic import make_mvtec_folder
+from pipeline.validation import build_validation, gain, validate
 from pipeline.weights import build_model
 
-ROWS = [  # (row name, AnoPLeConfig overrides, train?)
-    ("untrained (T<->I, 0 epochs)", {}, False),
+ROWS = [  # (row name, AnoPLeConfig overrides, train?); the full model is the config's defaults
+    ("untrained (T<->I, 0 steps)", {}, False),
     ("text only", {"prompt_mode": "text"}, True),
     ("visual only", {"prompt_mode": "visual"}, True),
     ("T->I only", {"prompt_mode": "t2i"}, True),
     ("I->T only", {"prompt_mode": "i2t"}, True),
-    ("T<->I (full AnoPLe)", {}, True),
+    ("T<->I (full AnoPLe, default)", {}, True),
     ("T<->I, no L_align", {"use_align_loss": False}, True),
     ("T<->I, no multi-scale/prefix", {"multiscale": False, "use_prefix": False}, True),
-    ("T<->I, calibrated harmonic fusion", {"fusion_calibrated": True}, True),
+    ("T<->I, weighted fusion (w on validation)", {"fusion": "weighted"}, True),
+    ("T<->I, calibrated harmonic fusion", {"fusion": "harmonic", "fusion_calibrated": True}, True),
     ("T<->I, text/decoder map only", {"fusion": "text"}, True),
     ("untrained, text/decoder map only", {"fusion": "text"}, False),
     ("memory bank only", {"prompt_mode": "none", "fusion": "bank"}, False),
 ]
 
 
-def run_row(clip_args, overrides, train, data, test, products, epochs, seed, device):
-    """Train (or not) one row's model on the shots, fit every product, score the test images."""
-    cfg = AnoPLeConfig(**{"epochs": epochs, "seed": seed, **overrides})
+def run_row(clip_args, overrides, train, data, test, products, seed, device):
+    """Train (or not) one row's model on the shots (validated on pseudo-anomalies of held-out normals,
+    as jobs.train does), fit every product, score the test images. -> (metrics, train seconds, the
+    validation gain in points or NaN)."""
+    cfg = AnoPLeConfig(**{"seed": seed, **overrides})
     model = build_model(*clip_args, cfg, device)
     S = model.image_size
     t0 = time.time()
+    val_gain = float("nan")
     if train and cfg.trains:
-        train_prompts(model, shot_batch(data, products, S), device)
+        check = None
+        if cfg.validate:
+            vs = build_validation(data, products, S, cfg.val_kinds, cfg.val_images, seed)
+            check = lambda: validate(model, vs, device)  # noqa: E731
+        log = train_prompts(model, shot_batch(data, products, S), device, validate=check)
+        if check is not None:
+            val_gain = gain(log.val)["val_gain_pixel_auroc"]
     train_s = time.time() - t0
     scorer = Scorer.from_fits(model, fit_products(model, data, products, device), device)
     per = {}
@@ -65,7 +76,7 @@ def run_row(clip_args, overrides, train, data, test, products, epochs, seed, dev
             s, amap = scorer.score(to_model_input(rgb, S)[None], [p])
             m.update(s[0], label, amap[0], resize_mask(decode_mask(mask, rgb.shape[:2]), S))
         per[p] = m.compute()
-    return summarize(per), train_s
+    return summarize(per), train_s, val_gain
 
 
 def load_data(root, products, shots, seed):
@@ -79,30 +90,48 @@ def load_data(root, products, shots, seed):
     return data, test
 
 
-def print_table(rows, results: dict, times: dict) -> None:
+def parse_sets(ap, sets: list[str]) -> dict:
+    """--set KEY=VALUE ... -> AnoPLe config overrides (values read as YAML)."""
+    out = {}
+    for kv in sets:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            ap.error(f"--set wants KEY=VALUE, got {kv!r}")
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def cell(values) -> str:
+    """mean +- std in %, for a metric over seeds."""
+    return f"{100 * np.mean(values):>11.1f} +-{100 * np.std(values):4.1f}"
+
+
+def print_table(rows, results: dict, times: dict, gains: dict) -> None:
     print()
-    head = f"{'ablation':<38}" + "".join(f"{k:>18}" for k in ("I-AUROC", "P-AUROC", "AUPRO")) + f"{'train s':>10}{'n':>4}"
+    head = (f"{'ablation':<42}" + "".join(f"{k:>18}" for k in ("I-AUROC", "P-AUROC", "AUPRO"))
+            + f"{'val gain':>10}{'train s':>9}{'n':>4}")
     print(head)
     print("-" * len(head))
     for name, _, _ in rows:
         rs = results.get(name, [])
         if not rs:
             continue
-        cells = "".join(f"{100 * np.mean([r[k] for r in rs]):>11.1f} +-{100 * np.std([r[k] for r in rs]):4.1f}"
-                        for k in PAPER_METRICS)
-        print(f"{name:<38}{cells}{np.mean(times[name]):>10.1f}{len(rs):>4}")
+        g = [x for x in gains.get(name, []) if np.isfinite(x)]
+        print(f"{name:<42}" + "".join(cell([r[k] for r in rs]) for k in PAPER_METRICS)
+              + (f"{np.mean(g):>+10.1f}" if g else f"{'-':>10}") + f"{np.mean(times[name]):>9.1f}{len(rs):>4}")
 
 
 def merge(paths: list[str]) -> int:
     """One table from several --json files (e.g. seeds run in separate sessions)."""
-    results, times = {}, {}
+    results, times, gains = {}, {}, {}
     for path in paths:
         with open(path) as f:
             d = json.load(f)
         for name, rs in d["results"].items():
             results.setdefault(name, []).extend(rs)
             times.setdefault(name, []).extend(d["train_s"][name])
-    print_table(ROWS, results, times)
+            gains.setdefault(name, []).extend(d.get("val_gain", {}).get(name, []))
+    print_table(ROWS, results, times, gains)
     return 0
 
 
@@ -112,56 +141,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default="random")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--shots", type=int, default=1)
-    ap.add_argument("--epochs", type=int, default=100, help="PromptAD's 100; ~100 s per trained row on 2 CPU cores")
     ap.add_argument("--products", default="tile,washer,fabric,pill,grid")
     ap.add_argument("--size", type=int, default=128, help="synthetic image size")
     ap.add_argument("--rows", default="", help="comma-separated row numbers to run (default: all)")
-    ap.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"],
-                    help="adamw by default here: on a random-init backbone PromptAD's SGD at 0.002 barely moves "
-                         "the from-scratch heads in a CPU-sized number of epochs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="AnoPLe config override for every row (repeatable), e.g. --set head_lr=0.002")
+                    help="AnoPLe config override for every row (repeatable), e.g. --set optimizer=sgd; "
+                         "default: the config's defaults, as jobs.train uses them")
     ap.add_argument("--json", default="", help="also write every (seed, row) result to this JSON file")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only print one table from earlier --json files")
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge)
-    # 2 shots per step: with 1 shot of 5 products an epoch is then 3 optimiser steps, not 1. head_lr 0.002:
-    # AdamW at the SGD head rate (0.05) jumps around; chosen by pseudo-anomaly AUROC on held-out normals
-    common = {"optimizer": args.optimizer, "batch_shots": 2, "head_lr": 0.002}
-    for kv in args.set:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            ap.error(f"--set wants KEY=VALUE, got {kv!r}")
-        common[k] = yaml.safe_load(v)
-
+    common = parse_sets(ap, args.set)
     products = args.products.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.weights == "random":
         print("NOTE: random-init backbone: absolute numbers are not the paper's.")
-    print(f"backbone {args.backbone} ({args.weights}), {args.shots} shot(s), {args.epochs} epochs "
-          f"({args.optimizer}), config overrides {common}, seeds {seeds}, "
-          f"products {', '.join(products)}, device {device}")
+    print(f"backbone {args.backbone} ({args.weights}), {args.shots} shot(s), config {AnoPLeConfig(**common).to_dict()}, "
+          f"seeds {seeds}, products {', '.join(products)}, device {device}")
     results = {name: [] for name, _, _ in rows}
     times = {name: [] for name, _, _ in rows}
+    gains = {name: [] for name, _, _ in rows}
     for seed in seeds:
         with tempfile.TemporaryDirectory() as root:
             make_mvtec_folder(root + "/src", tuple(products), n_train=args.shots + 4, n_test_good=6,
                               n_test_defect=2, size=args.size, seed=100 + seed)
             data, test = load_data(root, products, args.shots, seed)
             for name, overrides, train in rows:
-                r, t = run_row((args.backbone, args.weights, seed), {**common, **overrides},
-                               train, data, test, products, args.epochs, seed, device)
+                r, t, g = run_row((args.backbone, args.weights, seed), {**common, **overrides},
+                                  train, data, test, products, seed, device)
                 results[name].append(r)
                 times[name].append(t)
+                gains[name].append(g)
                 if args.json:  # after every row: a run cut short keeps what it finished
                     with open(args.json, "w") as f:
-                        json.dump({"args": vars(args), "results": results, "train_s": times}, f, indent=1)
-                print(f"  seed {seed} {name:<32}" + "".join(f" {k} {100 * r[k]:5.1f}" for k in PAPER_METRICS)
-                      + f"  (train {t:.1f}s)", flush=True)
-    print_table(rows, results, times)
+                        json.dump({"args": vars(args), "results": results, "train_s": times, "val_gain": gains},
+                                  f, indent=1)
+                print(f"  seed {seed} {name:<40}" + "".join(f" {k} {100 * r[k]:5.1f}" for k in PAPER_METRICS)
+                      + f"  val gain {g:+.1f}  (train {t:.1f}s)", flush=True)
+    print_table(rows, results, times, gains)
     return 0
 
 

@@ -4,7 +4,7 @@ With --protocol, the paper's protocol instead of one registered model: for each 
 seed, fit a model (multi-class: one for all products; unseen: leave-one-product-out) and evaluate it;
 prints mean +- std over seeds in the paper's table layout. Nothing is registered.
   python -m jobs.evaluate --deployment D --archive URI --protocol --shots 1,2,4 --seeds 0,1,2 \
-      [--setting multi-class|unseen] [--backbone ARCH] [--weights W] [--config YAML] [--epochs N]
+      [--setting multi-class|unseen] [--backbone ARCH] [--weights W] [--config YAML] [--epochs N] [--steps-per-epoch N]
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def format_protocol(table: dict, setting: str) -> str:
 
 def _protocol(args) -> int:
     check_weights(args.backbone, args.weights)
-    anople = load_config(args.config, epochs=args.epochs)
+    anople = load_config(args.config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
     shots = [int(x) for x in args.shots.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     init_ray()
@@ -96,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS)
     ap.add_argument("--config")
-    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--epochs", type=int, help="prompt-learning epochs, at most (with --protocol)")
+    ap.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch (with --protocol)")
     return ap
 
 

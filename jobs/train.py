@@ -18,6 +18,7 @@ from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.config import PROMPT_MODES
 from pipeline.runs import train_and_register
 from pipeline.training import TrainConfig
+from pipeline.validation import verdict
 from pipeline.weights import check_weights
 
 
@@ -31,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS,
                     help="open_clip pretrained tag, local checkpoint file, s3:// URI, or 'random'")
     ap.add_argument("--config", help="AnoPLe config YAML (every knob and ablation switch); flags below override it")
-    ap.add_argument("--epochs", type=int, help="prompt-learning epochs (config default: 100)")
+    ap.add_argument("--epochs", type=int, help="prompt-learning epochs, at most (config default: 12); each is "
+                                               "--steps-per-epoch optimiser steps, then a validation")
+    ap.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch (config default: 25)")
     ap.add_argument("--prompt-mode", choices=PROMPT_MODES,
                     help="ablation: bidirectional (default), T->I, I->T, text only, visual only, none (= memory bank only)")
     ap.add_argument("--bank-layers", default="", help="comma-separated 1-based blocks (default: 3,8 scaled to depth)")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error(f"--bank-layers wants comma-separated integers, got {args.bank_layers!r}")
     check_weights(args.backbone, args.weights)  # before any cluster work: a typo fails in a second
-    anople = load_config(args.config, epochs=args.epochs, prompt_mode=args.prompt_mode, seed=args.seed,
+    anople = load_config(args.config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, prompt_mode=args.prompt_mode, seed=args.seed,
                          bank_layers=bank_layers, fusion="bank" if args.prompt_mode == "none" else None)
     init_ray()
     cfg = TrainConfig(deployment=args.deployment, archive=args.archive, shots=args.shots, seed=args.seed,
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if secs:  # this run's epochs (a resumed run trains only the rest)
         print(f"  prompt learning on {summary['device']}: {len(secs)} epoch(s) this run, "
               f"{np.mean(secs):.2f} s/epoch (first {secs[0]:.2f} s, median {np.median(secs):.2f} s)")
+    if summary["validation"]:
+        line, warning = verdict(summary["validation"])
+        print(f"  {line}")
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr)
     for p, ps in sorted(spec.products.items()):
         print(f"  {p}: threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
     skipped = [s for p in sorted(summary["skipped"]) for s in summary["skipped"][p]]

@@ -105,7 +105,7 @@ def threshold_from(scores: list[float]) -> float:
     return float(max(s.max(), s.mean() + 3.0 * s.std()))
 
 
-def _crops(rgb: np.ndarray) -> list[np.ndarray]:
+def crops(rgb: np.ndarray) -> list[np.ndarray]:
     """Four 92%-area corner crops: a normal image seen slightly differently (K == 1 calibration)."""
     h, w = rgb.shape[:2]
     ch, cw = int(round(h * 0.96)), int(round(w * 0.96))
@@ -139,7 +139,7 @@ def fit_product(model: AnoPLe, product: str, data: ProductShots, device: str, ba
                  for j in range(len(enc))]
         how = "shots_leave_one_out"
     else:
-        parts = [maps(bank, encode_all(_crops(shot_rgb[0])))]
+        parts = [maps(bank, encode_all(crops(shot_rgb[0])))]
         how = "shots_augmented"
     comp = {k: torch.cat([m[k] for m in parts]) for k in parts[0]}  # each [N, S, S]
     n = next(iter(comp.values())).shape[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 
 # The paper's table: I-AUROC, P-AUROC, PRO (= AUPRO to FPR 0.3); every metric computed per product.
 PAPER_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -21,22 +22,8 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _average_ranks(scores)
+    ranks = rankdata(scores)  # average ranks of ties
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:

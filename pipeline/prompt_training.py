@@ -3,15 +3,18 @@
 One step: every shot gets, with probability pseudo_prob, a pixel-space pseudo-anomaly (exact mask) or a
 latent-space one (noised patch tokens); each image is seen as the global view (prefix c_0) and, with
 multiscale, as the 4 quadrant crops of its 2x resize (prefixes c_1..c_4); then
-L = L_pixel (focal + dice) + L_img + L_align. SGD with cosine decay; checkpoints every epoch.
+L = L_pixel (focal + dice) + L_img + L_align. The budget is in optimiser steps (an epoch is a fixed number of
+them, whatever the number of shots), with cosine decay over all of them; after every epoch a checkpoint
+and, with a validation set (pipeline.validation), a validation that keeps the best epoch and stops early.
 `train_prompts` is the one loop every caller runs: Ray Train workers, the ablations and the tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -54,9 +57,15 @@ class Views(NamedTuple):
     latent: torch.Tensor | None   # [V, HW, d_v] noise for the latent pseudo-anomaly, zero elsewhere
 
 
+def train_kinds(cfg) -> list[str]:
+    """Pixel pseudo-anomaly kinds for training: all but those held out for validation (all, if that is all)."""
+    return [k for k in KINDS if k not in cfg.val_kinds] or list(KINDS)
+
+
 def make_views(model: AnoPLe, shots: ShotBatch, gen: torch.Generator) -> Views:
     """Pseudo-anomalies + multi-scale views of a batch of shots."""
     cfg, S = model.cfg, model.image_size
+    pixel = train_kinds(cfg)
     xs, masks, latents = [], [], []
     for img in shots.pixels:  # img [3, S, S]
         mask = torch.zeros(S, S)
@@ -66,7 +75,7 @@ def make_views(model: AnoPLe, shots: ShotBatch, gen: torch.Generator) -> Views:
             if kinds:
                 kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=gen))]
                 if kind == "pixel":
-                    img, mask = pixel_anomaly(img, KINDS[int(torch.randint(0, len(KINDS), (1,), generator=gen))], gen)
+                    img, mask = pixel_anomaly(img, pixel[int(torch.randint(0, len(pixel), (1,), generator=gen))], gen)
                 else:
                     region = latent_region(model.grid, gen)
                     mask = latent_mask_pixels(region, model.grid, S)
@@ -117,7 +126,8 @@ def step_losses(model: AnoPLe, views: Views, products: list[str], device: str = 
 
 
 class PromptTrainer:
-    """Epoch loop state: model, optimiser, epoch, RNG; save/load as bytes for checkpoints."""
+    """Training state: model, optimiser, epoch, RNG, and the validation record (best epoch, its prompts,
+    epochs without a gain); saved and loaded as bytes for checkpoints."""
 
     def __init__(self, model: AnoPLe, shots: ShotBatch, device: str, batch_size: int | None = None,
                  grad_sync=None, amp: bool = False):
@@ -133,17 +143,28 @@ class PromptTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.grad_sync = grad_sync  # all-reduce of gradients across Ray Train workers
         self.amp = amp and device.startswith("cuda")
+        self.val = ValRecord()
+
+    @property
+    def total_steps(self) -> int:
+        return self.model.cfg.epochs * self.model.cfg.steps_per_epoch
+
+    def draw(self) -> torch.Tensor:
+        """The next step's shot indices [batch_size]: without repeats when the pool is large enough, else
+        every shot about equally often (a 1-shot product fills the batch with differently perturbed copies)."""
+        n = len(self.shots.pixels)
+        reps = -(-self.batch_size // n)  # ceil
+        return torch.cat([torch.randperm(n, generator=self.gen) for _ in range(reps)])[:self.batch_size]
 
     def run_epoch(self) -> dict:
         cfg, model = self.model.cfg, self.model
         model.train()
-        for g in self.opt.param_groups:  # cosine decay of each group's own base rate
-            g["lr"] = cosine_lr(self.epoch, cfg.epochs, g["base_lr"], cfg.lr_min)
-        order = torch.randperm(len(self.shots.pixels), generator=self.gen)
         totals: dict[str, float] = {}
-        n = 0
-        for i in range(0, len(order), self.batch_size):
-            views = make_views(model, self.shots.rows(order[i:i + self.batch_size]), self.gen)
+        for i in range(cfg.steps_per_epoch):
+            step = self.epoch * cfg.steps_per_epoch + i
+            for g in self.opt.param_groups:  # cosine decay over the whole step budget (PromptAD's shape)
+                g["lr"] = cosine_lr(step, self.total_steps, g["base_lr"], cfg.lr_min)
+            views = make_views(model, self.shots.rows(self.draw()), self.gen)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 losses = step_losses(model, views, self.shots.products, self.device)
             self.opt.zero_grad(set_to_none=True)
@@ -153,16 +174,32 @@ class PromptTrainer:
             self.opt.step()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
-            n += 1
         self.epoch += 1
         model.eval()
-        return {f"loss_{k}": v / max(n, 1) for k, v in totals.items()} | {"epoch": self.epoch}
+        return ({f"loss_{k}": v / cfg.steps_per_epoch for k, v in totals.items()}
+                | {"epoch": self.epoch, "step": self.epoch * cfg.steps_per_epoch})
+
+    def observe(self, metrics: dict) -> dict:
+        """Fold one validation (after epoch `self.epoch`; epoch 0 = before training) into the record."""
+        cfg = self.model.cfg
+        score = metrics[VAL_KEY]
+        if self.val.best_epoch < 0 or score > self.val.best + MIN_GAIN:
+            self.val.best, self.val.best_epoch, self.val.stale = score, self.epoch, 0
+            self.val.best_state = st_save(self.model.prompt_state())
+            self.val.best_weight = metrics.get("fusion_weight", -1.0)
+        else:
+            self.val.stale += 1
+        if self.epoch == 0:
+            self.val.baseline = dict(metrics)
+        self.val.stopped = cfg.patience > 0 and self.val.stale >= cfg.patience
+        return {f"val_{k}": v for k, v in metrics.items()} | {"val_best_epoch": self.val.best_epoch}
 
     def state_bytes(self) -> bytes:
-        """Prompt weights (safetensors) + optimiser, epoch and RNG (torch.save of tensors/ints only)."""
+        """Prompt weights (safetensors) + optimiser, epoch, RNG and validation record (torch.save of tensors,
+        numbers and bytes only)."""
         buf = io.BytesIO()
         torch.save({"prompts": st_save(self.model.prompt_state()), "opt": self.opt.state_dict(),
-                    "epoch": self.epoch, "gen": self.gen.get_state()}, buf)
+                    "epoch": self.epoch, "gen": self.gen.get_state(), "val": self.val.to_dict()}, buf)
         return buf.getvalue()
 
     def load_state_bytes(self, data: bytes) -> None:
@@ -172,10 +209,39 @@ class PromptTrainer:
         self.opt.load_state_dict(state["opt"])
         self.epoch = int(state["epoch"])
         self.gen.set_state(state["gen"])
+        self.val = ValRecord.from_dict(state.get("val", {}))
+
+
+VAL_KEY = "fused_pixel_auroc"  # what picks the best epoch: the map the scorer deploys
+MIN_GAIN = 1e-3                # a smaller rise is noise, not an improvement
+
+
+@dataclass
+class ValRecord:
+    best: float = float("-inf")
+    best_epoch: int = -1
+    stale: int = 0                  # validations since the best one
+    stopped: bool = False
+    baseline: dict = field(default_factory=dict)  # the validation before any training (epoch 0)
+    best_state: bytes = b""         # the best epoch's prompts (safetensors)
+    best_weight: float = -1.0       # the fusion weight the validation chose at the best epoch (weighted fusion)
+
+    def to_dict(self) -> dict:
+        """Numbers and tensors only (what torch.load(weights_only=True) reads back)."""
+        state = torch.frombuffer(bytearray(self.best_state), dtype=torch.uint8) if self.best_state else torch.zeros(0, dtype=torch.uint8)
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "stopped": self.stopped,
+                "baseline": dict(self.baseline), "best_state": state, "best_weight": self.best_weight}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ValRecord":
+        d = dict(d)
+        if "best_state" in d:
+            d["best_state"] = d["best_state"].numpy().tobytes()
+        return cls(**d)
 
 
 def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
-    """Cosine decay from lr at step 0 to lr_min at `total` (PromptAD's schedule)."""
+    """Cosine decay from lr at step 0 to lr_min at `total` (PromptAD's schedule, on optimiser steps)."""
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
@@ -190,13 +256,17 @@ def latest_checkpoint(uri: str) -> str | None:
 
 def train_prompts(model: AnoPLe, shots: ShotBatch, device: str, *, checkpoints: str | None = None,
                   restart: bool = False, rank: int = 0, world: int = 1,
-                  on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train the model's prompts and heads on `shots` to `cfg.epochs`, in place. Returns this call's
-    per-epoch metrics (a resumed run trains only the remaining epochs).
+                  on_epoch: Callable[[dict], None] | None = None,
+                  validate: Callable[[], dict] | None = None) -> TrainLog:
+    """Train the model's prompts and heads on `shots` for up to `cfg.epochs` epochs, in place.
 
-    With `checkpoints` (a storage URI), resumes from the newest epoch there unless `restart`, and rank 0
-    writes one after every epoch. With world > 1 (data-parallel workers), this worker trains on every
-    world-th shot and gradients are averaged over the torch.distributed group."""
+    With `validate` (pipeline.validation: every rank must call it, it returns the same metrics on each),
+    the model is validated before training (the baseline) and after every epoch; training stops after
+    `cfg.patience` epochs without a gain and the model ends with the best epoch's prompts. With
+    `checkpoints` (a storage URI), resumes from the newest epoch there unless `restart`, and rank 0 writes
+    one after every epoch. With world > 1 (data-parallel workers), this worker trains on every world-th
+    shot and gradients are averaged over the torch.distributed group. Returns this call's per-epoch
+    metrics (a resumed run trains only the remaining epochs) and the validation record."""
     if world > 1:
         shots = shots.shard(rank, world)
     trainer = PromptTrainer(model, shots, device, grad_sync=all_reduce_grads if world > 1 else None,
@@ -204,17 +274,30 @@ def train_prompts(model: AnoPLe, shots: ShotBatch, device: str, *, checkpoints: 
     latest = latest_checkpoint(checkpoints) if checkpoints and not restart else None
     if latest:
         trainer.load_state_bytes(storage.read_bytes(latest))
-    log = []
-    while trainer.epoch < model.cfg.epochs:
+    if validate is not None and trainer.epoch == 0 and trainer.val.best_epoch < 0:
+        trainer.observe(validate())  # epoch 0: the untrained model, what training must beat
+    log = TrainLog([], trainer.val)
+    while trainer.epoch < model.cfg.epochs and not trainer.val.stopped:
         t0 = time.time()
         metrics = trainer.run_epoch()
         metrics["epoch_seconds"] = time.time() - t0
+        if validate is not None:
+            metrics |= trainer.observe(validate())
         if checkpoints and rank == 0:  # every epoch: resumable from storage
             storage.write_bytes(storage.join(checkpoints, f"epoch-{trainer.epoch:04d}.pt"), trainer.state_bytes())
         if on_epoch is not None:
             on_epoch(metrics)
-        log.append(metrics)
+        log.epochs.append(metrics)
+    if validate is not None and trainer.val.best_state:
+        model.load_prompt_state(st_load(trainer.val.best_state))  # the best epoch, not the last
+        if model.cfg.fusion == "weighted" and model.cfg.fusion_weight < 0 <= trainer.val.best_weight:
+            model.cfg = dataclasses.replace(model.cfg, fusion_weight=trainer.val.best_weight)
     return log
+
+
+class TrainLog(NamedTuple):
+    epochs: list[dict]   # this call's per-epoch metrics
+    val: ValRecord       # the validation record (empty without validation)
 
 
 def all_reduce_grads(params) -> None:

@@ -17,6 +17,7 @@ from pipeline.cluster import has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.training import TrainConfig, fit_deployment
+from pipeline.validation import verdict
 
 
 class EvaluationIncomplete(PipelineError):
@@ -50,8 +51,17 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
         mlflow.log_params({"bank_layers": ",".join(map(str, spec.bank_layers)), "image_size": spec.image_size,
                            "weights_kind": kind, "weights_fingerprint": spec.weights_fingerprint,
                            "products": ",".join(sorted(spec.products))})
-        for e in summary["epochs"]:
+        for e in summary["epochs"]:  # losses and the validation curve, one point per epoch
             mlflow.log_metrics({k: v for k, v in e.items() if k != "epoch"}, step=int(e["epoch"]))
+        if summary["validation"]:
+            v = summary["validation"]
+            mlflow.log_metrics({k: v[k] for k in ("val_gain_pixel_auroc", "val_best_fused_pixel_auroc",
+                                                  "val_bank_pixel_auroc_untrained", "val_best_epoch")})
+            mlflow.log_dict(v, "validation.json")
+            line, warning = verdict(v)
+            mlflow.set_tag("validation", line)
+            if warning:
+                mlflow.set_tag("validation_warning", warning)
         mlflow.log_params({"resolved.bank_layers": ",".join(map(str, spec.anople["bank_layers"])),
                            "resolved.decoder_layers": ",".join(map(str, spec.anople["decoder_layers"])),
                            "resolved.prompt_depth": spec.anople["prompt_depth"]})

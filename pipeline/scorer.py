@@ -53,13 +53,14 @@ def text_features(model: AnoPLe, products: list[str]) -> dict[str, torch.Tensor]
 
 @torch.inference_mode()
 def component_maps(model: AnoPLe, enc: Encoded, products: list[str], banks: dict[str, MemoryBank],
-                   text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The evidence before fusion, {"bank": [B, S, S], "text": [B, S, S]} (whichever the config's fusion
-    uses). Bank map: mean halved cosine distance of each patch to its nearest bank patch; text map: the
-    decoder's anomaly probability. `banks` and `text` must hold every product of the batch."""
+                   text: dict[str, torch.Tensor], kinds: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The evidence before fusion, {"bank": [B, S, S], "text": [B, S, S]} (`kinds`, default whichever the
+    config's fusion uses). Bank map: mean halved cosine distance of each patch to its nearest bank patch;
+    text map: the decoder's anomaly probability. `banks` and `text` must hold every product of the batch."""
     cfg, S, B = model.cfg, model.image_size, len(enc)
+    kinds = kinds or {"bank": ("bank",), "text": ("text",)}.get(cfg.fusion, ("bank", "text"))
     maps = {}
-    if cfg.fusion in ("bank", "harmonic"):
+    if "bank" in kinds:
         feats = model.bank_features(enc)  # per layer [B, HW, C]
         hw = feats[0].shape[1]
         patch = torch.empty(B, hw, device=feats[0].device)  # visual anomaly per patch
@@ -68,30 +69,37 @@ def component_maps(model: AnoPLe, enc: Encoded, products: list[str], banks: dict
             queries = [f[rows].reshape(-1, f.shape[-1]) for f in feats]  # per layer [len(rows) * HW, C]
             patch[rows] = banks[p].distance(queries).reshape(len(rows), hw).to(patch.device)
         maps["bank"] = patch_scores_to_map(patch, model.grid, S, sigma=0)  # [B, S, S]
-    if cfg.fusion in ("text", "harmonic"):
+    if "text" in kinds:
         t = torch.stack([text[p] for p in products]).to(enc.z0.dtype)  # [B, 2, D]
         maps["text"] = pixel_map(model.text_head(enc, t)["logits"].float(), S)  # [B, S, S]
     return maps
 
 
 def fuse(cfg: AnoPLeConfig, maps: dict[str, torch.Tensor], products: list[str],
-         scales: dict[str, dict[str, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+         scales: dict[str, dict[str, float]] | None = None, weight: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Component maps -> (scores [B], maps [B, S, S]) as numpy float32.
 
-    Harmonic mean HM(t, b) = 2tb / (t + b) (Sec. 3.5). HM follows the smaller input (HM ~ 2t when
-    t << b), so with `fusion_calibrated` each map is first divided by its own level on the product's
-    normal calibration images (`scales[product]`, ProductSpec.map_scales): both then read "1 = as high as
-    on normal images", and neither map silences the other merely by living on a smaller scale."""
+    harmonic: HM(t, b) = 2tb / (t + b) (Sec. 3.5, the paper's). HM follows the smaller input (HM ~ 2t
+    when t << b), so a decoder on a smaller scale silences the bank and one on a larger scale is silenced.
+    With `fusion_calibrated` each map is first divided by its own level on the product's normal
+    calibration images (`scales[product]`, ProductSpec.map_scales).
+    weighted: (1 - w) b / level_b + w t / level_t, both maps in units of their normal level, w from the
+    config (resolved on the validation signal at training) or `weight` (the validation's own grid)."""
     if len(maps) == 1:
         amap = next(iter(maps.values()))
     else:
         t, b = maps["text"], maps["bank"]  # each [B, S, S]
-        if cfg.fusion_calibrated:
+        if cfg.fusion == "weighted" or cfg.fusion_calibrated:
             scales = scales or {}
             st = torch.tensor([scales.get(p, {}).get("text", 1.0) for p in products], device=t.device)  # [B]
             sb = torch.tensor([scales.get(p, {}).get("bank", 1.0) for p in products], device=b.device)  # [B]
             t, b = t / st.view(-1, 1, 1), b / sb.view(-1, 1, 1)
-        amap = harmonic_fusion(t, b)
+        if cfg.fusion == "weighted":
+            w = weight if weight is not None else cfg.fusion_weight
+            w = 0.5 if w < 0 else w  # -1 not resolved (trained without validation): equal weights
+            amap = (1 - w) * b + w * t  # both maps in units of their own normal level
+        else:
+            amap = harmonic_fusion(t, b)
     amap = blur(amap.float(), cfg.blur_sigma)  # [B, S, S]
     return image_score(amap).cpu().numpy(), amap.cpu().numpy()
 

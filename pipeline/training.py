@@ -30,6 +30,7 @@ from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.backbone import fingerprint, looks_untrained
 from pipeline.model.config import AnoPLeConfig
 from pipeline.prompt_training import train_prompts
+from pipeline.validation import build_validation, gain, on_rank0, validate
 from pipeline.weights import build_model, check_weights, weights_kind
 
 
@@ -96,7 +97,7 @@ def _fit_worker(config: dict) -> None:
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     model = build_model(cfg.backbone, cfg.weights, cfg.seed, cfg.anople, device)
     data = load_shots(cfg.archive, cfg.deployment, sorted(set(mine) | set(teach)), cfg.shots, cfg.seed)
-    epochs = []
+    epochs, val = [], None
     if cfg.anople.trains:
         def on_epoch(metrics: dict) -> None:
             ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
@@ -105,20 +106,33 @@ def _fit_worker(config: dict) -> None:
                 storage.write_bytes(marker, b"crashed once")
                 os._exit(70)
 
+        # pseudo-anomalies on the teaching products' normals (pipeline.validation), validated on rank 0
+        vs = build_validation(data, teach, model.image_size, cfg.anople.val_kinds, cfg.anople.val_images,
+                              cfg.seed) if cfg.anople.validate and rank == 0 else None
+
+        def check() -> dict:
+            return on_rank0(lambda: validate(model, vs, device), rank, world)
+
         # a restarted worker group (FailureConfig) resumes from the last epoch checkpoint (--restart
         # removed the old ones before any worker started)
-        epochs = train_prompts(model, shot_batch(data, teach, model.image_size), device,
-                               checkpoints=cfg.checkpoints(), rank=rank, world=world, on_epoch=on_epoch)
+        epochs, val = train_prompts(model, shot_batch(data, teach, model.image_size), device,
+                                    checkpoints=cfg.checkpoints(), rank=rank, world=world, on_epoch=on_epoch,
+                                    validate=check if cfg.anople.validate else None)
     fits = fit_products(model, data, mine, device)
     with tempfile.TemporaryDirectory() as out:
         meta = {"fingerprint": fingerprint(model.clip), "bank_layers": list(model.bank_layers),
                 "decoder_layers": list(model.decoder_layers), "prompt_depth": model.J,
+                "fusion_weight": model.cfg.fusion_weight,  # resolved on the validation signal
                 "image_size": model.image_size, "feature_dim": int(model.d_v), "device": device,
                 "backend": pick_backend(device), "untrained_backbone": looks_untrained(model.clip)}
         _write(os.path.join(out, f"worker-{rank}.json"), json.dumps(meta))
         if cfg.anople.trains and rank == 0:
             _write(os.path.join(out, "prompts.safetensors"), st_save(model.prompt_state()))
             _write(os.path.join(out, "train_log.json"), json.dumps(epochs))
+            if val is not None and val.best_epoch >= 0:
+                _write(os.path.join(out, "validation.json"), json.dumps(
+                    gain(val) | {"baseline": val.baseline, "stopped_early": val.stopped,
+                                 "sources": vs.source if vs is not None else {}}))
         for p, fit in fits.items():
             _write(os.path.join(out, artifact.bank_file(p)), fit.bank.to_bytes())
             _write(os.path.join(out, artifact.fit_file(p)), json.dumps(
@@ -139,8 +153,10 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
     if len({w["fingerprint"] for w in workers}) != 1:
         raise RuntimeError(f"workers built different backbones: {[w['fingerprint'] for w in workers]}")
     w0 = workers[0]
+    # rank 0 trained (and validated): its fusion weight is the model's
+    w_rank0 = _read_json(os.path.join(out_dir, "worker-0.json")).get("fusion_weight", cfg.anople.fusion_weight)
     resolved = cfg.anople.to_dict() | {"bank_layers": w0["bank_layers"], "decoder_layers": w0["decoder_layers"],
-                                        "prompt_depth": w0["prompt_depth"]}
+                                        "prompt_depth": w0["prompt_depth"], "fusion_weight": w_rank0}
     spec = artifact.ModelSpec(
         deployment=cfg.deployment, backbone=cfg.backbone, weights=cfg.weights,
         # the weights decide, not the argument: an untrained backbone from any file or tag is "random"
@@ -149,8 +165,10 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
         bank_layers=w0["bank_layers"], shots=cfg.shots, feature_dim=w0["feature_dim"], anople=resolved,
         prompts_file="prompts.safetensors" if cfg.anople.trains else "")
     log_path = os.path.join(out_dir, "train_log.json")
+    val_path = os.path.join(out_dir, "validation.json")
     summary = {"device": w0["device"], "knn_backend": w0["backend"], "calibration": {}, "skipped": {},
-               "epochs": _read_json(log_path) if os.path.exists(log_path) else []}
+               "epochs": _read_json(log_path) if os.path.exists(log_path) else [],
+               "validation": _read_json(val_path) if os.path.exists(val_path) else None}
     for p in products:
         path = os.path.join(out_dir, artifact.fit_file(p))
         if not os.path.exists(path):

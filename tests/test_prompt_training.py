@@ -47,16 +47,16 @@ def test_train_prompts_checkpoints_every_epoch_and_a_rerun_resumes(tiny_model, t
     ckpts = str(tmp_path / "ckpts")
     seen = []
     model = tiny_model(epochs=2, batch_shots=2)
-    log = train_prompts(model, _shots(), "cpu", checkpoints=ckpts, on_epoch=seen.append)
+    log = train_prompts(model, _shots(), "cpu", checkpoints=ckpts, on_epoch=seen.append).epochs
     assert [m["epoch"] for m in log] == [1, 2] and seen == log
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
     assert all(m["epoch_seconds"] > 0 and m["loss_total"] > 0 for m in log)
     again = tiny_model(epochs=2, batch_shots=2)
-    assert train_prompts(again, _shots(), "cpu", checkpoints=ckpts) == []  # done: nothing left to train
+    assert train_prompts(again, _shots(), "cpu", checkpoints=ckpts).epochs == []  # done: nothing left to train
     a, b = model.prompt_state(), again.prompt_state()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the checkpoint's prompts, exactly
     fresh = tiny_model(epochs=2, batch_shots=2)
-    assert len(train_prompts(fresh, _shots(), "cpu", checkpoints=ckpts, restart=True)) == 2
+    assert len(train_prompts(fresh, _shots(), "cpu", checkpoints=ckpts, restart=True).epochs) == 2
 
 
 def test_data_parallel_shards_take_every_world_th_shot():
@@ -105,11 +105,62 @@ def test_full_size_backbone_from_a_checkpoint_file_forward_and_backward_on_cpu(t
     assert model.visual_ctx.grad is not None and all(p.grad is None for p in model.clip.parameters())
 
 
-@pytest.mark.parametrize("batch_shots,steps", [(1, 4), (3, 2), (8, 1)])
-def test_batch_shots_sets_the_optimiser_steps_per_epoch(tiny_model, batch_shots, steps):
-    trainer = PromptTrainer(tiny_model(epochs=1, batch_shots=batch_shots), _shots(), "cpu")
-    calls = []
-    step = trainer.opt.step
-    trainer.opt.step = lambda *a, **k: (calls.append(1), step(*a, **k))[1]
+@pytest.mark.parametrize("n_shots,batch_shots", [(1, 4), (4, 3), (4, 8)])
+def test_the_budget_is_optimiser_steps_whatever_the_number_of_shots(tiny_model, n_shots, batch_shots):
+    """An epoch is steps_per_epoch steps of batch_shots shots each: one shot fills its batch with copies
+    (each gets its own pseudo-anomaly draw), a large pool is drawn without repeats. The learning rate
+    decays over the steps, not the epochs."""
+    shots = _shots().rows(slice(0, n_shots))
+    trainer = PromptTrainer(tiny_model(epochs=2, steps_per_epoch=3, batch_shots=batch_shots), shots, "cpu")
+    drawn, lrs = [], []
+    draw, step = trainer.draw, trainer.opt.step
+    trainer.draw = lambda: drawn.append(draw()) or drawn[-1]
+    trainer.opt.step = lambda *a, **k: (lrs.append(trainer.opt.param_groups[0]["lr"]), step(*a, **k))[1]
     trainer.run_epoch()
-    assert len(calls) == steps
+    trainer.run_epoch()
+    assert len(lrs) == 6 and all(len(d) == batch_shots for d in drawn)
+    for d in drawn:
+        counts = torch.bincount(d, minlength=n_shots)
+        assert counts.max() - counts.min() <= 1  # every shot about equally often, no shot left out needlessly
+    cfg = trainer.model.cfg
+    assert lrs == pytest.approx([cosine_lr(i, 6, cfg.lr, cfg.lr_min) for i in range(6)])
+
+
+def _scripted(values):
+    """A validate() that returns the next scripted fused AUROC each call (epoch 0 first)."""
+    it = iter(values)
+    return lambda: {"bank_pixel_auroc": 0.5, "fused_pixel_auroc": next(it)}
+
+
+def test_training_keeps_the_best_epoch_and_stops_when_validation_stops_improving(tiny_model, tmp_path):
+    kept = {}
+    model = tiny_model(epochs=10, steps_per_epoch=1, batch_shots=2, patience=2)
+    log = train_prompts(model, _shots(), "cpu", checkpoints=str(tmp_path / "c"), validate=_scripted(
+        [0.50, 0.60, 0.70, 0.69, 0.70, 0.9, 0.9]),
+        on_epoch=lambda m: kept.setdefault(m["epoch"], {k: v.clone() for k, v in model.prompt_state().items()}))
+    # epochs 3 and 4 bring no gain over epoch 2 (0.70 is not more than 0.70 + 1e-3): stop after epoch 4
+    assert [m["epoch"] for m in log.epochs] == [1, 2, 3, 4] and log.val.stopped
+    assert (log.val.best_epoch, log.val.best, log.val.baseline["fused_pixel_auroc"]) == (2, 0.70, 0.50)
+    assert [m["val_best_epoch"] for m in log.epochs] == [1, 2, 2, 2]
+    now = model.prompt_state()
+    assert all(torch.equal(now[k], kept[2][k]) for k in now)  # epoch 2's prompts, not the last epoch's
+    assert not all(torch.equal(now[k], kept[4][k]) for k in now)
+    # a rerun resumes the record from the checkpoint: nothing to train, the same best prompts
+    again = tiny_model(epochs=10, steps_per_epoch=1, batch_shots=2, patience=2)
+    log2 = train_prompts(again, _shots(), "cpu", checkpoints=str(tmp_path / "c"), validate=_scripted([]))
+    assert log2.epochs == [] and log2.val.best_epoch == 2
+    assert all(torch.equal(again.prompt_state()[k], now[k]) for k in now)
+
+
+def test_an_epoch_that_never_beats_the_untrained_model_leaves_it_untrained(tiny_model):
+    model = tiny_model(epochs=3, steps_per_epoch=1, batch_shots=2, patience=0)
+    before = {k: v.clone() for k, v in model.prompt_state().items()}
+    log = train_prompts(model, _shots(), "cpu", validate=_scripted([0.8, 0.7, 0.6, 0.75]))
+    assert len(log.epochs) == 3 and not log.val.stopped and log.val.best_epoch == 0  # patience 0: all epochs
+    assert all(torch.equal(model.prompt_state()[k], before[k]) for k in before)
+
+
+def test_the_shipped_default_yaml_is_the_config_default():
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "infra" / "configs" / "anople-default.yaml"
+    assert load_config(str(path)) == AnoPLeConfig()

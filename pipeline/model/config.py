@@ -1,11 +1,14 @@
 """AnoPLe's knobs, one typed config. The numbers the paper leaves open default to PromptAD's, its closest
-peer (bank layers 3 and 8, blur sigma 4, SGD at 0.002 with cosine decay, 100 epochs, 4 context tokens)."""
+peer (bank layers 3 and 8, blur sigma 4, lr 0.002 with cosine decay, 4 context tokens); the optimiser and
+step budget were chosen on the validation signal (pipeline.validation), not on test defects."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
 PROMPT_MODES = ("bi", "t2i", "i2t", "text", "visual", "none")
-FUSIONS = ("harmonic", "text", "bank")
+PSEUDO_KINDS = ("paste", "noise", "texture", "perlin")  # pixel pseudo-anomalies (pipeline.model.pseudo)
+FUSIONS = ("harmonic", "weighted", "text", "bank")
+FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # grid the validation chooses from
 
 
 @dataclass
@@ -35,22 +38,34 @@ class AnoPLeConfig:
     latent_noise_std: float = 1.0    # relative to the tokens' own std
     # memory bank and fusion (Sec. 3.5)
     bank_layers: tuple[int, ...] = ()  # 1-based; () = PromptAD's 3 and 8 scaled to the depth
-    fusion: str = "harmonic"         # harmonic | text | bank
+    fusion: str = "harmonic"         # harmonic (the paper's raw harmonic mean) | weighted | text | bank
+    fusion_weight: float = -1.0      # weighted: (1 - w) bank/level + w text/level; -1 = w chosen on the
+                                     # validation signal (0 = the bank alone: a decoder that does not help
+                                     # is silenced; one that does is heard whatever its scale), 0.5 when
+                                     # training runs without validation
     fusion_calibrated: bool = False  # True: divide each map by its level on normal calibration images
                                      # before the harmonic mean; False: raw maps, as the paper's equation
                                      # reads (better once the decoder is trained: see the ablation table)
     blur_sigma: float = 4.0
-    # optimisation: PromptAD's SGD, cosine to lr_min; "adamw" for heads learned from scratch or random backbones
-    optimizer: str = "sgd"           # sgd | adamw
-    epochs: int = 100
-    batch_shots: int = 8             # normal shots per optimiser step (each gives 5 views with multiscale);
-                                     # an epoch is one pass over the shots, so few shots = few steps
+    # optimisation, budgeted in optimiser steps (never in passes over a handful of shots): an epoch is
+    # `steps_per_epoch` steps, each on `batch_shots` shots drawn from the pool (each shot with its own
+    # pseudo-anomaly draw, so a 1-shot product fills a batch too); cosine decay over all the steps.
+    # Chosen on the validation signal (README, "The default recipe"); PromptAD's SGD is a switch.
+    optimizer: str = "adamw"         # adamw | sgd (PromptAD: SGD, momentum 0.9, lr 0.002)
+    epochs: int = 12                 # validation + checkpoint after each; at most epochs * steps_per_epoch steps
+    steps_per_epoch: int = 25
+    batch_shots: int = 4             # shots per optimiser step (5 views each with multiscale)
     lr: float = 0.002                # prompts, prefixes and prompt maps (PromptAD's)
-    head_lr: float = 0.05            # decoder, adapters, alignment weights: new layers learned from
-                                     # scratch (PromptAD has none); at 0.002 they barely move in 100 epochs
+    head_lr: float = 0.002           # decoder, adapters, alignment weights (learned from scratch)
     lr_min: float = 1e-5
-    momentum: float = 0.9
+    momentum: float = 0.9            # SGD only
     weight_decay: float = 5e-4
+    # validation without test data: held-out normals (or views of the shots) with pseudo-anomalies of the
+    # kinds held out of training; best epoch kept, early stop after `patience` epochs without a gain
+    validate: bool = True
+    val_kinds: tuple[str, ...] = ("perlin",)  # pixel pseudo-anomaly kinds used only for validation
+    val_images: int = 4              # normal images per product behind the validation set
+    patience: int = 4                # epochs without improvement before stopping (0: never stop early)
     seed: int = 0
 
     def __post_init__(self):
@@ -60,10 +75,17 @@ class AnoPLeConfig:
             raise ValueError(f"optimizer {self.optimizer!r} is 'sgd' or 'adamw'")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} not in {FUSIONS}")
+        if not (self.fusion_weight == -1.0 or 0.0 <= self.fusion_weight <= 1.0):
+            raise ValueError(f"fusion_weight {self.fusion_weight} is in [0, 1], or -1 (chosen on validation)")
         if self.prompt_mode == "none" and self.fusion != "bank":
             raise ValueError("prompt_mode 'none' has no text map: use fusion 'bank'")
         self.decoder_layers = tuple(self.decoder_layers)
         self.bank_layers = tuple(self.bank_layers)
+        self.val_kinds = tuple(self.val_kinds)
+        if not self.val_kinds or set(self.val_kinds) - set(PSEUDO_KINDS):
+            raise ValueError(f"val_kinds {self.val_kinds} must be some of {PSEUDO_KINDS}")
+        if self.epochs < 0 or self.steps_per_epoch < 1 or self.batch_shots < 1:
+            raise ValueError("epochs >= 0, steps_per_epoch >= 1 and batch_shots >= 1")
 
     @property
     def text_prompts(self) -> bool:   # deep learnable text prompts P^t
@@ -88,6 +110,7 @@ class AnoPLeConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["decoder_layers"], d["bank_layers"] = list(self.decoder_layers), list(self.bank_layers)
+        d["val_kinds"] = list(self.val_kinds)
         return d
 
     @classmethod

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-KINDS = ("paste", "noise", "texture", "perlin")
+from pipeline.model.config import PSEUDO_KINDS as KINDS
 
 
 def _box(gen: torch.Generator, size: int, lo: float = 0.08, hi: float = 0.3) -> tuple[int, int, int, int]:

@@ -73,7 +73,8 @@ def nightly(request, bucket, ray_local, synthetic_src, tmp_path_factory):
     _write_foreign_shard(f"{arch}/deployment=line1/date=2026-11-21/from-another-tool.parquet",
                          f"{night}/000.png")
     rc["train"] = train_job.main(["--deployment", "line1", "--archive", arch, "--shots", "2", "--seed", "0",
-                                  "--backbone", TINY, "--weights", "random", "--epochs", "2"])
+                                  "--backbone", TINY, "--weights", "random", "--epochs", "2",
+                                  "--steps-per-epoch", "2"])
     rc["evaluate"] = evaluate_job.main(["--deployment", "line1", "--archive", arch])
     rc["promote_refused"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production"])
     rc["promote"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production", "--force"])
@@ -96,6 +97,10 @@ def test_prompt_training_checkpointed_every_epoch_and_logged(nightly):
     assert run.data.params["anople.prompt_mode"] == "bi" and run.data.params["anople.epochs"] == "2"
     history = registry.client().get_metric_history(mv.run_id, "loss_total")
     assert [m.step for m in history] == [1, 2]
+    # the validation curve, and what training added over the bank on it, in the run
+    assert [m.step for m in registry.client().get_metric_history(mv.run_id, "val_fused_pixel_auroc")] == [1, 2]
+    assert "val_gain_pixel_auroc" in run.data.metrics and run.data.tags["validation"].startswith("validation (")
+    assert storage.exists(storage.join(run.info.artifact_uri, "validation.json"))
     assert storage.exists(registry.artifact_uri(mv) + "/prompts.safetensors")
 
 

@@ -24,7 +24,7 @@ def test_two_workers_then_resume_then_restart(ray_local, synthetic_src, mlflow_r
     arch = str(tmp_path / "archive")
     assert ingest_job.main([synthetic_src, "--archive", arch, "--deployment", "line2", "--date", "2026-11-20"]) == 0
     args = ["--deployment", "line2", "--archive", arch, "--shots", "1", "--backbone", TINY, "--weights", "random",
-            "--epochs", "2", "--num-workers", "2"]
+            "--epochs", "2", "--steps-per-epoch", "2", "--num-workers", "2"]
     capsys.readouterr()
 
     assert train_job.main(args) == 0
@@ -62,7 +62,7 @@ def test_a_killed_training_worker_resumes_from_its_last_epoch(ray_local, synthet
     arch = str(tmp_path / "archive")
     ingest(synthetic_src, arch, "kill", "2026-11-20")
     cfg = TrainConfig(deployment="kill", archive=arch, shots=1, backbone=TINY, weights="random",
-                      anople=AnoPLeConfig(epochs=3, batch_shots=2), storage_path=str(tmp_path / "straight"))
+                      anople=AnoPLeConfig(epochs=3, steps_per_epoch=2, batch_shots=2), storage_path=str(tmp_path / "straight"))
     fit_deployment(cfg, str(tmp_path / "out-straight"))
     killed = dataclasses.replace(cfg, storage_path=str(tmp_path / "killed"))
     _, summary = fit_deployment(killed, str(tmp_path / "out-killed"), fault=WorkerCrash(after_epoch=1))
