@@ -40,8 +40,8 @@ def plant(ray_local, synthetic_src, tmp_path_factory):
                                 "--product", p]) == 0
     ckpt = root / "clip.pt"  # random weights behind a file name: the gate must still see them
     torch.save(create_clip(TINY, "random", seed=0).state_dict(), ckpt)
-    small = make_mvtec_folder(str(root / "small"), ("tile",), n_train=0, n_test_good=5, n_test_defect=1,
-                              size=64, seed=6)  # 8 rows: a night to crash in
+    small = make_mvtec_folder(str(root / "small"), ("tile",), n_train=0, n_test_good=1, n_test_defect=1,
+                              size=64, seed=6)  # 4 rows (1 good, 3 defect types): a night to crash in
     assert ingest_job.main([f"{small}/tile/test", "--archive", arch, "--deployment", "an", "--date", SMALL,
                             "--product", "tile"]) == 0
     assert train_job.main(["--deployment", "an", "--archive", arch, "--shots", "1", "--backbone", TINY,
@@ -151,7 +151,7 @@ def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_complet
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
     poison = ids[len(ids) // 2]
-    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.2,
+    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.25,
                     fault=InjectedFault(frozenset({poison})))
     rows = {r[0]: r for r in _night(plant["out"], SMALL)}
     assert sorted(rows) == ids and s["rows_out"] == len(ids)  # every row once
@@ -173,11 +173,11 @@ def test_more_infrastructure_errors_than_allowed_fail_the_run_and_publish_nothin
     ids = sorted(archive_ids(plant["arch"], SMALL))
     before = score_night("an", plant["arch"], SMALL, plant["out"])
     published = _night(plant["out"], SMALL)
-    failing = InjectedFault(frozenset(ids[:2]), kind="raise")  # scoring raises on 2 of 8 rows
-    with pytest.raises(TooManyErrors, match="2 of 8 rows failed for infrastructure reasons"):
+    failing = InjectedFault(frozenset(ids[:2]), kind="raise")  # scoring raises on 2 of 4 rows
+    with pytest.raises(TooManyErrors, match="2 of 4 rows failed for infrastructure reasons"):
         score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.2, fault=failing)
     assert _night(plant["out"], SMALL) == published and nights.published(plant["out"], "an", SMALL)["run_id"] == before["run_id"]
-    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.25, fault=failing)  # within budget
+    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.5, fault=failing)  # within budget
     rows = {r[0]: r for r in _night(plant["out"], SMALL)}
     assert s["infra_errors"] == 2 and [rows[i][4] for i in ids[:2]] == ["error", "error"]
 
