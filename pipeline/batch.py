@@ -29,8 +29,10 @@ from pipeline.nights import heatmap_key
 from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, encode_heatmap, resize_mask, to_model_input
 from pipeline.scorer import Scorer
 
+# The night's rows. `deployment` and `date` are the partition's (scores/deployment=D/date=X/), not columns:
+# hive-partitioned readers of the whole tree take them from the path, with one type.
 SCORE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("deployment", pa.string()), ("product", pa.string()),
+    ("image_id", pa.string()), ("product", pa.string()), ("source_uri", pa.string()),
     ("score", pa.float64()), ("is_anomalous", pa.bool_()), ("threshold", pa.float64()),
     ("model_name", pa.string()), ("model_version", pa.string()),
     ("heatmap_uri", pa.string()), ("heatmap_scale", pa.float64()),
@@ -88,8 +90,8 @@ def _labels(values) -> np.ndarray:
 
 def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: frozenset = frozenset()) -> dict:
     """CPU task: image bytes -> model input. Failures become status/error, never exceptions. A row without
-    an image_id, or with one that other rows of the partition carry too (`duplicates`), is an error row:
-    its score and heatmap could not be told apart from theirs."""
+    an image_id, or with one that other rows of the night carry too (`duplicates`), is an error row: its
+    score and heatmap could not be told apart from theirs."""
     n = len(batch["image_id"])
     pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
     hw = np.zeros((n, 2), dtype=np.int32)
@@ -101,7 +103,7 @@ def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: fro
             status[i], error[i] = "error", "row has no image_id"
             continue
         if image_id in duplicates:
-            status[i], error[i] = "error", ("duplicate image_id: other rows of this partition carry it too; "
+            status[i], error[i] = "error", ("duplicate image_id: other rows of this night carry it too; "
                                             "none of them is scored (fix the archive)")
             continue
         try:
@@ -117,6 +119,7 @@ def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: fro
         except Exception as e:  # decode_image already words its own errors; anything else is reported as is
             status[i], error[i] = "error", str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
     out = {"image_id": batch["image_id"], "product": batch["product"], "pixels": pixels,
+           "source_uri": batch["source_uri"] if "source_uri" in batch else np.full(n, None, dtype=object),
            "height": hw[:, 0], "width": hw[:, 1], "status": np.array(status), "error": np.array(error)}
     if with_masks:
         out.update(mask=masks, label=_labels(batch["label"]))
@@ -132,8 +135,9 @@ def score_rows(batch: dict, info: RunInfo, *, score, threshold, status, error, h
     threshold = np.asarray(threshold, dtype=np.float64)
     status = np.asarray(status, dtype=object)
     return {
-        "image_id": batch["image_id"], "deployment": np.array([info.deployment] * n, dtype=object),
-        "product": batch["product"], "score": score, "is_anomalous": (score > threshold) & (status == "ok"),
+        "image_id": batch["image_id"], "product": batch["product"],
+        "source_uri": batch["source_uri"] if "source_uri" in batch else np.full(n, None, dtype=object),
+        "score": score, "is_anomalous": (score > threshold) & (status == "ok"),
         "threshold": threshold,
         "model_name": np.array([info.model_name] * n, dtype=object),
         "model_version": np.array([info.model_version] * n, dtype=object),
@@ -262,11 +266,13 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     """
     known = sorted(spec.products)
     present = archive.product_counts(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids))
-    duplicates = archive.duplicate_ids(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids))
+    # an image_id is unique within a night; across dates (an evaluation of every date) it may recur
+    duplicates = archive.duplicate_ids(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids)) \
+        if date is not None else frozenset()
     eval_cols = list(EVAL_COLUMNS) if with_masks else []
     branches = []
     if only is None and any(p not in spec.products for p in present):
-        cols = ["image_id", "product"] + (["label"] if with_masks else [])
+        cols = ["image_id", "product", "source_uri"] + (["label"] if with_masks else [])
         branches.append(read_rows(archive_uri, deployment, date, cols,
                                   archive.Rows(split, tuple(known), exclude=True, image_ids=image_ids))
                         .map_batches(unknown_product_rows, batch_format="numpy", max_retries=TASK_RETRIES,
@@ -276,7 +282,7 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
             products = [p for p in products if p in only]
         if not any(p in present for p in products):
             continue  # no rows tonight for this shard: start no actor for it
-        rows = read_rows(archive_uri, deployment, date, ["image_id", "product", "image"] + eval_cols,
+        rows = read_rows(archive_uri, deployment, date, ["image_id", "product", "source_uri", "image"] + eval_cols,
                          archive.Rows(split, tuple(products), image_ids=image_ids))
         decoded = rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size, max_retries=TASK_RETRIES,
                                    fn_kwargs={"image_size": spec.image_size, "with_masks": with_masks,

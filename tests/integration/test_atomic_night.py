@@ -32,7 +32,7 @@ def plant(ray_local, synthetic_src, tmp_path_factory):
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     mp.delenv("ANOPLE_ARTIFACT_ROOT", raising=False)
     arch, out = str(root / "archive"), str(root / "out")
-    night = make_mvtec_folder(str(root / "night"), ("tile", "washer"), n_train=0, n_test_good=30, n_test_defect=1,
+    night = make_mvtec_folder(str(root / "night"), ("tile", "washer"), n_train=0, n_test_good=17, n_test_defect=1,
                               size=64, seed=5)
     assert ingest_job.main([synthetic_src, "--archive", arch, "--deployment", "an", "--date", "2026-11-20"]) == 0
     for p in ("tile", "washer"):
@@ -49,7 +49,7 @@ def plant(ray_local, synthetic_src, tmp_path_factory):
     assert registry.get_version("an", alias="candidate").tags["weights_kind"] == "random"
     assert promote_job.main(["--deployment", "an", "--from-alias", "candidate", "--to", "production"]) == 3
     assert promote_job.main(["--deployment", "an", "--from-alias", "candidate", "--to", "production", "--force"]) == 0
-    yield {"arch": arch, "out": out, "root": root, "n": 66}
+    yield {"arch": arch, "out": out, "root": root, "n": 40}
     mp.undo()
 
 
@@ -59,6 +59,23 @@ def _night(out, date=DATE):
                                                                             "heatmap_uri", "status"])
     return sorted(zip(t["image_id"].to_pylist(), t["score"].to_pylist(), t["run_id"].to_pylist(),
                       t["heatmap_uri"].to_pylist(), t["status"].to_pylist()))
+
+
+def _every_reader_sees(plant, image_ids):
+    """pandas, pyarrow (hive) and DuckDB on the whole scores/ tree: the night's rows once, with the path's
+    deployment and date and each row's source file."""
+    import duckdb
+    import pandas as pd
+
+    tree = os.path.join(plant["out"], "scores")
+    df = pd.read_parquet(tree)
+    df = df[df["date"].astype(str) == DATE]
+    assert sorted(df["image_id"]) == image_ids and set(df["deployment"].astype(str)) == {"an"}
+    t = pads.dataset(tree, format="parquet", partitioning="hive").to_table(filter=pads.field("date") == DATE)
+    assert sorted(t["image_id"].to_pylist()) == image_ids
+    rows = duckdb.sql(f"select image_id, source_uri from read_parquet('{tree}/**/*.parquet', hive_partitioning=true) "
+                      f"where date = '{DATE}' order by image_id").fetchall()
+    assert [r[0] for r in rows] == image_ids and all(r[1].endswith(".png") for r in rows)
 
 
 def _start_and_kill(plant, sig, first_run):
@@ -96,6 +113,7 @@ def test_killed_runs_leave_the_previous_night_and_a_rerun_completes_it(plant):
     first = _night(plant["out"])
     run1 = first[0][2]
     assert len(first) == plant["n"] and {r[2] for r in first} == {run1}
+    _every_reader_sees(plant, [r[0] for r in first])
 
     killed, during = _start_and_kill(plant, signal.SIGKILL, run1)
     assert during == first and _night(plant["out"]) == first  # during and after the kill: the old night, whole
