@@ -5,12 +5,14 @@ Layout under the output root, per deployment and date:
 
     scores/deployment=D/date=X/scores.parquet      the night's score rows: one file, replaced in one step
     scores/deployment=D/date=X/_SUCCESS            JSON naming the run that published it (written after)
-    scores/deployment=D/date=X/_staging/<run>.parquet   a run's rows while it runs (hidden from readers)
     heatmaps/deployment=D/date=X/run=<run>/<key>.png    each run's own heatmaps, named by its score rows
+    _staging/scores/deployment=D/date=X/<run>.parquet   a run's rows while it runs (outside the scores tree)
 
 A run streams its rows into its staging file, then publishes with one rename (local filesystems) or one
-object copy (S3, whose copy of a single object is atomic): every reader that skips names starting with '_'
-or '.' (pyarrow, pandas, DuckDB, Spark) sees one complete night. Heatmaps are never overwritten in place:
+object copy (S3, whose copy of a single object is atomic): every reader of the scores/ tree (pandas,
+pyarrow, Spark, and DuckDB's `**/*.parquet` glob, which skips no name) sees one complete night per
+partition. The partition columns (`deployment`, `date`) live in the path only, so hive-partitioned readers
+of the whole tree get them with one type. Heatmaps are never overwritten in place:
 each run writes its own folder, so the published rows always point at a complete set; folders and staging
 files of runs that ended (killed, failed, replaced) are removed after a publish. Two runs of one night at
 once: the last complete publish wins, and neither removes the other's files while it runs.
@@ -36,6 +38,10 @@ def night_uri(output: str, deployment: str, date: str) -> str:
     return storage.join(output, "scores", f"deployment={deployment}", f"date={date}")
 
 
+def staging_uri(output: str, deployment: str, date: str, run_id: str) -> str:
+    return storage.join(output, "_staging", "scores", f"deployment={deployment}", f"date={date}", f"{run_id}.parquet")
+
+
 def heatmap_root(output: str, deployment: str, date: str) -> str:
     return storage.join(output, "heatmaps", f"deployment={deployment}", f"date={date}")
 
@@ -59,9 +65,10 @@ class NightWriter:
     the night, `abort` leaves the night as it was."""
 
     def __init__(self, output: str, deployment: str, date: str, run_id: str, schema: pa.Schema):
-        self.night = night_uri(storage.normalize(output), deployment, date)
+        output = storage.normalize(output)
+        self.night = night_uri(output, deployment, date)
         self.run_id = run_id
-        self.staging = storage.join(self.night, "_staging", f"{run_id}.parquet")
+        self.staging = staging_uri(output, deployment, date, run_id)
         self.final = storage.join(self.night, SCORES_FILE)
         self.fs, path = storage.arrow_filesystem(self.staging)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -76,7 +83,9 @@ class NightWriter:
         """Switch the night to this run's rows in one step, then drop what older layouts left beside them
         and write the marker. Returns the marker."""
         self._writer.close()
-        self.fs.move(storage.arrow_filesystem(self.staging)[1], storage.arrow_filesystem(self.final)[1])
+        final = storage.arrow_filesystem(self.final)[1]
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        self.fs.move(storage.arrow_filesystem(self.staging)[1], final)
         for uri in storage.list_files(self.night):
             name = uri[len(self.night):].lstrip("/")
             if name != SCORES_FILE and not name.startswith(("_", ".")):
@@ -103,8 +112,8 @@ def runs_with_files(output: str, deployment: str, date: str) -> set[str]:
     """Run ids that left heatmaps or staging rows for the night."""
     output = storage.normalize(output)
     found = set()
-    for root, tag in ((heatmap_root(output, deployment, date), "run="),
-                      (storage.join(night_uri(output, deployment, date), "_staging"), "")):
+    staging = staging_uri(output, deployment, date, "x").rsplit("/", 1)[0]
+    for root, tag in ((heatmap_root(output, deployment, date), "run="), (staging, "")):
         try:
             files = storage.list_files(root)
         except FileNotFoundError:
@@ -122,4 +131,4 @@ def remove_run_files(output: str, deployment: str, date: str, run_id: str) -> No
     """Delete a run's heatmaps and staging rows (never the published night)."""
     output = storage.normalize(output)
     storage.remove_tree(heatmap_prefix(output, deployment, date, run_id))
-    storage.remove_tree(storage.join(night_uri(output, deployment, date), "_staging", f"{run_id}.parquet"))
+    storage.remove_tree(staging_uri(output, deployment, date, run_id))

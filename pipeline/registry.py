@@ -113,14 +113,20 @@ def experiment_id(deployment: str) -> str:
     return mlflow.create_experiment(name, artifact_location=root)
 
 
-def register(deployment: str, run_id: str, artifact_subdir: str, tags: dict[str, str]):
-    """New version of the deployment's model from a run's artifact folder; alias 'candidate' moves to it."""
+PIPELINE_DIR = "artifacts/anople"  # the pipeline's artifact inside a version's MLflow model folder
+
+
+def register(deployment: str, run_id: str, model_id: str, tags: dict[str, str]):
+    """New version of the deployment's model from a logged MLflow model (pipeline.serving); alias
+    'candidate' moves to it. The version's source is the model folder's storage URI, so the pipeline's
+    actors and MLflow's own loaders read the same files."""
     c = client()
     name = model_name(deployment)
     if c.search_registered_models(filter_string=f"name = '{name}'") == []:
         c.create_registered_model(name, description=f"AnoPLe model for deployment {deployment}")
-    source = mlflow.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_subdir
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    source = mlflow.get_logged_model(model_id).artifact_location
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags | {"layout": "mlflow-pyfunc"},
+                                model_id=model_id)
     c.set_registered_model_alias(name, "candidate", mv.version)
     return c.get_model_version(name, mv.version)
 
@@ -183,7 +189,9 @@ def model_source(mv) -> str:
     (local path or s3://) as is, else the tracking server's URI (e.g. mlflow-artifacts:/...), which each
     process fetches for itself with `materialize`. Never a path local to this machine's temp folder."""
     src = mv.source
-    return src[len("file://"):] if src.startswith("file://") else src
+    src = src[len("file://"):] if src.startswith("file://") else src
+    # a pyfunc model folder holds the pipeline's artifact under artifacts/anople (earlier versions: the folder)
+    return src.rstrip("/") + "/" + PIPELINE_DIR if mv.tags.get("layout") == "mlflow-pyfunc" else src
 
 
 _FETCHED: dict[str, str] = {}

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import archive, artifact, nights, registry, storage
+from pipeline import archive, artifact, nights, registry, serving, storage
 from pipeline.batch import (INFRA_ERRORS, SCORE_SCHEMA, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition,
                             score_rows, to_table)
 from pipeline.cluster import has_gpus
@@ -75,8 +75,8 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
         mlflow.log_metrics(metrics)
         if any(summary["skipped"].values()):
             mlflow.log_dict(summary["skipped"], "skipped_undecodable.json")
-        mlflow.log_artifacts(out, artifact_path="anople")
-        mv = registry.register(cfg.deployment, run.info.run_id, "anople", tags={
+        logged = serving.log_model(out)  # an MLflow pyfunc model holding the artifact (pipeline.serving)
+        mv = registry.register(cfg.deployment, run.info.run_id, logged.model_id, tags={
             "weights_kind": kind, "backbone": spec.backbone, "weights": spec.weights, "shots": str(spec.shots)})
     return mv, spec, summary
 
@@ -135,7 +135,7 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
 
         def crashed_row(image_id, reason):
             row = archive.read_table(archive_uri, deployment, date, archive.Rows(image_ids=(image_id,)),
-                                     columns=["image_id", "product"]).to_pydict()
+                                     columns=["image_id", "product", "source_uri"]).to_pydict()
             n = len(row["image_id"])  # one row, or more where the archive repeats the image_id
             thr = [spec.products[p].threshold if p in spec.products else np.nan for p in row["product"]]
             return to_table(score_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info,

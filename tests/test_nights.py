@@ -77,8 +77,7 @@ def test_a_publish_replaces_the_part_files_of_the_old_layout(tmp_path):
     night.mkdir(parents=True)
     pq.write_table(_rows("old", 2), night / "7_000000_000000.parquet")
     _publish(out, "run1", 1)
-    assert _visible(out) == ["run1/0"] and sorted(p.name for p in night.iterdir()) == [
-        "_SUCCESS", "_staging", "scores.parquet"]
+    assert _visible(out) == ["run1/0"] and sorted(p.name for p in night.iterdir()) == ["_SUCCESS", "scores.parquet"]
 
 
 def test_run_files_are_found_and_removed_per_run(output):
@@ -97,3 +96,28 @@ def test_heatmap_keys_are_valid_file_names_for_any_image_id(image_id, tmp_path):
     (tmp_path / key).write_bytes(b"ok")  # the filesystem takes it
     assert nights.heatmap_key(image_id) == key
     assert len({nights.heatmap_key(image_id + s) for s in ("", "1", "2")}) == 3
+
+
+def test_every_reader_sees_the_whole_tree_with_one_type_per_column(tmp_path):
+    """pandas, pyarrow (hive) and DuckDB's recursive glob on scores/: two published partitions, a run in
+    flight on one of them, the partition columns from the path with one type, nothing twice."""
+    import duckdb
+
+    out = str(tmp_path / "out")
+    _publish(out, "run1", 2)
+    w = nights.NightWriter(out, "e", "2026-11-23", "run2", SCHEMA)
+    w.write(_rows("run2", 3))
+    w.publish({"heatmaps": "h"})
+    inflight = nights.NightWriter(out, "d", "2026-11-22", "run3", SCHEMA)
+    inflight.write(_rows("run3", 5))
+    inflight._writer.close()  # a whole staging file on disk, not yet published
+    tree = storage.join(out, "scores")
+    expect = [("d", "run1/0"), ("d", "run1/1"), ("e", "run2/0"), ("e", "run2/1"), ("e", "run2/2")]
+    df = pd.read_parquet(tree)
+    assert sorted(zip(df["deployment"].astype(str), df["image_id"])) == expect
+    t = pads.dataset(tree, format="parquet", partitioning="hive").to_table()
+    assert sorted(zip(t["deployment"].to_pylist(), t["image_id"].to_pylist())) == expect
+    assert pa.types.is_string(t.schema.field("deployment").type)
+    rows = duckdb.sql(f"select deployment, image_id, date from read_parquet('{tree}/**/*.parquet', "
+                      "hive_partitioning=true) order by deployment, image_id").fetchall()
+    assert [(d, i) for d, i, _ in rows] == expect and {str(r[2]) for r in rows} == {"2026-11-22", "2026-11-23"}

@@ -1,7 +1,7 @@
 import pytest
 
 from jobs import promote as promote_job
-from pipeline import registry
+from pipeline import registry, serving
 
 
 def _register(deployment, weights_kind, tmp_path):
@@ -10,8 +10,8 @@ def _register(deployment, weights_kind, tmp_path):
     art.mkdir()
     (art / "model.json").write_text("{}")
     with mlflow.start_run(experiment_id=registry.experiment_id(deployment)) as run:
-        mlflow.log_artifacts(str(art), artifact_path="anople")
-    return registry.register(deployment, run.info.run_id, "anople", {"weights_kind": weights_kind})
+        logged = serving.log_model(str(art))
+    return registry.register(deployment, run.info.run_id, logged.model_id, {"weights_kind": weights_kind})
 
 
 def test_register_sets_candidate_and_promotion_is_gated(mlflow_root, tmp_path, capsys):
@@ -53,11 +53,13 @@ def test_a_model_behind_the_tracking_server_is_fetched_by_each_process_not_hande
     """Actors get the registry's URI and fetch it on their own node; a runs:/ URI stands for any
     tracking-server URI (mlflow-artifacts:/ behind `mlflow server` works the same way)."""
     mv = _register("line7", "hub", tmp_path)
-    assert registry.model_source(mv) == registry.client().get_model_version(mv.name, mv.version).source.replace(
-        "file://", "")
-    remote = f"runs:/{mv.run_id}/anople"
-    assert registry.model_source(type("MV", (), {"source": remote})()) == remote  # handed on as it is
+    source = registry.client().get_model_version(mv.name, mv.version).source.replace("file://", "")
+    assert registry.model_source(mv) == source + "/artifacts/anople"  # the pipeline's part of the MLflow model
+    served = type("MV", (), {"source": "mlflow-artifacts:/1/models/m-1/artifacts", "tags": mv.tags})()
+    assert registry.model_source(served) == "mlflow-artifacts:/1/models/m-1/artifacts/artifacts/anople"  # handed on
+    remote = f"models:/{mv.name}/{mv.version}"
     local = registry.materialize(remote)
-    assert local != remote and (tmp_path / "art-hub" / "model.json").read_text() == open(f"{local}/model.json").read()
+    assert local != remote and (tmp_path / "art-hub" / "model.json").read_text() == open(
+        f"{local}/artifacts/anople/model.json").read()
     assert registry.materialize(remote) == local  # once per process
     assert registry.materialize("s3://bucket/x") == "s3://bucket/x"

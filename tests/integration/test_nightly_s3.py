@@ -79,7 +79,7 @@ def nightly(request, bucket, ray_local, synthetic_src, tmp_path_factory):
     rc["promote_refused"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production"])
     rc["promote"] = promote_job.main(["--deployment", "line1", "--from-alias", "candidate", "--to", "production", "--force"])
     rc["score"] = score_job.main(["--deployment", "line1", "--archive", arch, "--date", "2026-11-21", "--output", out])
-    yield {"rc": rc, "arch": arch, "out": out, "bucket": bucket}
+    yield {"rc": rc, "arch": arch, "out": out, "bucket": bucket, "night": str(night)}
     mp.undo()
 
 
@@ -132,7 +132,8 @@ def test_one_score_row_per_input_row_with_errors_reported(nightly):
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 3
     for r in ok:
-        assert r["model_name"] == "anople-line1" and r["deployment"] == "line1" and r["run_id"]
+        assert r["model_name"] == "anople-line1" and r["run_id"] and "deployment" not in r  # the path's
+        assert r["source_uri"] == f"s3://{nightly['bucket']}/incoming/night/{r['image_id']}.png"
         assert np.isfinite(r["score"]) and r["threshold"] > 0 and r["is_anomalous"] == (r["score"] > r["threshold"])
         png = storage.read_bytes(r["heatmap_uri"])
         with Image.open(io.BytesIO(png)) as img:
@@ -162,3 +163,63 @@ def test_sharded_and_unsharded_scoring_agree(nightly, capsys):
     # other sizes when routed per shard, which moves float32 results in the 8th digit, never more.
     keys = sorted(whole)
     assert np.allclose([whole[k] for k in keys], [sharded[k] for k in keys], rtol=1e-6, atol=0)
+
+
+def _serving_frame(night_dir):
+    import pandas as pd
+    with open(f"{night_dir}/000.png", "rb") as f:
+        good = f.read()
+    return pd.DataFrame({"image": [good, b"not an image", good], "product": ["washer", "washer", "gear"],
+                         "image_id": ["washer/000", "bad", "gear/x"]})
+
+
+def test_the_version_is_an_mlflow_model_notebooks_load(nightly):
+    """mlflow.pyfunc.load_model on the registry alias scores image bytes like the nightly job did."""
+    import mlflow
+
+    registry.connect()
+    model = mlflow.pyfunc.load_model("models:/anople-line1@production")
+    assert model.metadata.get_input_schema().input_names() == ["image", "product", "image_id"]
+    out = model.predict(_serving_frame(nightly["night"]))
+    assert list(out["status"]) == ["ok", "error", "error"]
+    assert "cannot decode image" in out["error"][1] and "unknown product 'gear'" in out["error"][2]
+    assert out["score"][1:].isna().all() and not out["is_anomalous"][1:].any()
+    nightly_score = {r["image_id"]: r["score"] for r in
+                     _read_scores(f"{nightly['out']}/scores/deployment=line1/date=2026-11-21")}["washer/000"]
+    assert out["score"][0] == pytest.approx(nightly_score, rel=1e-5)  # the same model, the same score
+
+
+def test_mlflow_models_serve_answers_invocations(nightly):
+    """The real `mlflow models serve --env-manager local` on loopback, image bytes base64 in the JSON."""
+    import base64
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    frame = _serving_frame(nightly["night"])
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri())
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/anople-line1@production",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        body = json.dumps({"dataframe_split": {"columns": ["image", "product"], "data": [
+            [base64.b64encode(b).decode(), p] for b, p in zip(frame["image"], frame["product"])]}}).encode()
+        deadline, answer = time.time() + 120, None
+        while answer is None and time.time() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "no answer"
+        rows = answer["predictions"]
+        assert [r["status"] for r in rows] == ["ok", "error", "error"] and rows[0]["score"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(30)

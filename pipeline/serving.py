@@ -1,0 +1,95 @@
+"""A registered version as an MLflow model (``python_function`` flavor): what notebooks, `mlflow models serve`
+and `mlflow.pyfunc.spark_udf` load.
+
+The model folder holds MLmodel, this class (pickled by reference), a copy of the `pipeline` package
+(code_paths) and, under ``artifacts/anople/``, the pipeline's own artifact (model.json, prompts, banks): the
+Ray actors read that same folder, so there is one copy of the banks.
+
+Input: a DataFrame with ``image`` (encoded bytes; base64 in a JSON request to `mlflow models serve`),
+``product`` and optionally ``image_id``. Output: one row per input row, in order: ``image_id``,
+``product``, ``score``, ``is_anomalous``, ``threshold``, ``status`` (ok / error) and ``error``; an error
+row (undecodable image, unknown product) has no score, as in the nightly scores.
+"""
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
+
+ARTIFACT = "anople"  # the pipeline's artifact inside the MLflow model: artifacts/anople/
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "product"),
+                   ColSpec("string", "image_id", required=False)]),
+    outputs=Schema([ColSpec("string", "image_id", required=False), ColSpec("string", "product"),
+                    ColSpec("double", "score", required=False), ColSpec("boolean", "is_anomalous"),
+                    ColSpec("double", "threshold", required=False), ColSpec("string", "status"),
+                    ColSpec("string", "error")]))
+_REQUIREMENTS = ("torch", "open_clip_torch", "faiss-cpu", "numpy", "pillow", "safetensors", "pyarrow", "s3fs",
+                 "pyyaml", "scipy", "mlflow")
+
+
+class AnoPLePyfunc(mlflow.pyfunc.PythonModel):
+    """Scores image bytes with the version's scorer (CPU, or the GPU where there is one)."""
+
+    batch_size = 16
+
+    def load_context(self, context) -> None:
+        from pipeline.scorer import Scorer
+        self.scorer = Scorer.load(context.artifacts[ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from pipeline.images import ImageDecodeError, decode_scaled, to_model_input
+
+        n = len(model_input)
+        products = [None if p is None else str(p) for p in model_input["product"]]
+        ids = list(model_input["image_id"]) if "image_id" in model_input else [None] * n
+        score, status, error = np.full(n, np.nan), ["ok"] * n, [""] * n
+        S = self.scorer.model.image_size
+        pixels = {}
+        for i, (data, product) in enumerate(zip(model_input["image"], products)):
+            if product not in self.scorer.banks:
+                status[i], error[i] = "error", f"unknown product {product!r}: the model knows {', '.join(sorted(self.scorer.banks))}"
+                continue
+            try:
+                pixels[i] = to_model_input(decode_scaled(_as_bytes(data), S)[0], S)
+            except ImageDecodeError as e:
+                status[i], error[i] = "error", str(e)
+        todo = sorted(pixels)
+        for k in range(0, len(todo), self.batch_size):
+            rows = todo[k:k + self.batch_size]
+            s, _ = self.scorer.score(np.stack([pixels[i] for i in rows]), [products[i] for i in rows])
+            score[rows] = s
+        threshold = np.array([self.scorer.thresholds.get(p, np.nan) for p in products], dtype=np.float64)
+        ok = np.array(status) == "ok"
+        return pd.DataFrame({"image_id": ids, "product": products, "score": np.where(ok, score, np.nan),
+                             "is_anomalous": ok & (score > threshold), "threshold": threshold,
+                             "status": status, "error": error})
+
+
+def _as_bytes(data) -> bytes | None:
+    """Image bytes as pandas hands them over (bytes, bytearray, memoryview, or None)."""
+    return None if data is None else bytes(data)
+
+
+def requirements() -> list[str]:
+    """The serving environment's pins: the versions installed here (explicit, so logging the model never
+    runs MLflow's requirement inference, which would load it)."""
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def log_model(artifact_dir: str):
+    """Log the pipeline artifact in `artifact_dir` as this run's MLflow model "anople". Returns ModelInfo."""
+    package = os.path.dirname(os.path.abspath(__file__))  # the pipeline package: importable wherever it loads
+    return mlflow.pyfunc.log_model(name=ARTIFACT, python_model=AnoPLePyfunc(), artifacts={ARTIFACT: artifact_dir},
+                                   code_paths=[package], signature=SIGNATURE, pip_requirements=requirements())
