@@ -13,6 +13,8 @@ row (undecodable image, unknown product) has no score, as in the nightly scores.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from importlib import metadata
 
 import mlflow.pyfunc
@@ -91,5 +93,8 @@ def requirements() -> list[str]:
 def log_model(artifact_dir: str):
     """Log the pipeline artifact in `artifact_dir` as this run's MLflow model "anople". Returns ModelInfo."""
     package = os.path.dirname(os.path.abspath(__file__))  # the pipeline package: importable wherever it loads
-    return mlflow.pyfunc.log_model(name=ARTIFACT, python_model=AnoPLePyfunc(), artifacts={ARTIFACT: artifact_dir},
-                                   code_paths=[package], signature=SIGNATURE, pip_requirements=requirements())
+    with tempfile.TemporaryDirectory() as tmp:
+        # MLflow stores an artifact folder under its own base name: name it, so it lands at artifacts/anople
+        named = shutil.copytree(artifact_dir, os.path.join(tmp, ARTIFACT))
+        return mlflow.pyfunc.log_model(name=ARTIFACT, python_model=AnoPLePyfunc(), artifacts={ARTIFACT: named},
+                                       code_paths=[package], signature=SIGNATURE, pip_requirements=requirements())
