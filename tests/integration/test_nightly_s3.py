@@ -202,7 +202,9 @@ def test_mlflow_models_serve_answers_invocations(nightly):
 
     frame = _serving_frame(nightly["night"])
     port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri())
+    # the serving command runs `uvicorn` from PATH: the environment's bin folder, as an activated venv has it
+    env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri(),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/anople-line1@production",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
