@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="demo-run")
     ap.add_argument("--weights", default=None, help="override: tag, file, s3:// or 'random'")
     ap.add_argument("--epochs", type=int, default=3, help="prompt-learning epochs (kept small for a 2-core laptop)")
+    ap.add_argument("--steps-per-epoch", type=int, default=1,
+                    help="optimiser steps per epoch (the config's 25 take ~1 h for the full-size backbone on 2 cores)")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root)
     os.environ.setdefault("ANOPLE_ROOT", root)
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         _step("ingest night", ingest.main([os.path.join(night, p, "test"), "--archive", archive,
                                            "--deployment", "demo", "--date", "2026-11-22", "--product", p]))
     _step("train", train.main(["--deployment", "demo", "--archive", archive, "--shots", "1",
-                               "--backbone", BACKBONE, "--weights", weights, "--epochs", str(args.epochs)]))
+                               "--backbone", BACKBONE, "--weights", weights, "--epochs", str(args.epochs),
+                               "--steps-per-epoch", str(args.steps_per_epoch)]))
     _step("evaluate", evaluate.main(["--deployment", "demo", "--archive", archive]))
     promote_args = ["--deployment", "demo", "--from-alias", "candidate", "--to", "production"]
     _step("promote", promote.main(promote_args + (["--force"] if weights == "random" else [])))
