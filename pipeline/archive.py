@@ -211,11 +211,10 @@ def product_counts(archive: str, deployment: str, date: str | None, rows: Rows =
     return counts
 
 
-def duplicate_ids(archive: str, deployment: str, date: str | None, rows: Rows = Rows()) -> frozenset[str]:
-    """image_ids that more than one row of the partition carries (ingest never writes them; a shard written
-    by other tools can). From the image_id column alone."""
-    ids = read_table(archive, deployment, date, rows, columns=["image_id"])
-    counts = ids.group_by("image_id").aggregate([("image_id", "count")])
+def repeated(ids: pa.ChunkedArray) -> frozenset[str]:
+    """The image_ids that more than one row carries (ingest never writes them; a shard written by other
+    tools can)."""
+    counts = pa.table({"image_id": ids}).group_by("image_id").aggregate([("image_id", "count")])
     return frozenset(counts.filter(pc.field("image_id_count") > 1)["image_id"].to_pylist()) - {None}
 
 

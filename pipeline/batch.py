@@ -265,10 +265,11 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     cluster and only one shard's banks are in memory per actor.
     """
     known = sorted(spec.products)
-    present = archive.product_counts(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids))
+    index = archive.read_table(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids),
+                               columns=["image_id", "product"])  # one read for routing and the duplicate check
+    present = set(index["product"].to_pylist())
     # an image_id is unique within a night; across dates (an evaluation of every date) it may recur
-    duplicates = archive.duplicate_ids(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids)) \
-        if date is not None else frozenset()
+    duplicates = archive.repeated(index["image_id"]) if date is not None else frozenset()
     eval_cols = list(EVAL_COLUMNS) if with_masks else []
     branches = []
     if only is None and any(p not in spec.products for p in present):
