@@ -24,15 +24,24 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-error-rate", type=float, default=0.05,
                     help="fail (exit 1, nothing published) when more than this fraction of rows fail for "
                          "infrastructure reasons (scoring or heatmap-write failures, crashed processes)")
+    ap.add_argument("--heatmap-side", type=int, default=None,
+                    help="store each heatmap with its long side at most this many pixels (default: the model's "
+                         "input size; decode: anomaly = v / 65535 * heatmap_scale, bilinear to the row's height x width)")
+    ap.add_argument("--heatmap-full-res", action="store_true",
+                    help="store each heatmap at its image's full resolution (slow and large at archive scale)")
     return ap
 
 
 @entrypoint("score")
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.heatmap_side is not None and args.heatmap_side < 1:
+        ap.error("--heatmap-side must be a positive number of pixels")
     init_ray()
     s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
-                    args.bank_budget_mb, args.actors_per_shard, args.batch_size, args.max_error_rate)
+                    args.bank_budget_mb, args.actors_per_shard, args.batch_size, args.max_error_rate,
+                    heatmap_side=args.heatmap_side, heatmap_full_res=args.heatmap_full_res)
     if s["random_weights"]:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"scored {s['rows_out']} of {s['rows_in']} rows with model version {s['model_version']} "

@@ -26,7 +26,8 @@ from ray.data.expressions import col
 
 from pipeline import archive, artifact, registry, storage
 from pipeline.nights import heatmap_key
-from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, encode_heatmap, resize_mask, to_model_input
+from pipeline.images import (ImageDecodeError, decode_mask, decode_scaled, encode_heatmap, heatmap_scale, resize_mask,
+                             to_model_input)
 from pipeline.scorer import Scorer
 
 # The night's rows. `deployment` and `date` are the partition's (scores/deployment=D/date=X/), not columns:
@@ -36,6 +37,7 @@ SCORE_SCHEMA = pa.schema([
     ("score", pa.float64()), ("is_anomalous", pa.bool_()), ("threshold", pa.float64()),
     ("model_name", pa.string()), ("model_version", pa.string()),
     ("heatmap_uri", pa.string()), ("heatmap_scale", pa.float64()),
+    ("height", pa.int32()), ("width", pa.int32()),  # the source image's size (display orientation); null if undecoded
     ("status", pa.string()), ("error", pa.string()), ("run_id", pa.string()),
     ("scored_at", pa.timestamp("us", tz="UTC")),
 ])
@@ -75,8 +77,10 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class HeatmapTarget:
-    """Where a run's heatmaps go (nights.heatmap_prefix): one deterministic key per image_id."""
+    """Where a run's heatmaps go (nights.heatmap_prefix): one deterministic key per image_id; stored with the
+    long side at most `side` pixels (None: at the image's full resolution)."""
     prefix: str
+    side: int | None = None
 
     def uri(self, image_id: str) -> str:
         return storage.join(self.prefix, heatmap_key(image_id))
@@ -143,6 +147,8 @@ def score_rows(batch: dict, info: RunInfo, *, score, threshold, status, error, h
         "model_version": np.array([info.model_version] * n, dtype=object),
         "heatmap_uri": np.asarray([None] * n if heatmap_uri is None else heatmap_uri, dtype=object),
         "heatmap_scale": np.full(n, np.nan) if heatmap_scale is None else np.asarray(heatmap_scale, dtype=np.float64),
+        "height": np.asarray(batch["height"] if "height" in batch else np.zeros(n), dtype=np.int32),
+        "width": np.asarray(batch["width"] if "width" in batch else np.zeros(n), dtype=np.int32),
         "status": status, "error": np.asarray(error, dtype=object),
         "run_id": np.array([info.run_id] * n, dtype=object), "scored_at": np.full(n, now),
     }
@@ -213,8 +219,8 @@ class ScoreActor:
 
 
 def write_heatmaps(batch: dict, target: HeatmapTarget) -> dict:
-    """Each scored row's map -> 16-bit PNG at the image's own resolution, at its deterministic key; the map
-    columns are dropped. A failed write turns its row into an error row (no score, like every error row:
+    """Each scored row's map -> 16-bit PNG on its product's fixed scale (images.heatmap_scale: from the row's
+    threshold), at the target's resolution, at its deterministic key; the map column is dropped. A failed write turns its row into an error row (no score, like every error row:
     a reader keeping status == "ok" never takes a score without its heatmap); it never fails the batch."""
     n = len(batch["image_id"])
     status, error = list(batch["status"]), list(batch["error"])
@@ -224,12 +230,13 @@ def write_heatmaps(batch: dict, target: HeatmapTarget) -> dict:
         if status[i] != "ok":
             continue
         try:
-            png, scale[i] = encode_heatmap(batch["map"][i], int(batch["height"][i]), int(batch["width"][i]))
+            scale[i] = heatmap_scale(float(batch["threshold"][i]), batch["map"][i])
+            png = encode_heatmap(batch["map"][i], int(batch["height"][i]), int(batch["width"][i]), scale[i], target.side)
             uri[i] = target.uri(str(batch["image_id"][i]))
             storage.write_bytes(uri[i], png)
         except Exception as e:
             status[i], error[i], uri[i], scale[i] = "error", f"heatmap write failed: {type(e).__name__}: {e}", None, np.nan
-    out = {k: v for k, v in batch.items() if k not in ("map", "height", "width")}
+    out = {k: v for k, v in batch.items() if k != "map"}
     out["score"] = np.where(np.asarray(status, dtype=object) == "ok", out["score"], np.nan)
     out.update(heatmap_uri=np.asarray(uri, dtype=object), heatmap_scale=scale,
                status=np.asarray(status, dtype=object), error=np.asarray(error, dtype=object))
@@ -340,6 +347,8 @@ def to_table(batch: dict) -> pa.Table:
         v = np.asarray(batch[f.name])
         if v.dtype.kind == "M":  # numpy datetime64 (UTC) -> timestamp with tz
             cols[f.name] = pa.array(v.astype("datetime64[us]")).cast(f.type)
+        elif f.name in ("height", "width"):  # 0: never decoded -> null
+            cols[f.name] = pa.array(v.astype(np.int64).tolist(), type=f.type, mask=v <= 0)
         else:
             cols[f.name] = pa.array(v.tolist(), type=f.type, from_pandas=True)
     return pa.table(cols, schema=SCORE_SCHEMA)

@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
@@ -110,25 +111,59 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img) > 127
 
 
-def encode_heatmap(amap: np.ndarray, height: int, width: int) -> tuple[bytes, float]:
-    """float [h, w] anomaly map -> (16-bit grayscale PNG at [height, width], scale).
+HEATMAP_RANGE = 4.0  # a product's heatmaps span [0, 4 x its threshold]: the threshold sits at 16384 of 65535
+HEATMAP_DECODE = "anomaly = v / 65535 * scale, then bilinear resize to (height, width)"
 
-    Pixel value v means anomaly v / 65535 * scale (the score table's contract); scale is the map's maximum so the
-    16 bits cover the map's own range.
+
+def heatmap_scale(threshold: float, amap: np.ndarray) -> float:
+    """The fixed scale of a product's heatmaps: HEATMAP_RANGE x its threshold, the same for every image of the
+    product and model version, so two heatmaps compare by eye and by value (anomaly above it saturates).
+    Only a threshold that is not a positive number (never from a fitted model) falls back to the map's maximum."""
+    if np.isfinite(threshold) and threshold > 0:
+        return float(HEATMAP_RANGE * threshold)
+    top = float(np.max(amap)) if np.size(amap) else 0.0
+    return top if top > 0 else 1.0
+
+
+def heatmap_size(height: int, width: int, side: int | None) -> tuple[int, int]:
+    """The stored size of an image's heatmap: its own (height, width) when side is None, else the aspect kept
+    with the long side at most `side` (a map carries no more than its patch grid, upsampled and blurred)."""
+    if side is None or max(height, width) <= side:
+        return height, width
+    f = side / max(height, width)
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
+def encode_heatmap(amap: np.ndarray, height: int, width: int, scale: float, side: int | None = None) -> bytes:
+    """float [h, w] anomaly map -> 16-bit grayscale PNG of the image (height x width), stored at
+    heatmap_size(height, width, side).
+
+    Decode (HEATMAP_DECODE, also in the PNG's text chunks with the scale and the source size): pixel value v
+    means anomaly v / 65535 * scale; resizing the stored map bilinearly to (height, width) gives the map at
+    the image's resolution. Values at or above `scale` are stored as 65535.
     """
+    h, w = heatmap_size(height, width, side)
     a = np.asarray(amap, dtype=np.float32)
-    if (height, width) != a.shape:
-        a = np.asarray(Image.fromarray(a, mode="F").resize((width, height), Image.BILINEAR))
-    a = np.clip(a, 0.0, None)
-    scale = float(a.max())
-    q = np.zeros(a.shape, dtype=np.uint16) if scale <= 0 else np.round(a / scale * 65535.0).astype(np.uint16)
+    if (h, w) != a.shape:
+        a = np.asarray(Image.fromarray(a, mode="F").resize((w, h), Image.BILINEAR))
+    q = np.round(np.clip(a / scale, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    meta = PngInfo()
+    for k, v in (("scale", repr(float(scale))), ("height", str(height)), ("width", str(width)),
+                 ("decode", HEATMAP_DECODE)):
+        meta.add_text(f"anople:{k}", v)
     buf = io.BytesIO()
-    Image.fromarray(q).save(buf, format="PNG")  # uint16 array -> mode I;16, a 16-bit PNG
-    return buf.getvalue(), scale
+    Image.fromarray(q).save(buf, format="PNG", pnginfo=meta)  # uint16 array -> mode I;16, a 16-bit PNG
+    return buf.getvalue()
 
 
-def decode_heatmap(data: bytes, scale: float) -> np.ndarray:
-    """Inverse of encode_heatmap: PNG bytes + scale -> float32 [H, W]."""
+def decode_heatmap(data: bytes, scale: float | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Inverse of encode_heatmap: PNG bytes -> float32 anomaly map [H, W]. The scale defaults to the one in the
+    PNG; `size` (height, width), e.g. the score row's source size, resizes bilinearly as HEATMAP_DECODE says."""
     with Image.open(io.BytesIO(data)) as img:
+        if scale is None:
+            scale = float(img.text["anople:scale"])
         q = np.asarray(img, dtype=np.float32)
-    return q / 65535.0 * scale
+    a = q / 65535.0 * scale
+    if size is not None and tuple(size) != a.shape:
+        a = np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize((size[1], size[0]), Image.BILINEAR))
+    return a.astype(np.float32)

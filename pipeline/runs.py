@@ -99,12 +99,15 @@ class TooManyErrors(PipelineError):
 
 def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
                 budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16,
-                max_error_rate: float = 0.05, fault: InjectedFault | None = None) -> dict:
+                max_error_rate: float = 0.05, fault: InjectedFault | None = None, heatmap_side: int | None = None,
+                heatmap_full_res: bool = False) -> dict:
     """Score one night's partition and publish its score rows and heatmaps under `output` atomically
     (pipeline.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
     its scoring process again and again is isolated into an error row (batch.isolating). More than
     `max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
-    `fault` is a test's injected crash. Returns a summary."""
+    Heatmaps are stored with the long side at most `heatmap_side` (default: the model's input size, what
+    the map carries) or, with `heatmap_full_res`, at each image's own resolution. `fault` is a test's
+    injected crash. Returns a summary."""
     archive.check_date(date)
     mlflow = registry.connect()
     mv, uri, spec = _resolve(deployment, alias)
@@ -123,10 +126,12 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
                            "bank_budget_mb": budget_mb or 0, "bank_shards": len(shards)})
         info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run_id)
         heatmaps = nights.heatmap_prefix(output, deployment, date, run_id)
+        target = HeatmapTarget(heatmaps, None if heatmap_full_res else heatmap_side or spec.image_size)
+        mlflow.log_params({"heatmap_side": target.side or "full"})
         t0 = time.time()
 
         def night(image_ids, actor_restarts):  # the whole night (None), or some of its rows again
-            for ds in score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=HeatmapTarget(heatmaps),
+            for ds in score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=target,
                                       image_ids=image_ids, budget_mb=budget_mb, actors_per_shard=actors_per_shard,
                                       batch_size=batch_size, use_gpu=has_gpus(), actor_restarts=actor_restarts,
                                       fault=fault):

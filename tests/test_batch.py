@@ -35,7 +35,8 @@ def test_writes_a_16bit_png_per_scored_row_at_the_image_resolution(tmp_path):
     target = HeatmapTarget(str(tmp_path / "run=r1"))
     batch, maps = _scored_batch()
     out = write_heatmaps(batch, target)
-    assert "map" not in out and "height" not in out  # the writer's inputs do not reach the score table
+    assert "map" not in out  # the map does not reach the score table; the source size does
+    assert list(out["height"]) == [40, 40, 40] and list(out["width"]) == [30, 30, 30]
     assert list(out["status"]) == ["ok", "error", "ok"]
     assert out["heatmap_uri"][1] is None and np.isnan(out["heatmap_scale"][1])
     for i in (0, 2):
@@ -43,10 +44,20 @@ def test_writes_a_16bit_png_per_scored_row_at_the_image_resolution(tmp_path):
         assert uri == str(tmp_path / "run=r1" / f"img%2F{i}.png")
         with Image.open(uri) as im:
             assert im.size == (30, 40) and im.mode.startswith("I")
+        assert out["heatmap_scale"][i] == 0.4  # the product's fixed scale: 4 x its threshold 0.1
         back = decode_heatmap(open(uri, "rb").read(), out["heatmap_scale"][i])
-        assert abs(back.max() - out["heatmap_scale"][i]) < 1e-6
-        assert abs(out["heatmap_scale"][i] - maps[i].max()) < 0.05  # bilinear resize keeps the peak near
+        assert abs(back.max() - maps[i].max()) < 0.05  # bilinear resize keeps the peak near
     assert out["is_anomalous"][0] == (out["score"][0] > 0.1) and not out["is_anomalous"][1]
+
+
+def test_a_bounded_side_stores_small_maps_that_decode_to_the_image_size(tmp_path):
+    batch, maps = _scored_batch()
+    batch.update(height=np.array([400, 400, 400]), width=np.array([300, 300, 300]))
+    out = write_heatmaps(batch, HeatmapTarget(str(tmp_path / "run=r1"), side=20))
+    with Image.open(out["heatmap_uri"][0]) as im:
+        assert im.size == (15, 20)
+    back = decode_heatmap(open(out["heatmap_uri"][0], "rb").read(), size=(out["height"][0], out["width"][0]))
+    assert back.shape == (400, 300)
 
 
 def test_a_failed_write_becomes_an_error_row_not_a_failed_batch(tmp_path):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import (ImageDecodeError, decode_heatmap, decode_image, decode_mask, encode_heatmap,
+from pipeline.images import (HEATMAP_RANGE, ImageDecodeError, decode_heatmap, decode_image, decode_mask,
+                             encode_heatmap, heatmap_scale, heatmap_size,
                              resize_mask, to_model_input)
 
 
@@ -62,17 +63,41 @@ def test_mask_decode_and_resize_keep_exact_labels():
     assert decode_mask(None, (3, 4)).shape == (3, 4)
 
 
-def test_heatmap_is_16bit_at_image_resolution_and_round_trips():
+def test_heatmap_is_16bit_and_round_trips_on_a_fixed_scale():
     amap = np.linspace(0, 0.3, 64 * 64, dtype=np.float32).reshape(64, 64)
-    png, scale = encode_heatmap(amap, 64, 64)
-    assert scale == pytest.approx(0.3)
+    scale = heatmap_scale(0.1, amap)
+    assert scale == pytest.approx(HEATMAP_RANGE * 0.1)  # from the product's threshold, not from this map
+    png = encode_heatmap(amap, 64, 64, scale)
     with Image.open(io.BytesIO(png)) as img:
         assert img.mode.startswith("I;16") or img.mode == "I"
         assert img.size == (64, 64)
-    back = decode_heatmap(png, scale)
+        assert float(img.text["anople:scale"]) == pytest.approx(scale) and "65535" in img.text["anople:decode"]
+    back = decode_heatmap(png)  # the scale travels in the PNG too
     assert np.abs(back - amap).max() <= scale / 65535
-    png2, _ = encode_heatmap(amap, 90, 120)  # resized to the source image's own resolution
-    assert decode_heatmap(png2, scale).shape == (90, 120)
+
+
+def test_two_maps_of_a_product_compare_by_value_and_saturate_above_the_scale():
+    low, high = np.full((8, 8), 0.05, np.float32), np.full((8, 8), 0.2, np.float32)
+    scale = heatmap_scale(0.1, low)
+    assert heatmap_scale(0.1, high) == scale
+    pix = [np.asarray(Image.open(io.BytesIO(encode_heatmap(m, 8, 8, scale)))) for m in (low, high)]
+    assert abs(int(pix[1].max()) - 4 * int(pix[0].max())) <= 2  # 4x the anomaly, 4x the pixel value
+    hot = encode_heatmap(np.full((8, 8), 9.0, np.float32), 8, 8, scale)
+    assert decode_heatmap(hot).max() == pytest.approx(scale)  # above the scale: saturated, never wrapped
+    assert heatmap_scale(float("nan"), high) == pytest.approx(0.2)  # no threshold: the map's own maximum
+
+
+def test_heatmap_is_stored_at_a_bounded_side_and_decodes_to_the_image_size():
+    amap = np.linspace(0, 0.3, 16 * 16, dtype=np.float32).reshape(16, 16)
+    assert heatmap_size(900, 1200, 240) == (180, 240) and heatmap_size(90, 120, 240) == (90, 120)
+    assert heatmap_size(900, 1200, None) == (900, 1200)
+    png = encode_heatmap(amap, 900, 1200, 1.0, side=240)
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size == (240, 180) and img.text["anople:height"] == "900"
+    full = decode_heatmap(png, size=(900, 1200))
+    assert full.shape == (900, 1200)
+    direct = decode_heatmap(encode_heatmap(amap, 900, 1200, 1.0))  # stored at full resolution
+    assert np.abs(full - direct).mean() < 2e-3  # the bounded map upsamples to about the same map
 
 
 def _png16_rgb(h, w):

@@ -17,6 +17,7 @@ from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
 from pipeline import archive, registry, storage
+from pipeline.images import HEATMAP_RANGE, decode_heatmap
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration
@@ -137,8 +138,10 @@ def test_one_score_row_per_input_row_with_errors_reported(nightly):
         assert np.isfinite(r["score"]) and r["threshold"] > 0 and r["is_anomalous"] == (r["score"] > r["threshold"])
         png = storage.read_bytes(r["heatmap_uri"])
         with Image.open(io.BytesIO(png)) as img:
-            assert img.size == (64, 64) and img.mode in ("I;16", "I")  # 16-bit, the image's own size
-        assert r["heatmap_scale"] > 0
+            assert max(img.size) <= 64 and img.mode in ("I;16", "I")  # 16-bit, at most the model's input side
+        assert (r["height"], r["width"]) == (64, 64)  # the source's size: the decode rule's target
+        assert r["heatmap_scale"] == pytest.approx(HEATMAP_RANGE * r["threshold"])  # fixed per product
+        assert decode_heatmap(png, size=(r["height"], r["width"])).shape == (64, 64)
 
 
 def test_rerun_overwrites_instead_of_duplicating(nightly):
