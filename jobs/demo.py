@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  scores:    {output}/scores/deployment=demo/date=2026-11-22/scores.parquet  (_SUCCESS names the run)")
     print(f"  heatmaps:  {output}/heatmaps/deployment=demo/date=2026-11-22/run=<run id>/  "
           "(16-bit PNG; value/65535*heatmap_scale, resized to the row's height x width)")
+    print(f"  report:    {output}/reports/deployment=demo/date=2026-11-22/report.html  (open it in a browser)")
     print(f"  mlflow:    {tracking_uri()}")
     print(f"  MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}  -> http://127.0.0.1:5000")
     if weights == "random":

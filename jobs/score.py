@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['images_per_s']:.1f} images/s")
     print(f"scores:   {s['scores_uri']}")
     print(f"heatmaps: {s['heatmaps_uri']}")
+    print(f"report:   {s['report_uri'] or 'not written: ' + s['report_error']}")
     print(f"mlflow run: {s['run_id']}")
     return 0
 

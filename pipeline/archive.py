@@ -194,6 +194,23 @@ def read_table(archive: str, deployment: str, date: str | None = None, rows: Row
     return storage.retrying(ds.to_table, columns=columns, filter=rows.predicate())
 
 
+def read_images(archive: str, deployment: str, date: str, image_ids: list[str]) -> dict[str, bytes]:
+    """{image_id: image bytes} for a few rows of a night (the report's top-N), reading the image column only of
+    the row groups that hold them: a filter on the dataset would read every image of the night."""
+    want, out = set(image_ids), {}
+    fs, paths = shard_paths(archive, deployment, date)
+    for path in paths:
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        for g in range(pf.num_row_groups):
+            ids = pf.read_row_group(g, columns=["image_id"])["image_id"].to_pylist()
+            if want.intersection(ids):
+                t = pf.read_row_group(g, columns=["image_id", "image"])
+                out.update((i, b) for i, b in zip(ids, t["image"].to_pylist()) if i in want)
+        if len(out) == len(want):
+            break
+    return out
+
+
 def products_in(archive: str, deployment: str) -> list[str]:
     """The products with train-split (reference) images: what a deployment's model covers."""
     table = read_table(archive, deployment, rows=Rows(split="train"), columns=["product"])

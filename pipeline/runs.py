@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import sys
 import tempfile
 import time
 
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import archive, artifact, nights, registry, serving, storage
+from pipeline import archive, artifact, nights, registry, report, serving, storage
 from pipeline.batch import (INFRA_ERRORS, SCORE_SCHEMA, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition,
                             score_rows, to_table)
 from pipeline.cluster import has_gpus
@@ -166,7 +167,8 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
                 raise TooManyErrors(f"{counts['infra_errors']} of {n_in} rows failed for infrastructure reasons "
                                     f"(over --max-error-rate {max_error_rate:g}); nothing published, the previous "
                                     "night stands")
-            marker = writer.publish({"model_version": str(mv.version), "heatmaps": heatmaps, **counts})
+            marker = writer.publish({"model_version": str(mv.version), "heatmaps": heatmaps,
+                                     "archive": storage.normalize(archive_uri), **counts})
         except BaseException:
             writer.abort()
             raise
@@ -181,7 +183,26 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
                    "heatmaps_uri": heatmaps, "random_weights": spec.is_random, "stale_runs_failed": stale}
         mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
                                                            "infra_errors", "seconds", "images_per_s")})
+        summary.update(_night_report(mlflow, output, deployment, date))
     return summary
+
+
+def _night_report(mlflow, output: str, deployment: str, date: str) -> dict:
+    """Write the published night's report beside it and log it, with per-product counts, to the run. The night
+    is already published: a report that fails is a warning (stderr, tag `report_error`), not a failed night;
+    `jobs.report` rebuilds it."""
+    try:
+        uri, rep = report.write(output, deployment, date)
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        print(f"WARNING: the night is published but its report failed ({msg}); rebuild it with "
+              f"python -m jobs.report --deployment {deployment} --date {date} --output {output}", file=sys.stderr)
+        mlflow.set_tag("report_error", msg[:5000])
+        return {"report_uri": None, "report_error": msg}
+    mlflow.log_metrics({f"{k}.{_metric_key(p)}": float(v) for p, c in rep["products"].items() for k, v in c.items()})
+    mlflow.log_text(storage.read_bytes(uri).decode(), "report/report.html")
+    mlflow.set_tag("report", uri)
+    return {"report_uri": uri, "products": rep["products"]}
 
 
 def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_size: int = 16) -> dict:

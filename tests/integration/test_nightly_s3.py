@@ -16,8 +16,9 @@ from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import archive, registry, storage
+from pipeline import archive, nights, registry, report, storage
 from pipeline.images import HEATMAP_RANGE, decode_heatmap
+from tests.browser import dump_dom
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration
@@ -142,6 +143,25 @@ def test_one_score_row_per_input_row_with_errors_reported(nightly):
         assert (r["height"], r["width"]) == (64, 64)  # the source's size: the decode rule's target
         assert r["heatmap_scale"] == pytest.approx(HEATMAP_RANGE * r["threshold"])  # fixed per product
         assert decode_heatmap(png, size=(r["height"], r["width"])).shape == (64, 64)
+
+
+def test_the_night_has_a_report_in_s3_and_in_mlflow_that_a_browser_renders(nightly, tmp_path):
+    uri = report.report_uri(nightly["out"], "line1", "2026-11-21")
+    assert uri.startswith(f"s3://{nightly['bucket']}/results/reports/")
+    local = tmp_path / "report.html"
+    local.write_bytes(storage.read_bytes(uri))  # as a user downloads it: self-contained, no links back to S3
+    dom = dump_dom(str(local))
+    assert 'data-product="washer"' in dom and 'data-product="gear"' in dom
+    assert 'data-overlays-loaded="3"' in dom  # the three scored washers, image and heatmap overlay each
+    assert "unknown product 'gear'" in dom and "duplicate image_id" in dom and "cannot decode" in dom
+    run = registry.client().get_run(nightly_published_run(nightly))
+    assert run.data.metrics["scored.washer"] == 3 and run.data.metrics["error.washer"] == 4
+    assert run.data.metrics["error.gear"] == 1 and run.data.tags["report"] == uri
+    assert registry.connect().artifacts.load_text(f"runs:/{run.info.run_id}/report/report.html") == local.read_text()
+
+
+def nightly_published_run(nightly) -> str:
+    return nights.published(nightly["out"], "line1", "2026-11-21")["run_id"]
 
 
 def test_rerun_overwrites_instead_of_duplicating(nightly):

@@ -1,0 +1,37 @@
+"""python -m jobs.report --deployment D --date YYYY-MM-DD --output URI [--top N]: rebuild a published night's
+HTML report (jobs.score writes it after each publish) at <output>/reports/deployment=D/date=X/report.html."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.cli import entrypoint
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jobs.report", description="Rebuild the HTML report of a published night.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--deployment", required=True)
+    ap.add_argument("--date", required=True, help="YYYY-MM-DD of the published night")
+    ap.add_argument("--output", required=True, help="the scoring output root (local or s3://)")
+    ap.add_argument("--top", type=int, default=6, help="overlays per product (the most anomalous images)")
+    return ap
+
+
+@entrypoint("report")
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.top < 0:
+        ap.error("--top must be >= 0")
+    from pipeline import archive, report  # after parsing: --help stays fast
+    archive.check_date(args.date)
+    uri, summary = report.write(args.output, args.deployment, args.date, args.top)
+    for p, c in summary["products"].items():
+        print(f"  {p}: {c['scored']} scored, {c['anomalous']} anomalous, {c['error']} error")
+    print(f"report: {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

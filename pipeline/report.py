@@ -1,0 +1,293 @@
+"""The night's report: one self-contained HTML file per deployment and date, for the quality engineer.
+
+Written by jobs.score after a publish (and logged to its MLflow run), rebuilt by jobs.report. It reads
+only what it shows: the published night's small columns (product, status, score) for the counts and
+histograms, then, per product, the top-N rows by score (their heatmaps and archived images) and the error
+rows (capped). Everything is embedded (inline SVG histograms, JPEG overlays as data URIs), so the file
+opens from a local folder, a download from S3 or an MLflow artifact page, with no server.
+
+Overlays use the heatmap's fixed per-product scale (images.heatmap_scale): colour c = LUT(anomaly /
+heatmap_scale), so the same colour means the same anomaly on every image of a product; the contour is
+where the map crosses the product's threshold.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline import archive, nights, storage
+from pipeline.errors import NotFoundError
+from pipeline.images import decode_heatmap, decode_image
+
+REPORT_FILE = "report.html"
+TOP_N = 6          # overlays per product
+MAX_ERRORS = 50    # error rows listed per product (the rest counted)
+THUMB = 224        # overlay thumbnail long side, pixels
+BINS = 40          # histogram bins
+# colour map anchors (black -> purple -> red -> orange -> pale yellow; an inferno-like ramp), linearly interpolated
+_ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+
+
+def report_uri(output: str, deployment: str, date: str) -> str:
+    """<output>/reports/deployment=D/date=X/report.html (beside the scores/ tree, not in it: no reader of the
+    scores globs it)."""
+    return storage.join(storage.normalize(output), "reports", f"deployment={deployment}", f"date={date}", REPORT_FILE)
+
+
+def colormap(v: np.ndarray) -> np.ndarray:
+    """float in [0, 1] [H, W] -> uint8 RGB [H, W, 3]."""
+    x = np.clip(v, 0, 1) * (len(_ANCHORS) - 1)
+    i = np.minimum(x.astype(int), len(_ANCHORS) - 2)
+    t = (x - i)[..., None]
+    return ((1 - t) * _ANCHORS[i] + t * _ANCHORS[i + 1]).astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray | None, amap: np.ndarray, scale: float, threshold: float) -> Image.Image:
+    """Image | image with the heatmap in colour (fixed scale) and the threshold's contour, side by side.
+    rgb uint8 [H, W, 3] or None (image unavailable: the heatmap alone); amap float [H, W] at the same size."""
+    heat = colormap(amap / scale)  # [H, W, 3]
+    base = rgb if rgb is not None else np.zeros_like(heat)
+    blend = (0.45 * base + 0.55 * heat).astype(np.uint8)
+    over = amap >= threshold  # [H, W] bool
+    edge = over & ~(np.roll(over, 1, 0) & np.roll(over, -1, 0) & np.roll(over, 1, 1) & np.roll(over, -1, 1))
+    blend[edge] = (0, 255, 255)  # cyan contour where the map crosses the threshold
+    left = Image.fromarray(base if rgb is not None else heat)
+    pair = Image.new("RGB", (2 * left.width + 4, left.height), (255, 255, 255))
+    pair.paste(left, (0, 0))
+    pair.paste(Image.fromarray(blend), (left.width + 4, 0))
+    return pair
+
+
+def _data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumb_size(height: int, width: int) -> tuple[int, int]:
+    """Long side THUMB (small images are enlarged too: every overlay reads at one size)."""
+    f = THUMB / max(height, width, 1)
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
+@dataclass
+class ProductSection:
+    product: str
+    scored: int = 0
+    anomalous: int = 0
+    errors: int = 0
+    threshold: float = float("nan")
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    top: list[dict] = field(default_factory=list)       # {image_id, score, uri (data), note}
+    error_rows: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _load_images(archive_uri: str | None, deployment: str, date: str, rows: list[dict]) -> tuple[dict, dict]:
+    """The decoded images of these rows: from the archive (row groups holding them only), else from their
+    source_uri. -> ({image_id: rgb}, {image_id: why it is missing})."""
+    ids = [r["image_id"] for r in rows]
+    got: dict[str, bytes] = {}
+    why: dict[str, str] = {}
+    if archive_uri and ids:
+        try:
+            got = archive.read_images(archive_uri, deployment, date, ids)
+        except Exception as e:  # the archive moved or is unreadable: say so, try each row's source
+            why = {i: f"archive unreadable ({type(e).__name__}: {e})" for i in ids}
+    images = {}
+    for r in rows:
+        i = r["image_id"]
+        try:
+            data = got[i] if i in got else storage.read_bytes(r["source_uri"]) if r.get("source_uri") else None
+            if data is None:
+                why[i] = why.get(i, "no archive recorded and no source_uri")
+            else:
+                images[i] = decode_image(data)
+        except Exception as e:
+            why[i] = f"{why[i]}; " if i in why else ""
+            why[i] += f"source unreadable ({type(e).__name__}: {e})"
+    return images, why
+
+
+def _read_rows(pf: pq.ParquetFile, indices: list[int], columns: list[str]) -> pa.Table:
+    """Rows at `indices` (file order) of `columns`, reading only the row groups that hold them."""
+    starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    parts = []
+    for g in sorted({int(np.searchsorted(starts, i, side="right")) - 1 for i in indices}):
+        local = sorted(int(i - starts[g]) for i in indices if starts[g] <= i < starts[g + 1])
+        parts.append(pf.read_row_group(g, columns=columns).take(pa.array(local, type=pa.int64())))
+    if not parts:
+        return pf.schema_arrow.empty_table().select(columns)
+    t = pa.concat_tables(parts)
+    # back into the order asked for
+    found = sorted(indices)
+    pos = {i: k for k, i in enumerate(found)}
+    return t.take(pa.array([pos[i] for i in indices], type=pa.int64()))
+
+
+def build(output: str, deployment: str, date: str, top_n: int = TOP_N) -> tuple[str, dict]:
+    """-> (the night's HTML report, a summary {products: {p: counts}, totals}). Raises NotFoundError when the
+    night was never published."""
+    marker = nights.published(output, deployment, date)
+    if marker is None:
+        raise NotFoundError(f"no published night for deployment {deployment!r} on {date} under {output}")
+    scores_uri = marker["scores"]
+    fs, path = storage.arrow_filesystem(scores_uri)
+    pf = pq.ParquetFile(fs.open_input_file(path))
+    small = pf.read(columns=["product", "status", "score", "is_anomalous", "threshold"])  # the counts' columns
+    products = small["product"].fill_null("(no product)")
+    sections: dict[str, ProductSection] = {}
+    for p in sorted(set(products.to_pylist())):
+        in_p = pc.equal(products, p)
+        ok = pc.and_(in_p, pc.equal(small["status"], "ok"))
+        s = ProductSection(p)
+        s.scored = int(pc.sum(ok).as_py() or 0)
+        s.errors = int(pc.sum(in_p).as_py() or 0) - s.scored
+        s.anomalous = int(pc.sum(pc.and_(ok, small["is_anomalous"])).as_py() or 0)
+        s.scores = small["score"].filter(ok).to_numpy(zero_copy_only=False)
+        thr = small["threshold"].filter(ok)
+        s.threshold = float(thr[0].as_py()) if len(thr) else float("nan")
+        sections[p] = s
+    # top-N rows per product by score, then only those rows' wide columns
+    order = np.arange(len(small))
+    ok_all = pc.equal(small["status"], "ok").to_numpy(zero_copy_only=False)
+    score_all = np.nan_to_num(small["score"].to_numpy(zero_copy_only=False), nan=-np.inf)
+    prod_all = np.asarray(products.to_pylist(), dtype=object)
+    picks: list[int] = []
+    for p in sections:
+        idx = order[(prod_all == p) & ok_all]
+        picks += idx[np.argsort(-score_all[idx], kind="stable")[:top_n]].tolist()
+    err_idx = order[~ok_all]
+    wide_cols = ["image_id", "product", "source_uri", "score", "threshold", "heatmap_uri", "heatmap_scale", "height",
+                 "width", "error"]
+    top = _read_rows(pf, picks, wide_cols).to_pylist()
+    images, missing = _load_images(marker.get("archive"), deployment, date, top)
+    for r in top:
+        sec = sections[r["product"]]
+        item = {"image_id": r["image_id"], "score": r["score"], "note": ""}
+        try:
+            h, w = _thumb_size(r["height"] or THUMB, r["width"] or THUMB)
+            amap = decode_heatmap(storage.read_bytes(r["heatmap_uri"]), r["heatmap_scale"], size=(h, w))
+            rgb = images.get(r["image_id"])
+            if rgb is None:
+                item["note"] = f"image unavailable, heatmap only: {missing.get(r['image_id'], '')}"
+            else:
+                rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+            item["uri"] = _data_uri(overlay(rgb, amap, r["heatmap_scale"], r["threshold"]))
+        except Exception as e:  # one unreadable heatmap leaves a named gap, never a missing report
+            item["uri"], item["note"] = "", f"heatmap unreadable: {type(e).__name__}: {e}"
+        sec.top.append(item)
+    shown, kept = [], {p: 0 for p in sections}  # at most MAX_ERRORS per product: read only those
+    for i in err_idx.tolist():
+        if kept[prod_all[i]] < MAX_ERRORS:
+            kept[prod_all[i]] += 1
+            shown.append(i)
+    errs = _read_rows(pf, shown, ["product", "image_id", "error"])
+    for p, i, e in zip(errs["product"].fill_null("(no product)").to_pylist(), errs["image_id"].to_pylist(),
+                       errs["error"].to_pylist()):
+        if len(sections[p].error_rows) < MAX_ERRORS:
+            sections[p].error_rows.append((i if i is not None else "(no image_id)", e or ""))
+    summary = {"deployment": deployment, "date": date, "run_id": marker.get("run_id"),
+               "model_version": marker.get("model_version"), "rows": len(small),
+               "products": {p: {"scored": s.scored, "anomalous": s.anomalous, "error": s.errors}
+                            for p, s in sections.items()}}
+    return _html(summary, sections, marker, top_n), summary
+
+
+def write(output: str, deployment: str, date: str, top_n: int = TOP_N) -> tuple[str, dict]:
+    """Build the report and write it beside the night. -> (its URI, summary)."""
+    page, summary = build(output, deployment, date, top_n)
+    uri = report_uri(output, deployment, date)
+    storage.write_bytes(uri, page.encode())
+    return uri, summary
+
+
+def _histogram_svg(scores: np.ndarray, threshold: float, width: int = 360, height: int = 110) -> str:
+    """Inline SVG histogram of the product's scores, the threshold as a red line."""
+    if scores.size == 0:
+        return "<p class=muted>no scored images</p>"
+    lo = float(min(scores.min(), threshold if np.isfinite(threshold) else scores.min()))
+    hi = float(max(scores.max(), threshold if np.isfinite(threshold) else scores.max()))
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts, edges = np.histogram(scores, bins=BINS, range=(lo, hi))
+    top = max(int(counts.max()), 1)
+    bw = width / BINS
+    bars = "".join(
+        f'<rect x="{i * bw:.1f}" y="{height - 14 - c / top * (height - 20):.1f}" width="{bw - 1:.1f}" '
+        f'height="{c / top * (height - 20):.1f}" fill="{"#c0392b" if edges[i] >= threshold else "#5d6d7e"}"/>'
+        for i, c in enumerate(counts) if c)
+    tx = (threshold - lo) / (hi - lo) * width if np.isfinite(threshold) else -10
+    return (f'<svg class=hist width="{width}" height="{height}" role="img" aria-label="score histogram">{bars}'
+            f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="0" y2="{height - 14}" stroke="#e74c3c" stroke-width="2"/>'
+            f'<text x="0" y="{height - 2}" font-size="10">{lo:.3g}</text>'
+            f'<text x="{width}" y="{height - 2}" font-size="10" text-anchor="end">{hi:.3g}</text>'
+            f'<text x="{min(max(tx + 3, 0), width - 80):.1f}" y="10" font-size="10" fill="#e74c3c">threshold {threshold:.3g}</text>'
+            "</svg>")
+
+
+def _html(summary: dict, sections: dict[str, ProductSection], marker: dict, top_n: int) -> str:
+    e = html.escape
+    rows = "".join(
+        f'<tr><td><a href="#p-{e(p)}">{e(p)}</a></td><td class=n data-k="scored">{s.scored}</td>'
+        f'<td class=n data-k="anomalous">{s.anomalous}</td><td class=n data-k="error">{s.errors}</td>'
+        f'<td class=n>{s.threshold:.4g}</td></tr>' if np.isfinite(s.threshold) else
+        f'<tr><td><a href="#p-{e(p)}">{e(p)}</a></td><td class=n data-k="scored">{s.scored}</td>'
+        f'<td class=n data-k="anomalous">{s.anomalous}</td><td class=n data-k="error">{s.errors}</td><td>-</td></tr>'
+        for p, s in sections.items())
+    tot = {k: sum(v[k] for v in summary["products"].values()) for k in ("scored", "anomalous", "error")}
+    parts = []
+    for p, s in sections.items():
+        cards = "".join(
+            f'<figure class=ov><img alt="{e(t["image_id"])}" src="{t["uri"]}"/>'
+            f'<figcaption>{e(t["image_id"])}<br>score {t["score"]:.4g}'
+            f'{" &middot; " + e(t["note"]) if t["note"] else ""}</figcaption></figure>'
+            if t["uri"] else f'<figure class=ov><figcaption>{e(t["image_id"])}: {e(t["note"])}</figcaption></figure>'
+            for t in s.top)
+        errs = "".join(f"<tr><td>{e(i)}</td><td>{e(m)}</td></tr>" for i, m in s.error_rows)
+        more = s.errors - len(s.error_rows)
+        parts.append(
+            f'<section id="p-{e(p)}" data-product="{e(p)}"><h2>{e(p)}</h2>'
+            f'<p>{s.scored} scored, {s.anomalous} anomalous, {s.errors} error</p>'
+            f'{_histogram_svg(s.scores, s.threshold)}'
+            + (f'<h3>Top {len(s.top)} by score</h3><div class=grid>{cards}</div>' if s.top else "")
+            + (f'<h3>Error rows</h3><table class=err><tr><th>image_id</th><th>reason</th></tr>{errs}</table>'
+               + (f"<p class=muted>and {more} more error rows (see the night's scores)</p>" if more > 0 else "")
+               if s.error_rows else "")
+            + "</section>")
+    built = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>AnoPLe night {e(summary["deployment"])} {e(summary["date"])}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:24px;color:#1b2631}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #d5d8dc;padding:3px 8px}} td.n{{text-align:right}} .muted{{color:#7f8c8d}}
+.grid{{display:flex;flex-wrap:wrap;gap:12px}} figure.ov{{margin:0;font-size:12px;max-width:460px}}
+figure.ov img{{display:block;max-width:460px}} section{{margin-top:28px;border-top:2px solid #eaecee}}
+table.err td{{font-size:12px}}
+</style></head><body>
+<h1>Night of {e(summary["date"])} &middot; deployment {e(summary["deployment"])}</h1>
+<p class=muted>model version {e(str(marker.get("model_version")))}, run {e(str(marker.get("run_id")))},
+published {e(str(marker.get("published_at")))}; report built {built}. Overlays: the image, then the heatmap
+in colour on the product's fixed scale (4 x threshold = brightest) with the threshold's contour in cyan.</p>
+<table id=summary><tr><th>product</th><th>scored</th><th>anomalous</th><th>error</th><th>threshold</th></tr>{rows}
+<tr><th>total</th><td class=n data-k="scored">{tot["scored"]}</td><td class=n data-k="anomalous">{tot["anomalous"]}</td>
+<td class=n data-k="error">{tot["error"]}</td><td></td></tr></table>
+{"".join(parts)}
+<script>
+// record which overlays loaded (read back by tests and by anyone who opens the DOM)
+window.addEventListener("load", () => {{
+  const imgs = [...document.querySelectorAll("figure.ov img")];
+  imgs.forEach(i => i.dataset.loaded = (i.complete && i.naturalWidth > 0) ? "1" : "0");
+  document.body.dataset.overlaysLoaded = imgs.filter(i => i.dataset.loaded === "1").length;
+}});
+</script>
+</body></html>
+"""

@@ -1,0 +1,36 @@
+"""Headless Chromium (Debian's `chromium`) for tests of what people look at: the DOM after scripts ran,
+and a screenshot. Missing browser: skipped locally, a failure where ANOPLE_REQUIRE_BROWSER=1 (.ci/run)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+        "--virtual-time-budget=5000"]
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("ANOPLE_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is required here (ANOPLE_REQUIRE_BROWSER=1) but not installed")
+        pytest.skip("no chromium on this machine (apt-get install -y chromium)")
+    return exe
+
+
+def dump_dom(path: str) -> str:
+    """The page's DOM after load (and its scripts) as HTML."""
+    out = subprocess.run([chromium(), *ARGS, "--dump-dom", f"file://{path}"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def screenshot(path: str, png: str, size: str = "1280,1600") -> str:
+    out = subprocess.run([chromium(), *ARGS, f"--screenshot={png}", f"--window-size={size}", f"file://{path}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and os.path.exists(png), out.stderr[-2000:]
+    return png
