@@ -11,20 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
-from jobs.cli import entrypoint
-from pipeline import registry
-from pipeline.cluster import has_gpus, init_ray
-from pipeline.config import load_config
-from pipeline.metrics import METRICS, PAPER_METRICS
+from jobs.cli import entrypoint, new_parser, summary
 from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
-from pipeline.runs import evaluate, evaluate_protocol
-from pipeline.training import TrainConfig
-from pipeline.weights import check_weights
 
 
 def format_table(per_product: dict, mean: dict) -> str:
+    from pipeline.metrics import METRICS
     head = f"{'product':<20}" + "".join(f"{c:>14}" for c in METRICS)
     lines = [head, "-" * len(head)]
     for p, r in per_product.items():
@@ -36,6 +28,9 @@ def format_table(per_product: dict, mean: dict) -> str:
 
 def format_protocol(table: dict, setting: str) -> str:
     """Paper layout: one row per product (+ mean), per k a group of I-AUROC / P-AUROC / PRO (mean+-std %)."""
+    import numpy as np
+
+    from pipeline.metrics import PAPER_METRICS
     ks = sorted(table)
     products = sorted({p for k in ks for p in table[k]})
     head1 = f"{'':<20}" + "".join(f"{f'{k}-shot ({setting})':^45}" for k in ks)
@@ -59,6 +54,12 @@ def format_protocol(table: dict, setting: str) -> str:
 
 
 def _protocol(args) -> int:
+    from pipeline import registry
+    from pipeline.cluster import has_gpus, init_ray
+    from pipeline.config import load_config
+    from pipeline.runs import evaluate_protocol
+    from pipeline.training import TrainConfig
+    from pipeline.weights import check_weights
     check_weights(args.backbone, args.weights)
     anople = load_config(args.config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
     shots = [int(x) for x in args.shots.split(",")]
@@ -71,6 +72,7 @@ def _protocol(args) -> int:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"{args.deployment}: {args.setting}, seeds {seeds}, metrics in % (PRO = AUPRO to FPR 0.3)")
     print(format_protocol(table, args.setting))
+    summary(setting=args.setting, shots=shots, seeds=seeds, table=table, random_weights=args.weights == "random")
     return 0
 
 
@@ -84,7 +86,8 @@ def _int_list(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jobs.evaluate", description="Evaluate a registered model on the labelled test split.")
+    ap = new_parser("evaluate", "Evaluate a registered model on the labelled test split (or, with --protocol, "
+                                "the paper's k-shot x seeds protocol).")
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
     ap.add_argument("--model-alias", default="candidate")
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.protocol:
         return _protocol(args)
+    from pipeline import registry
+    from pipeline.cluster import init_ray
+    from pipeline.runs import evaluate
     init_ray()
     r = evaluate(args.deployment, args.archive, args.model_alias, args.batch_size)
     if r["random_weights"]:
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{registry.model_name(args.deployment)} version {r['model_version']} (alias {args.model_alias}), "
           "metrics in % (AUPRO to FPR 0.3):")
     print(format_table(r["per_product"], r["mean"]))
+    summary(model=registry.model_name(args.deployment), version=str(r["model_version"]), alias=args.model_alias,
+            mean=r["mean"], per_product=r["per_product"], errors=r["errors"], random_weights=r["random_weights"])
     if r["errors"]:
         print(f"{len(r['errors'])} test image(s) could not be scored and are left out:", file=sys.stderr)
         for e in r["errors"][:20]:

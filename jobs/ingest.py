@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
-from pipeline.ingest import ingest
+from jobs.cli import entrypoint, new_parser, summary
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jobs.ingest", description="Turn an image folder or S3 prefix into archive shards.")
+    ap = new_parser("ingest", "Turn an image folder or S3 prefix into archive shards.")
     ap.add_argument("source", help="MVTec-AD layout folder, or a flat folder / S3 prefix of images (with --product)")
     ap.add_argument("--archive", required=True, help="archive root (local path, file:// or s3://)")
     ap.add_argument("--deployment", required=True)
@@ -22,11 +21,14 @@ def parser() -> argparse.ArgumentParser:
 @entrypoint("ingest")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from pipeline.ingest import ingest
     r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard)
     print(f"ingested {r.rows} images ({r.layout} layout) into {len(r.shards)} shard(s) under "
           f"{r.shards[0].rsplit('/', 1)[0]}; {len(r.undecodable)} undecodable (archived), {len(r.skipped)} skipped")
     for p, n in sorted(r.products.items()):
         print(f"  {p}: {n}")
+    summary(rows=r.rows, layout=r.layout, shards=r.shards, products=r.products, undecodable=r.undecodable,
+            skipped=r.skipped, missing_masks=len(r.missing_masks))
     if r.undecodable:
         print(f"WARNING: {len(r.undecodable)} image(s) do not decode; archived anyway, they will score as errors:",
               file=sys.stderr)

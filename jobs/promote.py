@@ -4,14 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
-from pipeline import registry
-from pipeline.errors import NotFoundError
-from pipeline.metrics import METRICS
+from jobs.cli import entrypoint, new_parser, summary
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jobs.promote", description="Move a registry alias to a model version.")
+    ap = new_parser("promote", "Move a registry alias to a model version (gated: evaluated, pretrained weights).")
     ap.add_argument("--deployment", required=True)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--version")
@@ -24,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
 @entrypoint("promote")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from pipeline import registry
     mv = registry.get_version(args.deployment, version=args.version, alias=args.from_alias)  # resolved once
     _compare(args.deployment, mv, args.to)
     mv = registry.promote(args.deployment, args.to, version=mv.version, force=args.force)
@@ -31,11 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"{registry.model_name(args.deployment)} version {mv.version} is now {args.to!r} "
           f"(aliases: {', '.join(mv.aliases)})")
+    summary(model=registry.model_name(args.deployment), version=str(mv.version), alias=args.to,
+            aliases=list(mv.aliases), weights_kind=mv.tags.get("weights_kind"))
     return 0
 
 
 def _compare(deployment: str, mv, to_alias: str) -> None:
     """The version's evaluation beside the one now holding `to_alias` (mean metrics, %)."""
+    from pipeline import registry
+    from pipeline.errors import NotFoundError
+    from pipeline.metrics import METRICS
     try:
         current = registry.get_version(deployment, alias=to_alias)
     except NotFoundError:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
+from jobs.cli import entrypoint, new_parser, summary
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jobs.report", description="Rebuild the HTML report of a published night.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = new_parser("report", "Rebuild the HTML report of a published night.")
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--date", required=True, help="YYYY-MM-DD of the published night")
     ap.add_argument("--output", required=True, help="the scoring output root (local or s3://)")
@@ -26,10 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--top must be >= 0")
     from pipeline import archive, report  # after parsing: --help stays fast
     archive.check_date(args.date)
-    uri, summary = report.write(args.output, args.deployment, args.date, args.top)
-    for p, c in summary["products"].items():
+    uri, summary_ = report.write(args.output, args.deployment, args.date, args.top)
+    for p, c in summary_["products"].items():
         print(f"  {p}: {c['scored']} scored, {c['anomalous']} anomalous, {c['error']} error")
     print(f"report: {uri}")
+    summary(report_uri=uri, **summary_)
     return 0
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entrypoint
-from pipeline import registry
-from pipeline.cluster import init_ray
-from pipeline.runs import score_night
+from jobs.cli import entrypoint, new_parser, summary
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jobs.score", description="Score one night's images with a registered model.")
+    ap = new_parser("score", "Score one night's images with a registered model; publish scores, heatmaps and a report.")
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
     ap.add_argument("--date", required=True, help="YYYY-MM-DD partition to score")
@@ -38,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.heatmap_side is not None and args.heatmap_side < 1:
         ap.error("--heatmap-side must be a positive number of pixels")
+    from pipeline import registry
+    from pipeline.cluster import init_ray
+    from pipeline.runs import score_night
     init_ray()
     s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
                     args.bank_budget_mb, args.actors_per_shard, args.batch_size, args.max_error_rate,
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"heatmaps: {s['heatmaps_uri']}")
     print(f"report:   {s['report_uri'] or 'not written: ' + s['report_error']}")
     print(f"mlflow run: {s['run_id']}")
+    summary(**{k: v for k, v in s.items() if k != "stale_runs_failed"}, deployment=args.deployment, date=args.date)
     return 0
 
 

@@ -8,22 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
-from jobs.cli import entrypoint
-from pipeline import registry
-from pipeline.cluster import has_gpus, init_ray
-from pipeline.config import load_config
+from jobs.cli import entrypoint, new_parser, summary
 from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.config import PROMPT_MODES
-from pipeline.runs import train_and_register
-from pipeline.training import TrainConfig
-from pipeline.validation import verdict
-from pipeline.weights import check_weights
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[1])
+    ap = new_parser("train", __doc__.split("\n\n")[1])
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
     ap.add_argument("--shots", type=int, required=True, help="normal shots per product (1-4 in the paper)")
@@ -54,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         bank_layers = [int(x) for x in args.bank_layers.split(",") if x] or None
     except ValueError:
         ap.error(f"--bank-layers wants comma-separated integers, got {args.bank_layers!r}")
+    import numpy as np
+
+    from pipeline import registry
+    from pipeline.cluster import has_gpus, init_ray
+    from pipeline.config import load_config
+    from pipeline.runs import train_and_register
+    from pipeline.training import TrainConfig
+    from pipeline.validation import verdict
+    from pipeline.weights import check_weights
     check_weights(args.backbone, args.weights)  # before any cluster work: a typo fails in a second
     anople = load_config(args.config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, prompt_mode=args.prompt_mode, seed=args.seed,
                          bank_layers=bank_layers, fusion="bank" if args.prompt_mode == "none" else None)
@@ -61,25 +61,30 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(deployment=args.deployment, archive=args.archive, shots=args.shots, seed=args.seed,
                       backbone=args.backbone, weights=args.weights, anople=anople, restart=args.restart,
                       num_workers=args.num_workers, use_gpu=has_gpus(), storage_path=args.storage_path)
-    mv, spec, summary = train_and_register(cfg)
+    mv, spec, fit = train_and_register(cfg)
     if spec.is_random:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"registered {registry.model_name(args.deployment)} version {mv.version} (alias: candidate); "
           f"run {mv.run_id}; products: {', '.join(sorted(spec.products))}")
     print(f"  AnoPLe: prompts {spec.anople['prompt_mode']}, fusion {spec.anople['fusion']}, "
           f"epochs {spec.anople['epochs'] if spec.prompts_file else 0}")
-    secs = [e["epoch_seconds"] for e in summary["epochs"]]
+    secs = [e["epoch_seconds"] for e in fit["epochs"]]
     if secs:  # this run's epochs (a resumed run trains only the rest)
-        print(f"  prompt learning on {summary['device']}: {len(secs)} epoch(s) this run, "
+        print(f"  prompt learning on {fit['device']}: {len(secs)} epoch(s) this run, "
               f"{np.mean(secs):.2f} s/epoch (first {secs[0]:.2f} s, median {np.median(secs):.2f} s)")
-    if summary["validation"]:
-        line, warning = verdict(summary["validation"])
+    if fit["validation"]:
+        line, warning = verdict(fit["validation"])
         print(f"  {line}")
         if warning:
             print(f"WARNING: {warning}", file=sys.stderr)
     for p, ps in sorted(spec.products.items()):
         print(f"  {p}: threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
-    skipped = [s for p in sorted(summary["skipped"]) for s in summary["skipped"][p]]
+    summary(model=registry.model_name(args.deployment), version=str(mv.version), run_id=mv.run_id, alias="candidate",
+            products=sorted(spec.products), random_weights=spec.is_random, device=fit["device"],
+            epochs=len(secs), validation=fit["validation"],
+            thresholds={p: ps.threshold for p, ps in spec.products.items()})
+    skipped = [s for p in sorted(fit["skipped"]) for s in fit["skipped"][p]]
+    summary(skipped=skipped)
     if skipped:
         print(f"WARNING: {len(skipped)} normal train image(s) do not decode and were left out:", file=sys.stderr)
         for s in skipped[:20]:

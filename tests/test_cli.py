@@ -1,4 +1,10 @@
-"""One error policy for every job: an expected failure is one line and its exit code; a bug keeps its traceback."""
+"""One error policy for every job: an expected failure is one line and its exit code; a bug keeps its traceback.
+The `anople` command: verbs, --help without heavy imports, --json summaries."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from jobs import ingest as ingest_job
@@ -37,8 +43,10 @@ def test_a_library_invariant_is_not_reported_as_a_bad_argument(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("wrote 3 score rows for 5 input rows")
 
-    monkeypatch.setattr(score_job, "init_ray", lambda: None)
-    monkeypatch.setattr(score_job, "score_night", broken)
+    import pipeline.cluster
+    import pipeline.runs
+    monkeypatch.setattr(pipeline.cluster, "init_ray", lambda: None)
+    monkeypatch.setattr(pipeline.runs, "score_night", broken)
     with pytest.raises(RuntimeError, match="3 score rows for 5"):
         score_job.main(["--deployment", "d", "--archive", "a", "--date", "2026-11-22", "--output", "o"])
 
@@ -50,3 +58,56 @@ def test_a_bad_argument_of_a_real_job_is_a_usage_error(tmp_path, synthetic_src, 
     with pytest.raises(SystemExit) as e:  # argparse's own usage errors exit 2 as well
         ingest_job.main([synthetic_src])
     assert e.value.code == EXIT_USAGE
+
+
+VERBS = ["ingest", "train", "evaluate", "promote", "score", "report"]
+
+
+@pytest.mark.parametrize("verb", [None] + VERBS)
+def test_help_answers_without_importing_torch_ray_or_mlflow(verb):
+    """--help parses before any heavy import: what keeps it well under a second (timed in the README, not here)."""
+    code = ("import sys\nfrom jobs import anople\n"
+            f"try:\n    rc = anople.main({[verb, '--help'] if verb else ['--help']!r})\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'ray', 'mlflow', 'open_clip', 'faiss') if m in sys.modules], rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("HEAVY [] 0")
+    if verb:
+        assert out.stdout.startswith(f"usage: anople {verb}") and "exit codes: 0 ok" in out.stdout
+    if verb == "score":
+        assert "(default: production)" in out.stdout and "--heatmap-side" in out.stdout
+
+
+def test_the_console_command_is_installed_and_rejects_unknown_verbs():
+    exe = os.path.join(os.path.dirname(sys.executable), "anople")
+    out = subprocess.run([exe, "bogus"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == EXIT_USAGE and "unknown verb 'bogus'" in out.stderr
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and all(v in out.stdout for v in VERBS)
+
+
+def test_json_prints_one_summary_on_stdout_and_the_human_lines_on_stderr(tmp_path, synthetic_src, capsys):
+    from jobs import anople
+    rc = anople.main(["ingest", synthetic_src, "--archive", str(tmp_path), "--deployment", "d", "--date", "2026-11-22",
+                      "--json"])
+    out, err = capsys.readouterr()
+    summary = json.loads(out)  # stdout is exactly one JSON document
+    assert rc == 0 and summary["status"] == "ok" and summary["exit_code"] == 0 and summary["job"] == "ingest"
+    assert summary["rows"] > 0 and set(summary["products"]) == {"tile", "washer", "fabric"}
+    assert "ingested" in err
+    rc = anople.main(["ingest", synthetic_src, "--archive", str(tmp_path), "--deployment", "d", "--date", "2026-02-31",
+                      "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == EXIT_USAGE and summary["status"] == "error" and summary["exit_code"] == EXIT_USAGE
+    assert "calendar date" in summary["error"]
+
+
+def test_json_says_refused_with_exit_code_3(capsys):
+    @entrypoint("job")
+    def main(argv=None):
+        raise RefusedError("random weights")
+
+    assert main(["--json"]) == EXIT_REFUSED
+    assert json.loads(capsys.readouterr().out) == {"job": "job", "status": "refused", "exit_code": 3,
+                                                   "error": "random weights"}
