@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
 import ray.data
@@ -31,7 +32,10 @@ def init_ray(num_cpus: int | None = None) -> dict:
             kwargs.update(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # batch jobs log to files; progress bars only clutter them
+    # Ray Data's bars on a terminal; in a log file they are noise, and the jobs print progress lines instead
+    # (pipeline.progress). Ray's own INFO chatter stays out (logging_level above); its warnings and the
+    # workers' output stay in (deduplicated across workers by Ray's default RAY_DEDUP_LOGS).
+    ctx.enable_progress_bars = sys.stderr.isatty()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray.cluster_resources()
 

@@ -17,6 +17,7 @@ from pipeline.batch import (INFRA_ERRORS, SCORE_SCHEMA, InjectedFault, HeatmapTa
 from pipeline.cluster import has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
+from pipeline.progress import Progress
 from pipeline.training import TrainConfig, fit_deployment
 from pipeline.validation import verdict
 
@@ -43,7 +44,7 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
                            "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "run_key": cfg.run_key()})
         mlflow.log_params(registry.config_params(cfg.anople))
         t0 = time.time()
-        spec, summary = fit_deployment(cfg, out)
+        spec, summary = fit_deployment(cfg, out, mlflow_run_id=run.info.run_id)
         kind = spec.weights_kind
         mlflow.set_tags({"weights_kind": kind, "random_weights": str(spec.is_random).lower(),
                          "job": "train", "device": summary["device"], "knn_backend": summary["knn_backend"]})
@@ -52,8 +53,10 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
         mlflow.log_params({"bank_layers": ",".join(map(str, spec.bank_layers)), "image_size": spec.image_size,
                            "weights_kind": kind, "weights_fingerprint": spec.weights_fingerprint,
                            "products": ",".join(sorted(spec.products))})
-        for e in summary["epochs"]:  # losses and the validation curve, one point per epoch
-            mlflow.log_metrics({k: v for k, v in e.items() if k != "epoch"}, step=int(e["epoch"]))
+        for e in summary["epochs"]:  # the epochs the worker could not log as they ended (losses, validation curve)
+            if not e.get("mlflow_logged"):
+                mlflow.log_metrics({k: v for k, v in e.items() if k not in ("epoch", "mlflow_logged")},
+                                   step=int(e["epoch"]))
         if summary["validation"]:
             v = summary["validation"]
             mlflow.log_metrics({k: v[k] for k in ("val_gain_pixel_auroc", "val_best_fused_pixel_auroc",
@@ -153,9 +156,11 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
 
         writer = nights.NightWriter(output, deployment, date, run_id, SCORE_SCHEMA)
         counts = {"ok": 0, "error": 0, "anomalous": 0, "infra_errors": 0}
+        progress = Progress(f"score {deployment} {date}", archive.count_rows(archive_uri, deployment, date))
         try:
             for table in isolating(night, all_ids, crashed_row):
                 writer.write(table)
+                progress.update(table.num_rows)
                 counts["ok"] += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
                 counts["anomalous"] += pc.sum(table["is_anomalous"]).as_py() or 0
                 counts["infra_errors"] += sum(1 for e in table["error"].to_pylist() if e and e.startswith(INFRA_ERRORS))
@@ -167,6 +172,7 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
                 raise TooManyErrors(f"{counts['infra_errors']} of {n_in} rows failed for infrastructure reasons "
                                     f"(over --max-error-rate {max_error_rate:g}); nothing published, the previous "
                                     "night stands")
+            progress.finish()
             marker = writer.publish({"model_version": str(mv.version), "heatmaps": heatmaps,
                                      "archive": storage.normalize(archive_uri), **counts})
         except BaseException:

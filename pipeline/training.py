@@ -12,23 +12,28 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import ray.train
 import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
 from safetensors.torch import save as st_save
 
-from pipeline import archive, artifact, storage
+from pipeline import archive, artifact, registry, storage
 from pipeline.bank import pick_backend
 from pipeline.errors import PipelineError, UsageError
 from pipeline.fitting import fit_products, load_shots, shot_batch
 from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.backbone import fingerprint, looks_untrained
 from pipeline.model.config import AnoPLeConfig
+from pipeline.progress import epoch_line
 from pipeline.prompt_training import train_prompts
 from pipeline.validation import build_validation, gain, on_rank0, validate
 from pipeline.weights import build_model, check_weights, weights_kind
@@ -77,6 +82,7 @@ class FitJob:
     cfg: TrainConfig
     products: tuple[str, ...]
     fault: WorkerCrash | None = None
+    mlflow_run: tuple[str, str] = ("", "")  # (tracking URI, run id): rank 0 logs each epoch there as it goes
 
 
 def _write(path: str, data: bytes | str) -> None:
@@ -99,8 +105,14 @@ def _fit_worker(config: dict) -> None:
     data = load_shots(cfg.archive, cfg.deployment, sorted(set(mine) | set(teach)), cfg.shots, cfg.seed)
     epochs, val = [], None
     if cfg.anople.trains:
+        seconds: list[float] = []
+
         def on_epoch(metrics: dict) -> None:
             ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
+            if rank == 0:
+                seconds.append(metrics["epoch_seconds"])
+                print(epoch_line(metrics, cfg.anople.epochs, seconds), flush=True)
+                metrics["mlflow_logged"] = float(_log_epoch(*job.mlflow_run, metrics))
             marker = storage.join(cfg.checkpoints(), "_injected-crash")
             if job.fault and rank == 0 and metrics["epoch"] == job.fault.after_epoch and not storage.exists(marker):
                 storage.write_bytes(marker, b"crashed once")
@@ -181,10 +193,28 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
     return spec, summary
 
 
-def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = None) -> tuple[artifact.ModelSpec, dict]:
+def _log_epoch(tracking_uri: str, run_id: str, metrics: dict) -> bool:
+    """One epoch's metrics to the training run, while it trains. False when there is no run or the tracking
+    store refused (a warning: the driver logs the epoch after the fit instead)."""
+    if not run_id:
+        return False
+    try:
+        MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=[
+            Metric(k, float(v), int(time.time() * 1000), int(metrics["epoch"]))
+            for k, v in metrics.items() if k not in ("epoch", "mlflow_logged")])
+        return True
+    except Exception as e:
+        print(f"WARNING: epoch {metrics['epoch']} not logged to MLflow run {run_id} while training "
+              f"({type(e).__name__}: {e}); it is logged after the fit", file=sys.stderr, flush=True)
+        return False
+
+
+def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = None,
+                   mlflow_run_id: str = "") -> tuple[artifact.ModelSpec, dict]:
     """Run the TorchTrainer and write the artifact to local `out_dir`. Returns (spec, summary). A worker
     that dies (a preempted node) is restarted up to MAX_WORKER_FAILURES times and resumes from the last
-    epoch checkpoint. `fault` is a test's injected worker crash."""
+    epoch checkpoint. With `mlflow_run_id`, each epoch's metrics are logged to that run as it ends.
+    `fault` is a test's injected worker crash."""
     check_weights(cfg.backbone, cfg.weights)
     products = archive.products_in(cfg.archive, cfg.deployment)
     unknown = sorted(set(cfg.prompt_products) - set(products))
@@ -195,7 +225,9 @@ def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = N
         storage.remove_tree(storage.join(cfg.storage_path, cfg.run_key()))
     trainer = TorchTrainer(
         _fit_worker,
-        train_loop_config={"job": FitJob(cfg, tuple(products), fault)},
+        # the tracking URI travels with the job: a worker's environment may not name the driver's store
+        train_loop_config={"job": FitJob(cfg, tuple(products), fault,
+                                         (registry.tracking_uri(), mlflow_run_id) if mlflow_run_id else ("", ""))},
         scaling_config=ScalingConfig(num_workers=max(1, cfg.num_workers), use_gpu=cfg.use_gpu),
         # named by the run key: a resubmitted job finds this run's Ray Train state and epoch checkpoints
         # (<storage>/<run key>/) instead of starting a stranger's

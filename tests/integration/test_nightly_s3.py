@@ -99,6 +99,9 @@ def test_prompt_training_checkpointed_every_epoch_and_logged(nightly):
     assert run.data.params["anople.prompt_mode"] == "bi" and run.data.params["anople.epochs"] == "2"
     history = registry.client().get_metric_history(mv.run_id, "loss_total")
     assert [m.step for m in history] == [1, 2]
+    # logged as training went: epoch 1's point predates epoch 2's checkpoint (was: all logged after the fit)
+    second = os.path.getmtime(ckpts[1])
+    assert history[0].timestamp / 1000 <= second + 0.5
     # the validation curve, and what training added over the bank on it, in the run
     assert [m.step for m in registry.client().get_metric_history(mv.run_id, "val_fused_pixel_auroc")] == [1, 2]
     assert "val_gain_pixel_auroc" in run.data.metrics and run.data.tags["validation"].startswith("validation (")
