@@ -194,9 +194,10 @@ def read_table(archive: str, deployment: str, date: str | None = None, rows: Row
     return storage.retrying(ds.to_table, columns=columns, filter=rows.predicate())
 
 
-def read_images(archive: str, deployment: str, date: str, image_ids: list[str]) -> dict[str, bytes]:
-    """{image_id: image bytes} for a few rows of a night (the report's top-N), reading the image column only of
-    the row groups that hold them: a filter on the dataset would read every image of the night."""
+def read_images(archive: str, deployment: str, date: str | None, image_ids: list[str]) -> dict[str, bytes]:
+    """{image_id: image bytes} for a few rows of a night (or of every date: None), e.g. the report's top-N,
+    reading the image column only of the row groups that hold them: a filter on the dataset would read every
+    image of the night."""
     want, out = set(image_ids), {}
     fs, paths = shard_paths(archive, deployment, date)
     for path in paths:

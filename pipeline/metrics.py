@@ -102,6 +102,32 @@ class PixelMetrics:
             "pixel_f1_max": float(f1.max()),
         }
 
+    def curves(self, points: int = 512) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Pixel ROC (fpr, tpr) and PRO (fpr, pro) curves, at most `points` points each (for figures)."""
+        tp, fp, pro = self._rates()
+        if tp[-1] == 0 or fp[-1] == 0:
+            return {}
+        fpr, tpr = fp / fp[-1], tp / tp[-1]
+        keep = _thin(fpr, tpr, points)
+        return {"pixel_roc": (fpr[keep], tpr[keep]), "pro": (fpr[keep], pro[keep])}
+
+
+def _thin(x: np.ndarray, y: np.ndarray, points: int) -> np.ndarray:
+    """Indices of at most `points` points spread along a monotone curve (ends kept)."""
+    step = np.r_[0, np.cumsum(np.hypot(np.diff(x), np.diff(y)))]
+    targets = np.linspace(0, step[-1], points)
+    return np.unique(np.r_[0, np.searchsorted(step, targets).clip(0, len(x) - 1), len(x) - 1])
+
+
+def image_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image-level ROC (fpr, tpr) over thresholds 'score >= t' (ties step together)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[s[1:] != s[:-1], True]
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
+
 
 class ProductMetrics:
     """All metrics of one product: image-level lists (one float per image) + streaming pixel metrics."""
@@ -116,6 +142,14 @@ class ProductMetrics:
         self.labels.append(int(label))
         if amap is not None and mask is not None:
             self.pixel.update(amap, mask)
+
+    def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{'image_roc', 'pixel_roc', 'pro'}: (x, y) arrays, where the classes are present."""
+        y = np.array(self.labels)
+        out = self.pixel.curves()
+        if 0 < y.sum() < len(y):
+            out["image_roc"] = image_roc(np.array(self.scores), y)
+        return out
 
     def compute(self) -> dict[str, float]:
         s, y = np.array(self.scores), np.array(self.labels)

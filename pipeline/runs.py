@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import archive, artifact, nights, registry, report, serving, storage
+from pipeline import archive, artifact, evidence, nights, registry, report, serving, storage
 from pipeline.batch import (INFRA_ERRORS, SCORE_SCHEMA, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition,
                             score_rows, to_table)
 from pipeline.cluster import has_gpus
@@ -216,7 +216,8 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
     {"per_product": {...}, "mean": {...}, "errors": n, "model_version": v}."""
     mv, uri, spec = _resolve(deployment, alias)
     info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=mv.run_id or "")
-    per, errors, unlabelled = _stream_metrics(archive_uri, deployment, uri, spec, info, None, batch_size)
+    examples = evidence.Examples()
+    per, errors, unlabelled = _stream_metrics(archive_uri, deployment, uri, spec, info, None, batch_size, examples)
     if not per:
         raise UsageError(f"no labelled, scorable test images for deployment {deployment!r} in {archive_uri}")
     results = {p: m.compute() for p, m in sorted(per.items())}
@@ -228,6 +229,10 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
         flat["eval.errors"] = len(errors)
         mlflow.log_metrics(flat)
         mlflow.log_dict({"per_product": results, "mean": mean, "errors": errors}, "evaluation.json")
+        ids = [e[1] for e in examples.best.values()]
+        images = archive.read_images(archive_uri, deployment, None, ids) if ids else {}
+        evidence.log_evaluation(mlflow, per, results, examples, images,
+                                {p: ps.threshold for p, ps in spec.products.items()}, str(mv.version))
     if errors:  # an evaluation that could not use every labelled image is not one the gate accepts
         raise EvaluationIncomplete(
             f"{len(errors)} labelled test image(s) or mask(s) could not be used, so version {mv.version} is not "
@@ -239,9 +244,10 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
 
 
 def _stream_metrics(archive_uri: str, deployment: str, uri: str, spec: artifact.ModelSpec, info: RunInfo,
-                    only: list[str] | None, batch_size: int):
+                    only: list[str] | None, batch_size: int, examples: evidence.Examples | None = None):
     """Score the labelled test split through Ray Data and fold each image into its product's streaming
-    metrics. Returns ({product: ProductMetrics}, error lines of labelled rows, count of unlabelled rows)."""
+    metrics (and offer it to `examples`). Returns ({product: ProductMetrics}, error lines of labelled rows, count
+    of unlabelled rows)."""
     parts = score_partition(archive_uri, deployment, None, uri, spec, info, split="test", with_masks=True,
                             only=only, batch_size=batch_size, use_gpu=has_gpus())
     per: dict[str, ProductMetrics] = {}
@@ -256,6 +262,9 @@ def _stream_metrics(archive_uri: str, deployment: str, uri: str, spec: artifact.
                 else:
                     per.setdefault(str(b["product"][i]), ProductMetrics()).update(
                         b["score"][i], int(b["label"][i]), b["map"][i], b["mask"][i])
+                    if examples is not None:
+                        examples.offer(str(b["product"][i]), int(b["label"][i]), float(b["score"][i]),
+                                       str(b["image_id"][i]), b["map"][i], b["mask"][i])
     return per, errors, unlabelled
 
 

@@ -124,3 +124,25 @@ def test_pixel_metrics_state_does_not_grow_with_images_or_their_size():
         big.update(rng.random((128, 128)), rng.random((128, 128)) > 0.9)
     assert _state_bytes(big) == _state_bytes(small) <= 4 * 8 * BINS
     assert big.compute()["pixel_auroc"] == pytest.approx(0.5, abs=0.02)  # random maps: chance, but counted
+
+
+def test_curves_for_figures_match_sklearn_and_end_at_the_corners():
+    from sklearn.metrics import roc_curve
+
+    from pipeline.metrics import ProductMetrics, image_roc
+    rng = np.random.default_rng(5)
+    s, y = rng.normal(size=60).round(1), rng.integers(0, 2, 60)
+    fpr, tpr = image_roc(s, y)
+    ref_fpr, ref_tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    assert np.allclose(fpr, ref_fpr) and np.allclose(tpr, ref_tpr)  # ties step together, as sklearn's
+    m = ProductMetrics()
+    for i in range(6):
+        g = np.zeros((16, 16), bool)
+        g[4:9, 4:9] = i % 2 == 1
+        a = _grid_scores(rng, (16, 16))
+        m.update(float(a.max()), int(g.any()), a, g)
+    c = m.curves()
+    x, t = c["pixel_roc"]
+    assert (x[0], t[0], x[-1], t[-1]) == (0.0, 0.0, 1.0, 1.0) and len(x) <= 514
+    assert np.trapezoid(t, x) == pytest.approx(m.compute()["pixel_auroc"], abs=0.01)  # thinned, same area
+    assert set(c) == {"image_roc", "pixel_roc", "pro"}

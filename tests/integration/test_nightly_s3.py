@@ -1,6 +1,7 @@
 """The whole nightly path on a real S3 API (moto server), real Ray and MLflow on sqlite:
 ingest -> train -> evaluate -> promote -> score, archive, model artifacts and outputs all in S3."""
 import io
+import json
 import os
 
 import boto3
@@ -107,6 +108,24 @@ def test_prompt_training_checkpointed_every_epoch_and_logged(nightly):
     assert "val_gain_pixel_auroc" in run.data.metrics and run.data.tags["validation"].startswith("validation (")
     assert storage.exists(storage.join(run.info.artifact_uri, "validation.json"))
     assert storage.exists(registry.artifact_uri(mv) + "/prompts.safetensors")
+
+
+def test_the_evaluation_left_curves_a_table_and_examples_in_its_run(nightly, tmp_path):
+    mv = registry.get_version("line1", alias="production")
+    client = registry.client()
+    names = {a.path for a in client.list_artifacts(mv.run_id, "evaluation/curves")}
+    products = sorted(mv.tags.get("products", "") or archive.products_in(nightly["arch"], "line1"))
+    assert names == {f"evaluation/curves/{p}.png" for p in products}
+    table = json.loads(open(client.download_artifacts(mv.run_id, "evaluation/per_product.json", str(tmp_path))).read())
+    cols = table["columns"]
+    rows = [dict(zip(cols, r)) for r in table["data"]]
+    assert sorted(r["product"] for r in rows) == products and all(0 <= r["pixel_auroc"] <= 100 for r in rows)
+    for p in products:
+        shots = [a.path for a in client.list_artifacts(mv.run_id, f"evaluation/examples/{p}")]
+        assert any("defective-top" in a for a in shots) and any("normal-top" in a for a in shots)
+    png = client.download_artifacts(mv.run_id, f"evaluation/curves/{products[0]}.png", str(tmp_path))
+    img = np.asarray(Image.open(png).convert("L"))
+    assert img.shape[1] > 600 and img.std() > 10  # a drawn figure, not an empty canvas
 
 
 def test_registry_holds_the_version_with_both_aliases(nightly):
