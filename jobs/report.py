@@ -11,7 +11,8 @@ from jobs.cli import entrypoint, new_parser, summary
 def parser() -> argparse.ArgumentParser:
     ap = new_parser("report", "Rebuild the HTML report of a published night.")
     ap.add_argument("--deployment", required=True)
-    ap.add_argument("--date", required=True, help="YYYY-MM-DD of the published night")
+    ap.add_argument("--date", required=True, help="YYYY-MM-DD of the published night, or 'yesterday' / 'today'")
+    ap.add_argument("--timezone", default="UTC", help="IANA time zone of 'yesterday' / 'today'")
     ap.add_argument("--output", required=True, help="the scoring output root (local or s3://)")
     ap.add_argument("--top", type=int, default=6, help="overlays per product (the most anomalous images)")
     return ap
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top < 0:
         ap.error("--top must be >= 0")
     from pipeline import archive, report  # after parsing: --help stays fast
-    archive.check_date(args.date)
+    args.date = archive.resolve_date(args.date, args.timezone)
     uri, summary_ = report.write(args.output, args.deployment, args.date, args.top)
     for p, c in summary_["products"].items():
         print(f"  {p}: {c['scored']} scored, {c['anomalous']} anomalous, {c['error']} error")

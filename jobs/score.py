@@ -11,7 +11,9 @@ def parser() -> argparse.ArgumentParser:
     ap = new_parser("score", "Score one night's images with a registered model; publish scores, heatmaps and a report.")
     ap.add_argument("--deployment", required=True)
     ap.add_argument("--archive", required=True)
-    ap.add_argument("--date", required=True, help="YYYY-MM-DD partition to score")
+    ap.add_argument("--date", required=True, help="YYYY-MM-DD partition to score, or 'yesterday' / 'today' "
+                                                  "(in --timezone, when the job starts: for schedulers)")
+    ap.add_argument("--timezone", default="UTC", help="IANA time zone of 'yesterday' / 'today'")
     ap.add_argument("--output", required=True, help="output root for scores/ and heatmaps/ (local or s3://)")
     ap.add_argument("--model-alias", default="production")
     ap.add_argument("--bank-budget-mb", type=float, default=None,
@@ -35,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.heatmap_side is not None and args.heatmap_side < 1:
         ap.error("--heatmap-side must be a positive number of pixels")
-    from pipeline import registry
+    from pipeline import archive, registry
     from pipeline.cluster import init_ray
     from pipeline.runs import score_night
+    args.date = archive.resolve_date(args.date, args.timezone)
     init_ray()
     s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
                     args.bank_budget_mb, args.actors_per_shard, args.batch_size, args.max_error_rate,

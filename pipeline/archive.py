@@ -57,6 +57,20 @@ def check_date(date: str) -> str:
     return date
 
 
+def resolve_date(text: str, timezone: str = "UTC") -> str:
+    """'today' / 'yesterday' (the calendar day in `timezone`, when the job starts: what a scheduled job
+    names, since its command line is fixed) or a YYYY-MM-DD date -> YYYY-MM-DD."""
+    if text in ("today", "yesterday"):
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        try:
+            zone = ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise UsageError(f"unknown time zone {timezone!r} (an IANA name, e.g. UTC or Europe/Berlin)") from None
+        day = dt.datetime.now(zone).date() - dt.timedelta(days=1 if text == "yesterday" else 0)
+        return day.isoformat()
+    return check_date(text)
+
+
 def partition_uri(archive: str, deployment: str, date: str | None = None) -> str:
     uri = storage.join(storage.normalize(archive), f"deployment={check_deployment(deployment)}")
     return storage.join(uri, f"date={check_date(date)}") if date else uri

@@ -42,7 +42,8 @@ def curves_figure(product: str, m: ProductMetrics, fpr_limit: float = 0.3):
             ax.plot(x, y, lw=1.8)
         else:
             ax.text(0.5, 0.5, "one class only", ha="center")
-        ax.plot([0, xmax], [0, xmax if key != "pro" else 1.0], ls=":", c="grey", lw=0.8)
+        if key != "pro":  # chance level of a ROC
+            ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
         ax.set(xlim=(0, xmax), ylim=(0, 1.01), title=title, xlabel=xl, ylabel=yl)
     fig.suptitle(f"{product}: {int(r['n_images'])} test images, {int(r['n_defective'])} defective")
     fig.tight_layout()

@@ -52,3 +52,20 @@ def test_partition_queries(arch):
         archive.count_rows(arch, "d", "2026-11-23")
     with pytest.raises(UsageError):
         archive.partition_uri(arch, "d", "2026-11-31")
+
+
+def test_a_scheduled_job_names_yesterday_in_its_time_zone():
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from pipeline.archive import resolve_date
+    from pipeline.errors import UsageError
+    for tz in ("UTC", "Pacific/Kiritimati", "Etc/GMT+12"):  # UTC+14 and UTC-12: the day differs across zones
+        today = dt.datetime.now(ZoneInfo(tz)).date()
+        assert resolve_date("yesterday", tz) in {(today - dt.timedelta(days=1)).isoformat(), today.isoformat()}
+        assert resolve_date("today", tz) in {today.isoformat(), (today + dt.timedelta(days=1)).isoformat()}
+    assert resolve_date("2026-11-22") == "2026-11-22"
+    with pytest.raises(UsageError, match="time zone"):
+        resolve_date("yesterday", "Mars/Olympus")
+    with pytest.raises(UsageError, match="calendar date"):
+        resolve_date("last tuesday")

@@ -27,17 +27,27 @@ def test_validator_really_rejects_a_broken_config():
 
 
 def _accepts(entrypoint: str) -> None:
-    """A RayJob entrypoint runs one of our jobs with arguments that job's own parser accepts."""
+    """A RayJob entrypoint runs one of our jobs (`python -m jobs.X` or `anople X`) with arguments that job's own
+    parser accepts, and a date that resolves."""
     import importlib
     import shlex
 
     argv = shlex.split(entrypoint)
-    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), entrypoint
-    job = importlib.import_module(argv[2])
-    args = job.parser().parse_args(argv[3:])  # SystemExit (argparse) fails the test
+    if argv[0] == "anople":
+        from jobs.anople import VERBS
+        module, rest = VERBS[argv[1]][0], argv[2:]
+    else:
+        assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), entrypoint
+        module, rest = argv[2], argv[3:]
+    args = importlib.import_module(module).parser().parse_args(rest)  # SystemExit (argparse) fails the test
     if hasattr(args, "date"):
-        from pipeline.archive import check_date
-        check_date(args.date)
+        from pipeline.archive import resolve_date
+        resolve_date(args.date, getattr(args, "timezone", "UTC"))
+
+
+def _version() -> str:
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
 def test_kuberay_training_job_runs_the_train_job_with_valid_arguments():
@@ -49,32 +59,31 @@ def test_kuberay_training_job_runs_the_train_job_with_valid_arguments():
     assert any(w["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for w in workers)
 
 
-def _nightly_rayjobs(tmp_path):
-    """Run the nightly CronJob's own script with a stand-in kubectl that keeps what it is given.
-    Returns (the CronJob container's env, the RayJobs it applies)."""
-    import os
-    import subprocess
-
-    docs = list(yaml.safe_load_all((ROOT / "infra" / "kuberay-nightly-score.yaml").read_text()))
-    cron = next(d for d in docs if d["kind"] == "CronJob")
-    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container.get("env", [])}
-    kubectl = tmp_path / "kubectl"
-    kubectl.write_text(f"#!/bin/sh\ncat >> {tmp_path}/applied.yaml\necho ---  >> {tmp_path}/applied.yaml\n")
-    kubectl.chmod(0o755)
-    subprocess.run(container["command"] + container["args"], check=True, timeout=30,
-                   env={**os.environ, **env, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
-    return env, [d for d in yaml.safe_load_all((tmp_path / "applied.yaml").read_text()) if d]
+def _nightly_rayjobs():
+    """The nightly RayCronJobs' RayJob templates, as the operator would create them."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "infra" / "kuberay-nightly-score.yaml").read_text()) if d]
+    assert docs and all(d["kind"] == "RayCronJob" and d["apiVersion"] == "ray.io/v1" for d in docs)
+    return docs, [d["spec"]["jobTemplate"] for d in docs]
 
 
-def test_nightly_cronjob_renders_one_valid_scoring_rayjob_per_deployment(tmp_path):
-    env, jobs = _nightly_rayjobs(tmp_path)
-    assert [j["kind"] for j in jobs] == ["RayJob"] * len(env["DEPLOYMENTS"].split())
-    for j, deployment in zip(jobs, env["DEPLOYMENTS"].split()):
-        assert j["metadata"]["name"].startswith(f"anople-score-{deployment}-")
-        entry = j["spec"]["entrypoint"]
-        assert entry.startswith("python -m jobs.score ") and f"--deployment {deployment} " in entry
+def test_nightly_scoring_is_a_raycronjob_per_deployment_with_a_deadline_and_pinned_images():
+    docs, jobs = _nightly_rayjobs()
+    deployments = []
+    for d, j in zip(docs, jobs):
+        fields = d["spec"]["schedule"].split()
+        assert len(fields) == 5 and d["spec"]["timeZone"] == "UTC"
+        entry = j["entrypoint"]
+        assert entry.startswith("anople score ") and "--date yesterday" in entry and "--json" in entry
         _accepts(entry)
+        deployments.append(entry.split("--deployment ")[1].split()[0])
+        assert d["metadata"]["name"].endswith(deployments[-1])
+        assert 0 < j["activeDeadlineSeconds"] < 24 * 3600  # a stuck night ends before the next one starts
+        assert j["shutdownAfterJobFinishes"] is True
+        images = [c["image"] for c in _containers(j)]
+        assert images and all(i.rsplit(":", 1)[-1] == _version() for i in images), images  # never :latest
+    assert len(set(deployments)) == len(docs)  # one schedule per deployment
+    train = yaml.safe_load((ROOT / "infra" / "kuberay-train-job.yaml").read_text())
+    assert all(c["image"].endswith(f":{_version()}") for c in _containers(train))
 
 
 def _containers(doc):
@@ -99,7 +108,7 @@ def test_ray_nodes_require_a_provisioned_token_and_the_dashboard_is_not_open(tmp
     env_file = next(o.split()[1] for o in opts if o.startswith("--env-file"))
     assert any(env_file in c and "secretsmanager" in c for c in cfg["initialization_commands"])
     train = yaml.safe_load((ROOT / "infra" / "kuberay-train-job.yaml").read_text())
-    for name, docs in (("train", [train]), ("nightly", _nightly_rayjobs(tmp_path)[1])):
+    for name, docs in (("train", [train]), ("nightly", _nightly_rayjobs()[1])):
         ray = [c for d in docs for c in _containers(d) if "anople" in c["image"]]
         assert ray, name
         for c in ray:
