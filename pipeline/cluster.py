@@ -29,7 +29,8 @@ def init_ray(num_cpus: int | None = None) -> dict:
         if not os.environ.get("RAY_ADDRESS"):
             # Local workers start from this process; pass on what the jobs read from the environment.
             env = forwarded_env(dict(os.environ))
-            kwargs.update(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+            kwargs.update(num_cpus=num_cpus, include_dashboard=False,
+                          runtime_env={"env_vars": env, "worker_process_setup_hook": "pipeline.cluster.quiet_worker"})
         ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     # Ray Data's bars on a terminal; in a log file they are noise, and the jobs print progress lines instead
@@ -38,6 +39,17 @@ def init_ray(num_cpus: int | None = None) -> dict:
     ctx.enable_progress_bars = sys.stderr.isatty()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray.cluster_resources()
+
+
+def quiet_worker() -> None:
+    """Setup hook of local workers: their INFO chatter (Ray Train's per-report lines, open_clip's loading
+    steps) stays out of the user's view, warnings stay in. Without the dashboard (the embedded local instance
+    starts none) Ray's State API is absent, and Ray Train's placement-group cleaner warns about it every
+    second of a fit ("Failed to query Ray Train Controller actor state"): that one logger is raised to ERROR.
+    It only matters when a controller dies ungracefully, which the local instance's shutdown covers."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def has_gpus() -> bool:

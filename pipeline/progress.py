@@ -11,6 +11,13 @@ import time
 from typing import Callable, TextIO
 
 
+def emit(line: str) -> None:
+    """A line for the user from any process, once. In a Ray Train worker `print` goes through Ray's logger
+    (INFO, and a second time when stdout is wrapped); the process's own stderr reaches the driver's console
+    and the worker's log file exactly once."""
+    print(line, file=sys.__stderr__, flush=True)
+
+
 def every_seconds() -> float:
     return float(os.environ.get("ANOPLE_PROGRESS_SECONDS", "30"))
 
@@ -33,6 +40,7 @@ class Progress:
         self.out, self.clock = out, clock
         self.start = self.last = clock()
         self.done = 0
+        self.printed = -1  # `done` at the last line
 
     def line(self) -> str:
         elapsed = self.clock() - self.start
@@ -47,9 +55,14 @@ class Progress:
         now = self.clock()
         if now - self.last >= self.every:
             self.last = now
-            print(self.line(), file=self.out or sys.stderr, flush=True)
+            self._print()
 
     def finish(self) -> None:
+        if self.printed != self.done:  # the last update's line may already say it
+            self._print()
+
+    def _print(self) -> None:
+        self.printed = self.done
         print(self.line(), file=self.out or sys.stderr, flush=True)
 
 

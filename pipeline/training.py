@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pipeline.fitting import fit_products, load_shots, shot_batch
 from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.backbone import fingerprint, looks_untrained
 from pipeline.model.config import AnoPLeConfig
-from pipeline.progress import epoch_line
+from pipeline.progress import emit, epoch_line
 from pipeline.prompt_training import train_prompts
 from pipeline.validation import build_validation, gain, on_rank0, validate
 from pipeline.weights import build_model, check_weights, weights_kind
@@ -111,7 +110,7 @@ def _fit_worker(config: dict) -> None:
             ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
             if rank == 0:
                 seconds.append(metrics["epoch_seconds"])
-                print(epoch_line(metrics, cfg.anople.epochs, seconds), flush=True)
+                emit(epoch_line(metrics, cfg.anople.epochs, seconds))
                 metrics["mlflow_logged"] = float(_log_epoch(*job.mlflow_run, metrics))
             marker = storage.join(cfg.checkpoints(), "_injected-crash")
             if job.fault and rank == 0 and metrics["epoch"] == job.fault.after_epoch and not storage.exists(marker):
@@ -204,8 +203,8 @@ def _log_epoch(tracking_uri: str, run_id: str, metrics: dict) -> bool:
             for k, v in metrics.items() if k not in ("epoch", "mlflow_logged")])
         return True
     except Exception as e:
-        print(f"WARNING: epoch {metrics['epoch']} not logged to MLflow run {run_id} while training "
-              f"({type(e).__name__}: {e}); it is logged after the fit", file=sys.stderr, flush=True)
+        emit(f"WARNING: epoch {metrics['epoch']} not logged to MLflow run {run_id} while training "
+             f"({type(e).__name__}: {e}); it is logged after the fit")
         return False
 
 

@@ -16,6 +16,12 @@ def test_lines_come_at_the_interval_with_rate_and_eta():
     assert len(lines) == 4  # at 30, 60, 90 s, and the end
     assert lines[0] == "score d 2026-11-22: 300/1,000 rows (30.0%), 10.0 rows/s, elapsed 30s, ETA 1m10s"
     assert lines[-1] == "score d 2026-11-22: 1,000/1,000 rows (100.0%), 10.0 rows/s, elapsed 1m40s"
+    out = io.StringIO()
+    p = Progress("score", 10, every=30, out=out, clock=lambda: now[0])
+    now[0] += 31
+    p.update(10)
+    p.finish()
+    assert len(out.getvalue().splitlines()) == 1  # the last update already said it all: not twice
 
 
 def test_epoch_line_names_the_validation_and_an_upper_bound_eta():

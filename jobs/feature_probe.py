@@ -1,0 +1,98 @@
+"""python -m jobs.feature_probe [--backbone ARCH] [--weights W]: can this backbone's patch features teach
+AnoPLe's decoder at all?
+
+Diagnostic, not a test. AnoPLe's decoder reads a patch's anomaly from patch-text similarities: a linear
+function of the (adapted, normalised) patch token. Whether that can work is a property of the frozen
+backbone: this fits a linear probe (logistic regression, pure torch) per decoder/bank layer on the patch
+tokens of synthetic products' normal shots with pseudo-anomalies pasted in (half of the views, the training
+kinds), and prints its patch AUROC on held-out views. Near 0.5: the features do not linearly separate
+anomalous patches, and no recipe will make the trained parts beat the memory bank (which compares each
+patch with the product's own normal patches, a non-linear test); a pretrained CLIP is expected far above.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from jobs.ablations import load_data
+from pipeline.fitting import shot_batch
+from pipeline.metrics import auroc
+from pipeline.model.config import AnoPLeConfig
+from pipeline.prompt_training import make_views
+from pipeline.synthetic import make_mvtec_folder, product_names
+from pipeline.weights import build_model
+
+
+def linear_probe_auroc(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> float:
+    """x [N, d] features, y [N] 0/1: logistic regression on the first half (class-balanced loss, L2), AUROC of
+    its scores on the second half."""
+    half = len(x) // 2
+    mu, sd = x[:half].mean(0), x[:half].std(0) + 1e-6
+    x = (x - mu) / sd  # standardised on the training half
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    pos = y[:half].float().mean().clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(y[:half] > 0, 0.5 / pos, 0.5 / (1 - pos))  # [half] balanced classes
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(x[:half] @ w + b, y[:half].float(), weight=weight)
+                + 1e-3 * w.square().sum())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return auroc((x[half:] @ w + b).numpy(), y[half:].numpy())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.feature_probe", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--backbone", default="anople-small-vit")
+    ap.add_argument("--weights", default="random")
+    ap.add_argument("--products", type=int, default=3)
+    ap.add_argument("--shots", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=8, help="pseudo-anomaly draws over the shots")
+    ap.add_argument("--size", type=int, default=128, help="synthetic image size")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    products = list(product_names(args.products))
+    cfg = AnoPLeConfig(seed=args.seed, pseudo_prob=1.0, multiscale=False, pseudo_latent=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as root:
+        make_mvtec_folder(root + "/src", tuple(products), n_train=args.shots + 1, n_test_good=1, n_test_defect=1,
+                          size=args.size, seed=100 + args.seed)
+        data, _ = load_data(root, products, args.shots, args.seed)
+        model = build_model(args.backbone, args.weights, args.seed, cfg, device)
+        shots = shot_batch(data, products, model.image_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    layers = sorted(set(model.decoder_layers) | set(model.bank_layers))
+    feats: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    labels = []
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            v = make_views(model, shots, gen)  # every view has a pixel pseudo-anomaly of a training kind
+            enc = model.encode_image(v.x.to(device))
+            frac = F.adaptive_avg_pool2d(v.mask[:, None], model.grid)[:, 0].flatten(1)  # [V, HW] share anomalous
+            labels.append((frac > 0.5).flatten())
+            for l in layers:
+                feats[l].append(model.clip.visual.ln_post(enc.patches[l]).flatten(0, 1).float().cpu())  # [V*HW, d]
+    y = torch.cat(labels).long()
+    print(f"backbone {args.backbone} ({args.weights}), {len(products)} products x {args.shots} shots, "
+          f"{len(y)} patches ({100 * y.float().mean():.1f}% anomalous), device {device}")
+    for l in layers:
+        role = "+".join(r for r, ls in (("decoder", model.decoder_layers), ("bank", model.bank_layers)) if l in ls)
+        print(f"  layer {l:>2} ({role}): linear-probe patch AUROC on held-out views "
+              f"{linear_probe_auroc(torch.cat(feats[l]), y):.3f}")
+    print("(0.5 = chance: the decoder cannot learn from these features; the memory bank does not need them to be linear)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
