@@ -18,7 +18,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-alias", default="production")
     ap.add_argument("--bank-budget-mb", type=float, default=None,
                     help="per-actor memory-bank budget; banks above it are sharded across actors by product")
-    ap.add_argument("--actors-per-shard", type=int, default=1)
+    ap.add_argument("--actors-per-shard", type=int, default=None,
+                    help="scoring actors per bank shard (default: one per GPU of the cluster; 1 without GPUs, "
+                         "where one actor's torch threads use the cores)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-error-rate", type=float, default=0.05,
                     help="fail (exit 1, nothing published) when more than this fraction of rows fail for "

@@ -52,5 +52,9 @@ def quiet_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0)
+
+
 def has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return cluster_gpus() > 0

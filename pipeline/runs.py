@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from pipeline import archive, artifact, evidence, nights, registry, report, serving, storage
 from pipeline.batch import (INFRA_ERRORS, SCORE_SCHEMA, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition,
                             score_rows, to_table)
-from pipeline.cluster import has_gpus
+from pipeline.cluster import cluster_gpus, has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.progress import Progress
@@ -102,7 +102,7 @@ class TooManyErrors(PipelineError):
 
 
 def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
-                budget_mb: float | None = None, actors_per_shard: int = 1, batch_size: int = 16,
+                budget_mb: float | None = None, actors_per_shard: int | None = None, batch_size: int = 16,
                 max_error_rate: float = 0.05, fault: InjectedFault | None = None, heatmap_side: int | None = None,
                 heatmap_full_res: bool = False) -> dict:
     """Score one night's partition and publish its score rows and heatmaps under `output` atomically
@@ -131,13 +131,18 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
         info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run_id)
         heatmaps = nights.heatmap_prefix(output, deployment, date, run_id)
         target = HeatmapTarget(heatmaps, None if heatmap_full_res else heatmap_side or spec.image_size)
+        use_gpu = has_gpus()
+        # one scoring actor per GPU (the pool sized to the cluster, not one); on CPUs one actor, whose torch
+        # threads already use the node's cores while decode tasks take the rest
+        actors = actors_per_shard or (max(1, int(cluster_gpus())) if use_gpu else 1)
+        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu})
         mlflow.log_params({"heatmap_side": target.side or "full"})
         t0 = time.time()
 
         def night(image_ids, actor_restarts):  # the whole night (None), or some of its rows again
             for ds in score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=target,
-                                      image_ids=image_ids, budget_mb=budget_mb, actors_per_shard=actors_per_shard,
-                                      batch_size=batch_size, use_gpu=has_gpus(), actor_restarts=actor_restarts,
+                                      image_ids=image_ids, budget_mb=budget_mb, actors_per_shard=actors,
+                                      batch_size=batch_size, use_gpu=use_gpu, actor_restarts=actor_restarts,
                                       fault=fault):
                 yield from ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
                                                                                        batch_size=None)
