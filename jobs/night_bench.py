@@ -1,0 +1,282 @@
+"""python -m jobs.night_bench: a night at archive scale through the real `jobs.score`, measured (a benchmark;
+asserts nothing).
+
+Builds a deployment (synthetic products, a model fitted with a short budget and promoted with --force),
+archives a night of N images of a chosen size and format (JPEG 1024 px is what plants keep), then runs
+`python -m jobs.score` as its own process, as a scheduler would, sampling the resident memory of that
+process tree (driver, raylet, decode tasks and scoring actors). Prints:
+  - start-up seconds (job start -> first scored row) and steady-state images/s (the rows' own `scored_at`
+    stamps between the 10th and 90th percentile, so start-up and the tail are excluded);
+  - per-stage times of one process on a sample of the night: read, decode, forward, bank search, decoder,
+    fusion + blur, heatmap encode, heatmap write; the slowest names the bottleneck;
+  - the bare open_clip visual forward on the same images, and steady state / bare forward;
+  - peak RSS of the job at N and at --scale x N images, and their ratio (memory must stay flat).
+The backbone defaults to random init (no hub here), and the output says so.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from pipeline.model import DEFAULT_BACKBONE
+
+DEPLOYMENT, REF_DATE = "bench", "2026-11-21"
+
+
+def tree_rss_mb(root_pid: int) -> tuple[float, float]:
+    """(RSS of root_pid, RSS of it and every descendant) in MB, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, float] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/status") as f:
+                kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended while we looked
+        children.setdefault(ppid, []).append(int(d))
+        rss[int(d)] = kb / 1024
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0.0)
+        todo += children.get(pid, [])
+    return rss.get(root_pid, 0.0), total
+
+
+def run_job(argv: list[str], env: dict) -> dict:
+    """Run `python -m <argv>` to completion, sampling its tree's RSS twice a second."""
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    peak = {"driver": 0.0, "tree": 0.0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            d, t = tree_rss_mb(proc.pid)
+            peak["driver"], peak["tree"] = max(peak["driver"], d), max(peak["tree"], t)
+            done.wait(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out = proc.communicate()[0]
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"night_bench: {' '.join(argv[:1])} failed ({proc.returncode}):\n{out[-4000:]}")
+    return {"seconds": time.time() - t0, "start": t0, "peak_driver_mb": peak["driver"], "peak_tree_mb": peak["tree"],
+            "output": out}
+
+
+def encoded_images(n_distinct: int, size: int, fmt: str, products: list[str], seed: int = 0) -> list[tuple[str, bytes]]:
+    """A few distinct product images (with defects in some), encoded once; the night cycles through them."""
+    from PIL import Image
+
+    from pipeline.synthetic import add_defect, normal_image
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_distinct):
+        p = products[i % len(products)]
+        img = normal_image(p, size, rng)
+        if i % 5 == 4:
+            img, _ = add_defect(img, ("scratch", "stain", "hole")[i % 3], rng)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG" if fmt == "jpeg" else "PNG", **({"quality": 90} if fmt == "jpeg" else {}))
+        out.append((p, buf.getvalue()))
+    return out
+
+
+def write_night(archive_uri: str, date: str, n: int, images: list[tuple[str, bytes]]) -> None:
+    """n archive rows of the night (unique image_ids), through the archive's own shard writer."""
+    import datetime as dt
+
+    from pipeline import archive
+    w = archive.ShardWriter(archive_uri, DEPLOYMENT, date)
+    at = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
+    for i in range(n):
+        p, data = images[i % len(images)]
+        w.write({"image_id": f"{p}/{i:08d}", "product": p, "captured_at": at, "image": data, "split": "test",
+                 "label": None, "mask": None, "defect": None, "source_uri": None})
+    w.close()
+
+
+def steady_state(scores_uri: str, job_start: float) -> dict:
+    """From the published rows' scored_at: start-up (job start -> first row) and the rate between the 10th
+    and 90th percentile of the stamps."""
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+    fs, path = storage.arrow_filesystem(scores_uri)
+    t = pq.read_table(path, filesystem=fs, columns=["scored_at", "status"])
+    at = np.sort(t["scored_at"].cast("int64").to_numpy() / 1e6)  # epoch seconds
+    lo, hi = np.percentile(at, [10, 90])
+    inside = ((at >= lo) & (at <= hi)).sum()
+    ok = sum(1 for s in t["status"].to_pylist() if s == "ok")
+    return {"rows": len(at), "ok": ok, "startup_s": float(at[0] - job_start),
+            "steady_images_per_s": float(inside / (hi - lo)) if hi > lo else float("nan")}
+
+
+def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, batch: int, heatmap_side: int | None,
+                  full_res: bool, workdir: str) -> dict:
+    """Seconds per image of each stage of the scoring path, one process, on `sample` rows of the night; heatmaps
+    stored as the job stores them (long side `heatmap_side`, default the model's input size, or full_res)."""
+    import torch
+
+    from pipeline import archive, registry, storage
+    from pipeline.images import decode_scaled, encode_heatmap, heatmap_scale, to_model_input
+    from pipeline.scorer import Scorer, component_maps, fuse
+
+    mv = registry.get_version(deployment, alias="production")
+    scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
+    S, model = scorer.model.image_size, scorer.model
+    side = None if full_res else heatmap_side or S
+    sync = torch.cuda.synchronize if scorer.device.startswith("cuda") else (lambda: None)
+    t = {}
+    t0 = time.perf_counter()
+    table = archive.read_table(archive_uri, deployment, date, columns=["image_id", "product", "image"]).slice(0, sample)
+    rows = table.to_pylist()
+    t["read"] = (time.perf_counter() - t0) / len(rows)
+    t0 = time.perf_counter()
+    decoded = [decode_scaled(r["image"], S) for r in rows]
+    pixels = np.stack([to_model_input(rgb, S) for rgb, _ in decoded])
+    t["decode"] = (time.perf_counter() - t0) / len(rows)
+    products = [r["product"] for r in rows]
+    parts = {k: 0.0 for k in ("forward", "bank search", "decoder", "fusion + blur")}
+    maps_all, scores_all = [], []
+    bare = 0.0
+    scorer.score(pixels[:batch], products[:batch])  # warm-up (kernels, allocator, index), not timed
+    for i in range(0, len(rows), batch):
+        x, names = pixels[i:i + batch], products[i:i + batch]
+        sync()
+        t0 = time.perf_counter()
+        enc = scorer.encode(x)
+        sync()
+        t1 = time.perf_counter()
+        bank = component_maps(model, enc, names, scorer.banks, scorer.text, kinds=("bank",))
+        sync()
+        t2 = time.perf_counter()
+        text = component_maps(model, enc, names, scorer.banks, scorer.text, kinds=("text",)) if model.decoder is not None else {}
+        sync()
+        t3 = time.perf_counter()
+        s, m = fuse(model.cfg, {**bank, **text}, names, scorer.scales)
+        t4 = time.perf_counter()
+        with torch.inference_mode():  # the bare open_clip visual forward on the same pixels
+            xt = torch.from_numpy(x).to(scorer.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=scorer.device.startswith("cuda")):
+                model.clip.encode_image(xt)
+        sync()
+        t5 = time.perf_counter()
+        for k, dt_ in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[k] += dt_
+        bare += t5 - t4
+        maps_all.append(m)
+        scores_all.append(s)
+    t.update({k: v / len(rows) for k, v in parts.items()})
+    maps = np.concatenate(maps_all)
+    t0 = time.perf_counter()
+    pngs = [encode_heatmap(maps[i], *decoded[i][1], heatmap_scale(scorer.thresholds[products[i]], maps[i]), side)
+            for i in range(len(rows))]
+    t["heatmap encode"] = (time.perf_counter() - t0) / len(rows)
+    t0 = time.perf_counter()
+    for i, png in enumerate(pngs):
+        storage.write_bytes(os.path.join(workdir, f"{i}.png"), png)
+    t["heatmap write"] = (time.perf_counter() - t0) / len(rows)
+    return {"per_image_s": t, "bare_forward_images_per_s": len(rows) / bare, "device": scorer.device,
+            "heatmap_kb": float(np.mean([len(p) for p in pngs]) / 1024), "image_size": S,
+            "source_size": list(decoded[0][1])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.night_bench", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--images", type=int, default=200, help="images in the night")
+    ap.add_argument("--scale", type=int, default=5, help="also run a night this many times larger (RSS ratio); 0: no")
+    ap.add_argument("--size", type=int, default=1024, help="image side, pixels")
+    ap.add_argument("--format", choices=["jpeg", "png"], default="jpeg")
+    ap.add_argument("--products", type=int, default=3)
+    ap.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    ap.add_argument("--weights", default="random")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--heatmap-side", type=int, default=None, help="passed to jobs.score (default: its own, the "
+                                                                  "model's input size)")
+    ap.add_argument("--heatmap-full-res", action="store_true", help="passed to jobs.score: the old full-size heatmaps")
+    ap.add_argument("--sample", type=int, default=64, help="images for the per-stage profile")
+    ap.add_argument("--root", default="", help="working root (default: a temporary folder)")
+    ap.add_argument("--json", default="", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    root = os.path.abspath(args.root or tempfile.mkdtemp(prefix="anople-night-bench-"))
+    env = {**os.environ, "ANOPLE_ROOT": root, "ANOPLE_PROGRESS_SECONDS": "3600"}
+    if args.weights == "random":
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+        print("NOTE: RANDOM-INIT BACKBONE: timings are real, any score is meaningless.")
+    os.environ["ANOPLE_ROOT"] = root
+    from pipeline.synthetic import make_mvtec_folder, product_names
+
+    products = list(product_names(args.products))
+    archive_uri, output = os.path.join(root, "archive"), os.path.join(root, "results")
+    t0 = time.time()
+    ref = make_mvtec_folder(os.path.join(root, "source"), tuple(products), n_train=4, n_test_good=0, n_test_defect=0,
+                            size=min(args.size, 256), seed=0)
+    for step in (["jobs.ingest", ref, "--archive", archive_uri, "--deployment", DEPLOYMENT, "--date", REF_DATE],
+                 ["jobs.train", "--deployment", DEPLOYMENT, "--archive", archive_uri, "--shots", "1", "--backbone",
+                  args.backbone, "--weights", args.weights, "--epochs", "1", "--steps-per-epoch", "1"],
+                 ["jobs.promote", "--deployment", DEPLOYMENT, "--from-alias", "candidate", "--to", "production",
+                  "--force"]):
+        run_job(step, env)
+    images = encoded_images(32, args.size, args.format, products)
+    setup_s = time.time() - t0
+    nights = [(args.images, "2026-11-22")] + ([(args.images * args.scale, "2026-11-23")] if args.scale > 1 else [])
+    results = []
+    for n, date in nights:
+        write_night(archive_uri, date, n, images)
+        cmd = ["jobs.score", "--deployment", DEPLOYMENT, "--archive", archive_uri, "--date", date, "--output", output,
+               "--batch-size", str(args.batch_size)] + (["--heatmap-side", str(args.heatmap_side)] if args.heatmap_side else []) \
+            + (["--heatmap-full-res"] if args.heatmap_full_res else [])
+        job = run_job(cmd, env)
+        from pipeline import nights as nights_mod
+        marker = nights_mod.published(output, DEPLOYMENT, date)
+        results.append({"images": n, **steady_state(marker["scores"], job["start"]), "job_s": job["seconds"],
+                        "peak_driver_mb": job["peak_driver_mb"], "peak_tree_mb": job["peak_tree_mb"]})
+    with tempfile.TemporaryDirectory() as work:
+        prof = stage_profile(DEPLOYMENT, archive_uri, nights[0][1], args.sample, args.batch_size, args.heatmap_side,
+                             args.heatmap_full_res, work)
+    r0 = results[0]
+    print()
+    print(f"night: {args.images} {args.format.upper()} images of {args.size} px, {len(products)} products, "
+          f"{args.backbone} ({args.weights}) on {prof['device']}, batch {args.batch_size}; setup {setup_s:.0f} s")
+    for r in results:
+        print(f"  {r['images']:>7} images: job {r['job_s']:7.1f} s, start-up {r['startup_s']:6.1f} s, steady state "
+              f"{r['steady_images_per_s']:7.2f} images/s, peak RSS driver {r['peak_driver_mb']:7.0f} MB, "
+              f"job tree {r['peak_tree_mb']:7.0f} MB ({r['ok']} ok of {r['rows']})")
+    print(f"  per-stage, one process, {args.sample} images (ms/image; heatmaps {prof['heatmap_kb']:.0f} KB each):")
+    stages = prof["per_image_s"]
+    for k, v in stages.items():
+        print(f"    {k:<16}{1000 * v:9.2f}")
+    slowest = max(stages, key=stages.get)
+    print(f"  bottleneck on one process: {slowest} ({1000 * stages[slowest]:.1f} ms/image)")
+    print(f"  bare open_clip visual forward: {prof['bare_forward_images_per_s']:.2f} images/s")
+    ratio = r0["steady_images_per_s"] / prof["bare_forward_images_per_s"]
+    print(f"  ratio steady state / bare forward: {ratio:.2f} (target >= 0.87)")
+    if len(results) > 1:
+        rss = results[1]["peak_tree_mb"] / r0["peak_tree_mb"]
+        print(f"  ratio peak RSS at {results[1]['images']} / at {r0['images']} images: {rss:.2f} (target <= 1.2)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "nights": results, "profile": prof, "setup_s": setup_s}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
