@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.images import decode_image, heatmap_scale
 from pipeline.metrics import METRICS, ProductMetrics
-from pipeline.report import overlay
+from pipeline.report import contour, overlay
 
 
 class Examples:
@@ -78,9 +78,8 @@ def log_evaluation(mlflow, per: dict[str, ProductMetrics], results: dict, exampl
             rgb = np.asarray(Image.fromarray(decode_image(images[image_id])).resize(size[::-1], Image.BILINEAR))
         pair = overlay(rgb, amap, heatmap_scale(thr, amap), thr)
         if mask.any():  # the ground truth, as a white outline on the image half
-            edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
             arr = np.asarray(pair).copy()
-            arr[:size[0], :size[1]][edge] = (255, 255, 255)
+            arr[:size[0], :size[1]][contour(mask)] = (255, 255, 255)
             pair = Image.fromarray(arr)
         kind = "defective-top" if label else "normal-top"
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in image_id)[-80:]

@@ -51,15 +51,18 @@ def colormap(v: np.ndarray) -> np.ndarray:
     return ((1 - t) * _ANCHORS[i] + t * _ANCHORS[i + 1]).astype(np.uint8)
 
 
+def contour(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a bool [H, W] region (inside, with a neighbour outside)."""
+    return mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+
+
 def overlay(rgb: np.ndarray | None, amap: np.ndarray, scale: float, threshold: float) -> Image.Image:
     """Image | image with the heatmap in colour (fixed scale) and the threshold's contour, side by side.
     rgb uint8 [H, W, 3] or None (image unavailable: the heatmap alone); amap float [H, W] at the same size."""
     heat = colormap(amap / scale)  # [H, W, 3]
     base = rgb if rgb is not None else np.zeros_like(heat)
     blend = (0.45 * base + 0.55 * heat).astype(np.uint8)
-    over = amap >= threshold  # [H, W] bool
-    edge = over & ~(np.roll(over, 1, 0) & np.roll(over, -1, 0) & np.roll(over, 1, 1) & np.roll(over, -1, 1))
-    blend[edge] = (0, 255, 255)  # cyan contour where the map crosses the threshold
+    blend[contour(amap >= threshold)] = (0, 255, 255)  # cyan contour where the map crosses the threshold
     left = Image.fromarray(base if rgb is not None else heat)
     pair = Image.new("RGB", (2 * left.width + 4, left.height), (255, 255, 255))
     pair.paste(left, (0, 0))
@@ -239,9 +242,7 @@ def _html(summary: dict, sections: dict[str, ProductSection], marker: dict, top_
     rows = "".join(
         f'<tr><td><a href="#p-{e(p)}">{e(p)}</a></td><td class=n data-k="scored">{s.scored}</td>'
         f'<td class=n data-k="anomalous">{s.anomalous}</td><td class=n data-k="error">{s.errors}</td>'
-        f'<td class=n>{s.threshold:.4g}</td></tr>' if np.isfinite(s.threshold) else
-        f'<tr><td><a href="#p-{e(p)}">{e(p)}</a></td><td class=n data-k="scored">{s.scored}</td>'
-        f'<td class=n data-k="anomalous">{s.anomalous}</td><td class=n data-k="error">{s.errors}</td><td>-</td></tr>'
+        f'<td class=n>{f"{s.threshold:.4g}" if np.isfinite(s.threshold) else "-"}</td></tr>'
         for p, s in sections.items())
     tot = {k: sum(v[k] for v in summary["products"].values()) for k in ("scored", "anomalous", "error")}
     parts = []

@@ -161,7 +161,8 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
 
         writer = nights.NightWriter(output, deployment, date, run_id, SCORE_SCHEMA)
         counts = {"ok": 0, "error": 0, "anomalous": 0, "infra_errors": 0}
-        progress = Progress(f"score {deployment} {date}", archive.count_rows(archive_uri, deployment, date))
+        n_in = archive.count_rows(archive_uri, deployment, date)  # read once: progress total and the invariant
+        progress = Progress(f"score {deployment} {date}", n_in)
         try:
             for table in isolating(night, all_ids, crashed_row):
                 writer.write(table)
@@ -170,7 +171,6 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
                 counts["anomalous"] += pc.sum(table["is_anomalous"]).as_py() or 0
                 counts["infra_errors"] += sum(1 for e in table["error"].to_pylist() if e and e.startswith(INFRA_ERRORS))
             counts["error"] = writer.rows - counts["ok"]
-            n_in = archive.count_rows(archive_uri, deployment, date)
             if writer.rows != n_in:  # an invariant: a bug if it breaks, never an input problem
                 raise RuntimeError(f"scored {writer.rows} rows for {n_in} input rows; nothing published")
             if counts["infra_errors"] > max_error_rate * n_in:
