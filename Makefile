@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ demo: $(VENV)/.installed
 	rm -rf demo-run
 	RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 $(PY) -m jobs.demo --root demo-run
 
-test: $(VENV)/.installed
+# the report's browser test needs Debian's chromium: installed here when missing (as root, with apt)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium missing and not installable here: the report's browser test will fail" >&2
+
+test: $(VENV)/.installed browser
 	HF_HUB_OFFLINE=1 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 $(PY) -m pytest -q
 
 clean:
