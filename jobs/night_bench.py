@@ -4,13 +4,13 @@ asserts nothing).
 Builds a deployment (synthetic products, a model fitted with a short budget and promoted with --force),
 archives a night of N images of a chosen size and format (JPEG 1024 px is what plants keep), then runs
 `python -m jobs.score` as its own process, as a scheduler would, sampling the resident memory of that
-process tree (driver, raylet, decode tasks and scoring actors). Prints:
+process tree (driver, raylet, decode tasks and scoring actors): RSS and PSS. Prints:
   - start-up seconds (job start -> first scored row) and steady-state images/s (the rows' own `scored_at`
     stamps between the 10th and 90th percentile, so start-up and the tail are excluded);
   - per-stage times of one process on a sample of the night: read, decode, forward, bank search, decoder,
     fusion + blur, heatmap encode, heatmap write; the slowest names the bottleneck;
   - the bare open_clip visual forward on the same images, and steady state / bare forward;
-  - peak RSS of the job at N and at --scale x N images, and their ratio (memory must stay flat).
+  - peak RSS (and PSS) of the job at N and at --scale x N images, and their ratio (memory must stay flat).
 The backbone defaults to random init (no hub here), and the output says so.
 """
 from __future__ import annotations
@@ -32,28 +32,39 @@ from pipeline.model import DEFAULT_BACKBONE
 DEPLOYMENT, REF_DATE = "bench", "2026-11-21"
 
 
-def tree_rss_mb(root_pid: int) -> tuple[float, float]:
-    """(RSS of root_pid, RSS of it and every descendant) in MB, from /proc (Linux)."""
+def _proc_kb(pid: str, path: str, keys: tuple[str, ...]) -> list[int]:
+    with open(f"/proc/{pid}/{path}") as f:
+        found = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split(":")[0] in keys}
+    return [found.get(k, 0) for k in keys]
+
+
+def tree_memory_mb(root_pid: int) -> dict[str, float]:
+    """Memory of root_pid and of it with every descendant, in MB, from /proc (Linux): RSS (each process's
+    resident pages: a shared page, e.g. of Ray's object store in /dev/shm, counts once per process mapping it)
+    and PSS (shared pages split between their processes: the tree's sum is what it really holds)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, float] = {}
+    mem: dict[int, tuple[float, float]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/status") as f:
-                kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            rss, = _proc_kb(d, "status", ("VmRSS",))
+            pss, = _proc_kb(d, "smaps_rollup", ("Pss",)) if rss else (0,)
         except (OSError, ValueError, IndexError):
             continue  # a process that ended while we looked
         children.setdefault(ppid, []).append(int(d))
-        rss[int(d)] = kb / 1024
-    total, todo = 0.0, [root_pid]
+        mem[int(d)] = (rss / 1024, pss / 1024)
+    tree, todo = [0.0, 0.0], [root_pid]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0.0)
+        rss, pss = mem.get(pid, (0.0, 0.0))
+        tree[0] += rss
+        tree[1] += pss
         todo += children.get(pid, [])
-    return rss.get(root_pid, 0.0), total
+    own = mem.get(root_pid, (0.0, 0.0))
+    return {"driver": own[0], "tree": tree[0], "driver_pss": own[1], "tree_pss": tree[1]}
 
 
 def run_job(argv: list[str], env: dict) -> dict:
@@ -61,13 +72,13 @@ def run_job(argv: list[str], env: dict) -> dict:
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    peak = {"driver": 0.0, "tree": 0.0}
+    peak = {"driver": 0.0, "tree": 0.0, "driver_pss": 0.0, "tree_pss": 0.0}
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            d, t = tree_rss_mb(proc.pid)
-            peak["driver"], peak["tree"] = max(peak["driver"], d), max(peak["tree"], t)
+            for k, v in tree_memory_mb(proc.pid).items():
+                peak[k] = max(peak[k], v)
             done.wait(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -77,8 +88,7 @@ def run_job(argv: list[str], env: dict) -> dict:
     th.join()
     if proc.returncode != 0:
         raise SystemExit(f"night_bench: {' '.join(argv[:1])} failed ({proc.returncode}):\n{out[-4000:]}")
-    return {"seconds": time.time() - t0, "start": t0, "peak_driver_mb": peak["driver"], "peak_tree_mb": peak["tree"],
-            "output": out}
+    return {"seconds": time.time() - t0, "start": t0, "output": out, **{f"peak_{k}_mb": v for k, v in peak.items()}}
 
 
 def encoded_images(n_distinct: int, size: int, fmt: str, products: list[str], seed: int = 0) -> list[tuple[str, bytes]]:
@@ -136,8 +146,8 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
     import torch
 
     from pipeline import archive, registry, storage
-    from pipeline.images import decode_scaled, encode_heatmap, heatmap_scale, to_model_input
-    from pipeline.scorer import Scorer, component_maps, fuse
+    from pipeline.images import decode_scaled, encode_heatmap, heatmap_scale, to_model_pixels
+    from pipeline.scorer import Scorer, component_maps, fuse, model_input
 
     mv = registry.get_version(deployment, alias="production")
     scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
@@ -151,7 +161,7 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
     t["read"] = (time.perf_counter() - t0) / len(rows)
     t0 = time.perf_counter()
     decoded = [decode_scaled(r["image"], S) for r in rows]
-    pixels = np.stack([to_model_input(rgb, S) for rgb, _ in decoded])
+    pixels = np.stack([to_model_pixels(rgb, S) for rgb, _ in decoded])  # uint8, as decode tasks send
     t["decode"] = (time.perf_counter() - t0) / len(rows)
     products = [r["product"] for r in rows]
     parts = {k: 0.0 for k in ("forward", "bank search", "decoder", "fusion + blur")}
@@ -174,7 +184,7 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
         s, m = fuse(model.cfg, {**bank, **text}, names, scorer.scales)
         t4 = time.perf_counter()
         with torch.inference_mode():  # the bare open_clip visual forward on the same pixels
-            xt = torch.from_numpy(x).to(scorer.device)
+            xt = model_input(x, scorer.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=scorer.device.startswith("cuda")):
                 model.clip.encode_image(xt)
         sync()
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import nights as nights_mod
         marker = nights_mod.published(output, DEPLOYMENT, date)
         results.append({"images": n, **steady_state(marker["scores"], job["start"]), "job_s": job["seconds"],
-                        "peak_driver_mb": job["peak_driver_mb"], "peak_tree_mb": job["peak_tree_mb"]})
+                        **{k: v for k, v in job.items() if k.startswith("peak_")}})
     with tempfile.TemporaryDirectory() as work:
         prof = stage_profile(DEPLOYMENT, archive_uri, nights[0][1], args.sample, args.batch_size, args.heatmap_side,
                              args.heatmap_full_res, work)
@@ -258,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.backbone} ({args.weights}) on {prof['device']}, batch {args.batch_size}; setup {setup_s:.0f} s")
     for r in results:
         print(f"  {r['images']:>7} images: job {r['job_s']:7.1f} s, start-up {r['startup_s']:6.1f} s, steady state "
-              f"{r['steady_images_per_s']:7.2f} images/s, peak RSS driver {r['peak_driver_mb']:7.0f} MB, "
-              f"job tree {r['peak_tree_mb']:7.0f} MB ({r['ok']} ok of {r['rows']})")
+              f"{r['steady_images_per_s']:7.2f} images/s, peak RSS driver {r['peak_driver_mb']:6.0f} MB, "
+              f"job tree {r['peak_tree_mb']:6.0f} MB (PSS {r['peak_tree_pss_mb']:6.0f} MB) ({r['ok']} ok of {r['rows']})")
     print(f"  per-stage, one process, {args.sample} images (ms/image; heatmaps {prof['heatmap_kb']:.0f} KB each):")
     stages = prof["per_image_s"]
     for k, v in stages.items():
@@ -271,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ratio steady state / bare forward: {ratio:.2f} (target >= 0.87)")
     if len(results) > 1:
         rss = results[1]["peak_tree_mb"] / r0["peak_tree_mb"]
-        print(f"  ratio peak RSS at {results[1]['images']} / at {r0['images']} images: {rss:.2f} (target <= 1.2)")
+        pss = results[1]["peak_tree_pss_mb"] / r0["peak_tree_pss_mb"]
+        print(f"  ratio peak RSS at {results[1]['images']} / at {r0['images']} images: {rss:.2f} (target <= 1.2; "
+              f"PSS, shared pages counted once: {pss:.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "nights": results, "profile": prof, "setup_s": setup_s}, f, indent=1)

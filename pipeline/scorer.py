@@ -16,6 +16,7 @@ from safetensors.torch import load as st_load
 from pipeline import artifact, storage
 from pipeline.bank import MemoryBank, pick_backend
 from pipeline.errors import NotFoundError
+from pipeline.images import CLIP_MEAN, CLIP_STD
 from pipeline.model.anomaly_map import blur, harmonic_fusion, image_score, patch_scores_to_map, pixel_map
 from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.model.config import AnoPLeConfig
@@ -32,10 +33,29 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def _normalizer(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as [1, 3, 1, 1] tensors on `device` (images.normalize, in torch)."""
+    return (torch.from_numpy(CLIP_MEAN).view(1, 3, 1, 1).to(device),
+            torch.from_numpy(CLIP_STD).view(1, 3, 1, 1).to(device))
+
+
+@torch.inference_mode()
+def model_input(pixels: np.ndarray, device: str) -> torch.Tensor:
+    """[B, 3, S, S] pixels -> float32 model input on `device`. uint8 pixels (images.to_model_pixels, what decode
+    tasks send) are moved as bytes and normalised there, as images.normalize does; float32 ones are taken
+    as already normalised (images.to_model_input)."""
+    if pixels.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True).float() / 255.0
+        mean, std = _normalizer(device)
+        return (x - mean) / std  # [B, 3, S, S]
+    return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
+
+
 @torch.inference_mode()
 def encode(model: AnoPLe, pixels: np.ndarray, device: str) -> Encoded:
-    """[B, 3, S, S] normalised pixels -> the one visual forward (global view, prefix c_0), in float32."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
+    """[B, 3, S, S] pixels (uint8, or normalised float32) -> the one visual forward (global view, prefix c_0),
+    in float32."""
+    x = model_input(pixels, device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         enc = model.encode_image(x)  # bf16 backbone on GPU (mixed precision)
     # heads, bank search and maps run in float32 (they are small; the bank distances need the bits)

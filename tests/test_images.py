@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from pipeline.images import (HEATMAP_RANGE, ImageDecodeError, decode_heatmap, decode_image, decode_mask,
-                             encode_heatmap, heatmap_scale, heatmap_size,
-                             resize_mask, to_model_input)
+                             encode_heatmap, heatmap_scale, heatmap_size, png16, resize_mask, to_model_input,
+                             to_model_pixels)
 
 
 def _png(arr, mode=None, fmt="PNG"):
@@ -52,6 +52,28 @@ def test_model_input_is_normalised_chw():
     x = to_model_input(np.zeros((30, 50, 3), np.uint8), 64)
     assert x.shape == (3, 64, 64) and x.dtype == np.float32
     assert x[0, 0, 0] == pytest.approx(-0.48145466 / 0.26862954, rel=1e-5)
+
+
+def test_uint8_pixels_normalised_on_the_actor_equal_the_float_model_input():
+    from pipeline.scorer import model_input
+    rgb = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    u8 = to_model_pixels(rgb, 64)
+    assert u8.dtype == np.uint8 and u8.shape == (3, 64, 64)
+    want = to_model_input(rgb, 64)
+    assert np.array_equal(model_input(u8[None], "cpu").numpy()[0], want)  # bit for bit: the same float ops
+    assert np.array_equal(model_input(want[None], "cpu").numpy()[0], want)  # float input: already normalised
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (33, 65), (224, 224)])
+def test_the_16bit_png_writer_is_read_exactly_by_pil(shape):
+    q = np.random.default_rng(sum(shape)).integers(0, 65536, shape, dtype=np.uint16)  # noise: every byte varies
+    q.flat[0], q.flat[-1] = 65535, 0
+    png = png16(q, {"scale": "0.5", "decode": "v / 65535"})
+    with Image.open(io.BytesIO(png)) as img:
+        img.load()  # PIL checks every chunk's CRC while reading
+        assert img.mode == "I;16" and img.size == shape[::-1]
+        assert np.array_equal(np.asarray(img), q)
+        assert img.text == {"anople:scale": "0.5", "anople:decode": "v / 65535"}
 
 
 def test_mask_decode_and_resize_keep_exact_labels():

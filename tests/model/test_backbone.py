@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.model.anomaly_map import gaussian_kernel, harmonic_fusion, image_score, patch_scores_to_map
 from pipeline.model.backbone import BackboneLoadError, create_clip, fingerprint
@@ -72,6 +73,19 @@ def test_anomaly_map_upsamples_blurs_and_scores():
     assert float(gaussian_kernel(4.0).sum()) == pytest.approx(1.0)
     a, b = torch.tensor([0.2, 0.0]), torch.tensor([0.6, 0.5])
     assert harmonic_fusion(a, b).tolist() == pytest.approx([0.3, 0.0])
+
+
+@pytest.mark.parametrize("shape,sigma", [((3, 64, 64), 4.0), ((2, 40, 56), 2.5), ((1, 9, 9), 4.0)])
+def test_blur_is_the_replicate_padded_separable_gaussian(shape, sigma):
+    from pipeline.model.anomaly_map import blur
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
+    k = gaussian_kernel(sigma)
+    r = k.numel() // 2
+    ref = x.unsqueeze(1)  # the definition: pad each axis by repeating its edge, then a 1-D convolution
+    ref = F.conv2d(F.pad(ref, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    ref = F.conv2d(F.pad(ref, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))[:, 0]
+    assert torch.allclose(blur(x, sigma), ref, atol=1e-6)
+    assert torch.equal(blur(x, 0), x)
 
 
 def test_an_untrained_backbone_is_recognised_by_its_weights_not_its_name(tmp_path, tiny_clip):
