@@ -13,8 +13,6 @@ always equals rows in.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import datetime as dt
 import os
 from dataclasses import dataclass
@@ -29,8 +27,8 @@ from ray.data.expressions import col
 
 from pipeline import archive, artifact, registry, storage
 from pipeline.nights import heatmap_key
-from pipeline.images import (ImageDecodeError, decode_mask, decode_scaled, encode_heatmap, heatmap_scale, resize_mask,
-                             to_model_pixels)
+from pipeline.decoding import decode_batch, labels, release_freed_memory
+from pipeline.images import encode_heatmap, heatmap_scale
 from pipeline.scorer import Scorer
 
 # The night's rows. `deployment` and `date` are the partition's (scores/deployment=D/date=X/), not columns:
@@ -50,25 +48,6 @@ EVAL_COLUMNS = ("mask", "label")  # decoded ground truth, carried past the actor
 TASK_RETRIES = 3     # decode, unknown-product and heatmap-writer tasks
 ACTOR_RESTARTS = 2   # a scoring actor's process dying (and each task's retries on it)
 CRASHES = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)  # a process died, retries spent
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _glibc()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap pages glibc keeps after free() back to the OS (malloc_trim). Long-lived scoring actors
-    and decode workers allocate and free batch-sized buffers all night; without this their resident memory
-    creeps up with the night's length instead of staying at one batch's worth."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -108,52 +87,6 @@ class HeatmapTarget:
         return storage.join(self.prefix, heatmap_key(image_id))
 
 
-def _labels(values) -> np.ndarray:
-    """Archive labels (0/1, null -> None or NaN in numpy) -> int8 with -1 for unknown."""
-    return np.array([-1 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v) for v in values],
-                    dtype=np.int8)
-
-
-def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: frozenset = frozenset()) -> dict:
-    """CPU task: image bytes -> model input as uint8 (normalised on the actor's device: a quarter of the bytes
-    through the object store). Failures become status/error, never exceptions. A row without
-    an image_id, or with one that other rows of the night carry too (`duplicates`), is an error row: its
-    score and heatmap could not be told apart from theirs."""
-    n = len(batch["image_id"])
-    pixels = np.zeros((n, 3, image_size, image_size), dtype=np.uint8)
-    hw = np.zeros((n, 2), dtype=np.int32)
-    status, error = ["ok"] * n, [""] * n
-    masks = np.zeros((n, image_size, image_size), dtype=bool) if with_masks else None
-    for i in range(n):
-        image_id = batch["image_id"][i]
-        if image_id is None or image_id == "":
-            status[i], error[i] = "error", "row has no image_id"
-            continue
-        if image_id in duplicates:
-            status[i], error[i] = "error", ("duplicate image_id: other rows of this night carry it too; "
-                                            "none of them is scored (fix the archive)")
-            continue
-        try:
-            rgb, size = decode_scaled(batch["image"][i], image_size)  # full size, display orientation
-            hw[i] = size
-            pixels[i] = to_model_pixels(rgb, image_size)
-            if with_masks:
-                m = batch["mask"][i]
-                full = decode_mask(m if m is not None else None, size)
-                if full.shape != size:
-                    raise ImageDecodeError(f"mask shape {full.shape} differs from image {size}")
-                masks[i] = resize_mask(full, image_size)
-        except Exception as e:  # decode_image already words its own errors; anything else is reported as is
-            status[i], error[i] = "error", str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
-    out = {"image_id": batch["image_id"], "product": batch["product"], "pixels": pixels,
-           "source_uri": batch["source_uri"] if "source_uri" in batch else np.full(n, None, dtype=object),
-           "height": hw[:, 0], "width": hw[:, 1], "status": np.array(status), "error": np.array(error)}
-    if with_masks:
-        out.update(mask=masks, label=_labels(batch["label"]))
-    release_freed_memory()  # the decoded full-size images are garbage now
-    return out
-
-
 def score_rows(batch: dict, info: RunInfo, *, score, threshold, status, error, heatmap_uri=None,
                heatmap_scale=None) -> dict:
     """The SCORE_SCHEMA columns of a batch (numpy). An error row is never anomalous."""
@@ -187,7 +120,7 @@ def unknown_product_rows(batch: dict, info: RunInfo, known: list[str]) -> dict:
     out = score_rows(batch, info, score=nan, threshold=nan, status=["error"] * n, error=errors)
     out.update(map=np.zeros((n, 1, 1), dtype=np.float32), height=np.zeros(n, np.int32), width=np.zeros(n, np.int32))
     if "label" in batch:
-        out.update(mask=np.zeros((n, 1, 1), dtype=bool), label=_labels(batch["label"]))
+        out.update(mask=np.zeros((n, 1, 1), dtype=bool), label=labels(batch["label"]))
     return out
 
 

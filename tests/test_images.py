@@ -170,7 +170,7 @@ BAD = {  # kind -> (bytes, words the error row must carry)
 
 
 def test_every_input_kind_gets_one_honest_row_from_the_decode_task(monkeypatch):
-    from pipeline.batch import decode_batch
+    from pipeline.decoding import decode_batch
 
     def decode(kinds, data):
         return decode_batch({"image_id": np.array(kinds, dtype=object), "product": np.array(["p"] * len(kinds), dtype=object),
