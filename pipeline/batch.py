@@ -31,17 +31,6 @@ from pipeline.decoding import decode_batch, labels, release_freed_memory
 from pipeline.images import encode_heatmap, heatmap_scale
 from pipeline.scorer import Scorer
 
-# The night's rows. `deployment` and `date` are the partition's (scores/deployment=D/date=X/), not columns:
-# hive-partitioned readers of the whole tree take them from the path, with one type.
-SCORE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("product", pa.string()), ("source_uri", pa.string()),
-    ("score", pa.float64()), ("is_anomalous", pa.bool_()), ("threshold", pa.float64()),
-    ("model_name", pa.string()), ("model_version", pa.string()),
-    ("heatmap_uri", pa.string()), ("heatmap_scale", pa.float64()),
-    ("height", pa.int32()), ("width", pa.int32()),  # the source image's size (display orientation); null if undecoded
-    ("status", pa.string()), ("error", pa.string()), ("run_id", pa.string()),
-    ("scored_at", pa.timestamp("us", tz="UTC")),
-])
 EVAL_COLUMNS = ("mask", "label")  # decoded ground truth, carried past the actors when evaluating
 # Bounded: Ray Data's defaults restart actors and retry tasks without end, so one image that kills its
 # process would keep a night running forever. Past these, the night isolates the rows (runs.score_night).
@@ -305,17 +294,3 @@ def isolating(build: Callable[[tuple[str, ...] | None, int], Iterator[pa.Table]]
             elif rest:
                 half = len(rest) // 2
                 todo += [tuple(rest[half:]), tuple(rest[:half])]
-
-
-def to_table(batch: dict) -> pa.Table:
-    """A score batch as an Arrow table in exactly SCORE_SCHEMA (maps and masks dropped)."""
-    cols = {}
-    for f in SCORE_SCHEMA:
-        v = np.asarray(batch[f.name])
-        if v.dtype.kind == "M":  # numpy datetime64 (UTC) -> timestamp with tz
-            cols[f.name] = pa.array(v.astype("datetime64[us]")).cast(f.type)
-        elif f.name in ("height", "width"):  # 0: never decoded -> null
-            cols[f.name] = pa.array(v.astype(np.int64).tolist(), type=f.type, mask=v <= 0)
-        else:
-            cols[f.name] = pa.array(v.tolist(), type=f.type, from_pandas=True)
-    return pa.table(cols, schema=SCORE_SCHEMA)

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import archive, artifact, evidence, nights, registry, report, serving, storage
-from pipeline.batch import (INFRA_ERRORS, SCORE_SCHEMA, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition,
-                            score_rows, to_table)
+from pipeline.batch import INFRA_ERRORS, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition, score_rows
 from pipeline.cluster import cluster_gpus, has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.progress import Progress
+from pipeline.score_table import SCORE_SCHEMA, to_table
 from pipeline.training import TrainConfig, fit_deployment
 from pipeline.validation import verdict
 

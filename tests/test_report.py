@@ -11,7 +11,7 @@ from PIL import Image
 
 from jobs import report as report_job
 from pipeline import archive, nights, report, storage
-from pipeline.batch import SCORE_SCHEMA
+from pipeline.score_table import SCORE_SCHEMA
 from pipeline.images import encode_heatmap, heatmap_scale
 from pipeline.synthetic import add_defect, normal_image
 from tests.browser import dump_dom, screenshot

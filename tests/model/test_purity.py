@@ -54,9 +54,9 @@ def test_core_modules_import_neither_ray_nor_mlflow():
     assert all((pipeline_dir / f"{m}.py").exists() for m in CORE)  # the list names real modules
 
 
-def test_the_decode_task_loads_no_torch_mlflow_or_faiss():
-    """Ray Data's decode workers import pipeline.decoding (the task's module) and stay light."""
-    code = ("import sys, pipeline.decoding\n"
+def test_the_decode_and_table_tasks_load_no_torch_mlflow_or_faiss():
+    """Ray Data's CPU workers import the tasks' modules (pipeline.decoding, pipeline.score_table) and stay light."""
+    code = ("import sys, pipeline.decoding, pipeline.score_table\n"
             "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.batch') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
