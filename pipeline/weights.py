@@ -6,7 +6,10 @@ import hashlib
 import os
 import tempfile
 
+import huggingface_hub.constants
 import open_clip
+from huggingface_hub import try_to_load_from_cache
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from pipeline import storage
 from pipeline.errors import PipelineError, UsageError
@@ -51,14 +54,38 @@ def weights_kind(weights: str) -> str:
     return "hub"
 
 
-def check_weights(backbone: str, weights: str) -> None:
-    """Fail on the driver, before any worker starts, for an unknown architecture or hub tag."""
+def check_weights(backbone: str, weights: str, hf_cache: str | None = None) -> None:
+    """Fail on the driver, before any worker starts, for an unknown architecture or hub tag, or for a hub
+    tag that cannot be had here (see `hub_weights_cached`)."""
     if backbone not in open_clip.list_models():
         raise UsageError(f"unknown open_clip architecture {backbone!r}")
     tags = open_clip.list_pretrained_tags_by_model(backbone)
     if weights_kind(weights) == "hub" and weights not in tags:
         raise UsageError(f"{weights!r} is neither a file nor a pretrained tag of {backbone} "
                          f"(tags: {', '.join(tags) or 'none'}); pass a tag, a local file, an s3:// URI, or 'random'")
+    if weights_kind(weights) == "hub" and huggingface_hub.constants.HF_HUB_OFFLINE \
+            and hub_weights_cached(backbone, weights, hf_cache) is False:
+        # Deterministic, so said here: raised in a Ray Train worker it would be retried (Ray Train retries
+        # every worker failure), three worker-group starts for the same answer.
+        raise WeightsUnavailable(
+            f"cannot load weights {weights!r} for {backbone!r}: HF_HUB_OFFLINE is set and the Hugging Face "
+            f"cache ({hf_cache or huggingface_hub.constants.HF_HUB_CACHE}) does not hold them. Fetch them once "
+            "online, or pass a local checkpoint file or s3:// URI with --weights.")
+
+
+def hub_weights_cached(backbone: str, weights: str, hf_cache: str | None = None) -> bool | None:
+    """Whether open_clip's Hugging Face file for (backbone, tag) is in the local HF cache; None when the tag
+    has no HF file (open_clip then downloads a URL, which HF_HUB_OFFLINE does not govern)."""
+    hub = open_clip.get_pretrained_cfg(backbone, weights).get("hf_hub", "")
+    if not hub:
+        return None
+    repo, name = os.path.split(hub)  # 'org/model/file' or 'org/model/' (open_clip's default file name)
+    names = [name or HF_WEIGHTS_NAME]
+    if names[0] == HF_WEIGHTS_NAME:
+        names.append(HF_SAFE_WEIGHTS_NAME)  # open_clip prefers a .safetensors twin where one exists
+    elif names[0].endswith((".bin", ".pth")):
+        names.append(names[0][:-4] + ".safetensors")
+    return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=hf_cache), str) for n in names)
 
 
 def load_clip(arch: str, weights: str, seed: int = 0):

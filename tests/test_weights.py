@@ -7,7 +7,8 @@ import torch
 
 from jobs import train as train_job
 from pipeline.model.backbone import create_clip, fingerprint
-from pipeline.weights import load_clip, local_weights, weights_kind
+from pipeline.weights import (WeightsUnavailable, check_weights, hub_weights_cached, load_clip, local_weights,
+                              weights_kind)
 from tests.conftest import TINY
 
 
@@ -31,6 +32,22 @@ def test_train_refuses_an_unknown_tag_before_starting_workers(mlflow_root, tmp_p
                          "--weights", "laion2b_typo"])
     assert rc == 2
     assert "neither a file nor a pretrained tag" in capsys.readouterr().err
+
+
+def test_an_offline_tag_missing_from_the_hf_cache_fails_on_the_driver_and_a_cached_one_passes(tmp_path):
+    """HF_HUB_OFFLINE (set for the whole suite) and no cached file: deterministic, refused before any Ray
+    Train worker (which Ray would retry); the same tag with its file in the cache layout is accepted."""
+    cache = tmp_path / "hf"
+    with pytest.raises(WeightsUnavailable, match="cannot load weights 'laion400m_e32' for 'ViT-B-16'"):
+        check_weights("ViT-B-16", "laion400m_e32", hf_cache=str(cache))
+    repo = cache / "models--timm--vit_base_patch16_clip_224.laion400m_e32"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"weights")
+    assert hub_weights_cached("ViT-B-16", "laion400m_e32", hf_cache=str(cache)) is True
+    check_weights("ViT-B-16", "laion400m_e32", hf_cache=str(cache))
+    check_weights(TINY, "random", hf_cache=str(cache))  # neither random nor files consult the hub
 
 
 @pytest.mark.integration
