@@ -9,12 +9,10 @@ driver turns that folder into the model artifact (`model_spec`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 import ray.train
 import torch
@@ -25,13 +23,12 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
 from safetensors.torch import save as st_save
 
-from pipeline import archive, artifact, registry, storage
+from pipeline import archive, artifact, fit_job, registry, storage
 from pipeline.bank import pick_backend
 from pipeline.errors import PipelineError, UsageError
 from pipeline.fitting import fit_products, load_shots, shot_batch
-from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.backbone import fingerprint, looks_untrained
-from pipeline.model.config import AnoPLeConfig
+from pipeline.fit_job import FitJob, TrainConfig, WorkerCrash  # noqa: F401 (WorkerCrash: the tests' import path)
 from pipeline.progress import emit, epoch_line
 from pipeline.prompt_training import train_prompts
 from pipeline.validation import build_validation, gain, on_rank0, validate
@@ -41,56 +38,13 @@ from pipeline.weights import build_model, check_weights, weights_kind
 MAX_WORKER_FAILURES = 2  # worker-group restarts (preempted or crashed workers) before the fit fails
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    deployment: str
-    archive: str
-    shots: int = 1                       # K normal shots per product (the paper: 1, 2 or 4)
-    seed: int = 0
-    backbone: str = DEFAULT_BACKBONE     # open_clip architecture
-    weights: str = DEFAULT_WEIGHTS       # hub tag, local file, s3:// URI, or "random"
-    anople: AnoPLeConfig = field(default_factory=AnoPLeConfig)
-    num_workers: int = 1
-    use_gpu: bool = False
-    storage_path: str = ""               # Ray Train storage and prompt checkpoints (local or s3://)
-    restart: bool = False                # ignore earlier epoch checkpoints of the same run key
-    prompt_products: tuple[str, ...] = ()  # products whose shots train the prompts; () = all
-                                           # (leave-one-product-out: all but the unseen one)
-
-    def run_key(self) -> str:
-        """Same data, shots, seed, backbone and config -> same key: a rerun resumes that run."""
-        blob = json.dumps([self.deployment, storage.normalize(self.archive), self.shots, self.seed, self.backbone,
-                           self.weights, self.anople.to_dict(), sorted(self.prompt_products)], sort_keys=True)
-        return f"anople-{self.deployment}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-    def checkpoints(self) -> str:
-        return storage.join(self.storage_path, self.run_key(), "prompt-checkpoints")
-
-
-@dataclass(frozen=True)
-class WorkerCrash:
-    """Test-only fault: rank 0's process dies (os._exit) right after writing epoch `after_epoch`'s
-    checkpoint, once per run (a marker in storage says it happened), as a preempted node would. Only the
-    Python API takes it (fit_deployment's `fault`)."""
-    after_epoch: int
-
-
-@dataclass(frozen=True)
-class FitJob:
-    """What each Ray Train worker gets: the run's config (URIs normalised) and the deployment's products."""
-    cfg: TrainConfig
-    products: tuple[str, ...]
-    fault: WorkerCrash | None = None
-    mlflow_run: tuple[str, str] = ("", "")  # (tracking URI, run id): rank 0 logs each epoch there as it goes
-
-
 def _write(path: str, data: bytes | str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-def _fit_worker(config: dict) -> None:
+def fit_worker(config: dict) -> None:
     """Ray Train per-worker loop: prompt learning (data-parallel over products), then banks and
     thresholds for this worker's products."""
     job: FitJob = config["job"]
@@ -223,7 +177,7 @@ def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = N
     if cfg.restart:  # start over: this run key's epoch checkpoints and Ray's run state go before any worker starts
         storage.remove_tree(storage.join(cfg.storage_path, cfg.run_key()))
     trainer = TorchTrainer(
-        _fit_worker,
+        fit_job.fit_worker,  # a light module: see pipeline.fit_job
         # the tracking URI travels with the job: a worker's environment may not name the driver's store
         train_loop_config={"job": FitJob(cfg, tuple(products), fault,
                                          (registry.tracking_uri(), mlflow_run_id) if mlflow_run_id else ("", ""))},

@@ -60,3 +60,14 @@ def test_the_decode_and_table_tasks_load_no_torch_mlflow_or_faiss():
             "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.batch') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_fit_entry_ray_trains_controller_unpickles_loads_no_torch_mlflow_or_faiss():
+    """Ray Train's controller unpickles the train function and its config (pipeline.fit_job): light, so the
+    controller starts the workers without first importing the training stack."""
+    code = ("import sys, pickle, pipeline.fit_job as f\n"
+            "job = f.FitJob(f.TrainConfig('d', '/tmp/a'), ('p',))\n"
+            "pickle.loads(pickle.dumps((f.fit_worker, {'job': job})))\n"
+            "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.training') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
