@@ -13,6 +13,7 @@ always equals rows in.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from dataclasses import dataclass
@@ -199,11 +200,32 @@ def write_heatmaps(batch: dict, target: HeatmapTarget) -> dict:
     return out
 
 
+FOOTER_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+SHARDS_PER_FOOTER_READER = 50
+
+
+@contextlib.contextmanager
+def footer_readers(n_files: int):
+    """Ray Data (2.60) lists parquet files by reading their footers on a pool of FooterReader actors, 32 of
+    them per read whatever the file count (its env knob, read when read_parquet is called): 32 worker
+    processes started and killed for a night of a few shards, ~1.5 s of CPU each. Sized to the shards here
+    (one reader per 50 files, at most Ray's 32), unless the operator set the knob."""
+    if FOOTER_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ENV] = str(min(32, max(1, -(-n_files // SHARDS_PER_FOOTER_READER))))
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_ENV, None)
+
+
 def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list[str], rows: archive.Rows):
     """The partition's shards as a Ray Dataset of `columns`, filtered by `rows` at read time."""
     fs, paths = archive.shard_paths(archive_uri, deployment, date)
     extra = ["split"] if rows.split is not None and "split" not in columns else []
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns + extra)
+    with footer_readers(len(paths)):
+        ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns + extra)
     predicate = rows.predicate(col)
     if predicate is not None:
         ds = ds.filter(expr=predicate)  # Arrow-native predicate, pushed down where Ray can

@@ -70,3 +70,19 @@ def test_a_failed_write_becomes_an_error_row_not_a_failed_batch(tmp_path):
     assert out["error"][0].startswith("heatmap write failed") and out["error"][1] == "image does not decode"
     assert not out["is_anomalous"].any() and all(u is None for u in out["heatmap_uri"])
     assert not os.path.isdir(blocker)
+
+
+def test_the_footer_reader_pool_is_sized_to_the_shards_and_an_operators_setting_wins(monkeypatch):
+    """Ray Data reads parquet footers on 32 new actor processes per read by default; a night of a few shards
+    gets one (50 shards a reader, at most 32), for the read only; an operator's own setting is kept."""
+    from pipeline.batch import FOOTER_ENV, footer_readers
+
+    monkeypatch.delenv(FOOTER_ENV, raising=False)
+    for n, want in ((1, "1"), (50, "1"), (51, "2"), (10_000, "32")):
+        with footer_readers(n):
+            assert os.environ[FOOTER_ENV] == want
+        assert FOOTER_ENV not in os.environ
+    monkeypatch.setenv(FOOTER_ENV, "7")
+    with footer_readers(3):
+        assert os.environ[FOOTER_ENV] == "7"
+    assert os.environ[FOOTER_ENV] == "7"
