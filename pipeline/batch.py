@@ -26,7 +26,7 @@ import ray.exceptions
 import torch
 from ray.data.expressions import col
 
-from pipeline import archive, artifact, registry, storage
+from pipeline import archive, artifact, storage
 from pipeline.nights import heatmap_key
 from pipeline.decoding import decode_batch, labels, release_freed_memory
 from pipeline.images import encode_heatmap, heatmap_scale
@@ -121,7 +121,10 @@ class ScoreActor:
 
     def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget | None = None,
                  fault: InjectedFault | None = None, cpu_share: int = 1):
-        self.scorer = Scorer.load(registry.materialize(artifact_uri), products)
+        if not storage.is_storage_uri(artifact_uri):  # behind a tracking server: MLflow fetches it here
+            from pipeline import registry  # MLflow's import (~2 s of CPU) only where it is needed
+            artifact_uri = registry.materialize(artifact_uri)
+        self.scorer = Scorer.load(artifact_uri, products)
         self.info, self.heatmaps, self.fault = info, heatmaps, fault
         self.batches = 0
         if self.scorer.device == "cpu":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import tempfile
 import time
@@ -200,8 +199,7 @@ _FETCHED: dict[str, str] = {}
 def materialize(uri: str) -> str:
     """A model folder the storage layer reads: a storage URI as is; a tracking-server URI downloaded once per
     process into this node's temp folder (so actors on other nodes fetch their own copy)."""
-    scheme = re.match(r"^([a-zA-Z][\w+.-]*):/", uri)
-    if scheme is None or scheme[1] in ("s3", "s3a", "file"):
+    if storage.is_storage_uri(uri):
         return uri
     if uri not in _FETCHED:
         _FETCHED[uri] = connect().artifacts.download_artifacts(artifact_uri=uri,

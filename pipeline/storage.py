@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import time
 from urllib.parse import urlparse
 
@@ -45,6 +46,12 @@ def retrying(fn, *args, **kwargs):
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def is_storage_uri(uri: str) -> bool:
+    """A path or URI this layer reads itself (no scheme, s3://, s3a://, file://), not a tracking server's."""
+    scheme = re.match(r"^([a-zA-Z][\w+.-]*):/", uri)
+    return scheme is None or scheme[1] in ("s3", "s3a", "file")
 
 
 def _strip_file(uri: str) -> str:

@@ -71,3 +71,12 @@ def test_the_fit_entry_ray_trains_controller_unpickles_loads_no_torch_mlflow_or_
             "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.training') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_scoring_actors_module_loads_no_mlflow():
+    """A scoring actor imports pipeline.batch: MLflow (~2 s of CPU per actor start) only when its model is
+    behind a tracking server (pipeline.registry, imported then)."""
+    code = ("import sys, pipeline.batch\n"
+            "print(sorted(x for x in ('mlflow', 'pipeline.registry') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
