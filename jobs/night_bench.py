@@ -6,7 +6,8 @@ archives a night of N images of a chosen size and format (JPEG 1024 px is what p
 `python -m jobs.score` as its own process, as a scheduler would, sampling the resident memory of that
 process tree (driver, raylet, decode tasks and scoring actors): RSS and PSS. Prints:
   - start-up seconds (job start -> first scored row) and steady-state images/s (the rows' own `scored_at`
-    stamps between the 10th and 90th percentile, so start-up and the tail are excluded);
+    stamps between the 10th and 90th percentile, so start-up and the tail are excluded), and the rate in
+    each tenth of the night (flat when nothing builds up);
   - per-stage times of one process on a sample of the night: read, decode, forward, bank search, decoder,
     fusion + blur, heatmap encode, heatmap write; the slowest names the bottleneck;
   - the bare open_clip visual forward on the same images, and steady state / bare forward;
@@ -135,8 +136,11 @@ def steady_state(scores_uri: str, job_start: float) -> dict:
     lo, hi = np.percentile(at, [10, 90])
     inside = ((at >= lo) & (at <= hi)).sum()
     ok = sum(1 for s in t["status"].to_pylist() if s == "ok")
+    # the rate in each tenth of the rows (in scoring order): flat when nothing builds up over the night
+    edges = np.linspace(0, len(at) - 1, 11).round().astype(int)
+    tenths = [float((b - a) / (at[b] - at[a])) if at[b] > at[a] else float("nan") for a, b in zip(edges, edges[1:])]
     return {"rows": len(at), "ok": ok, "startup_s": float(at[0] - job_start),
-            "steady_images_per_s": float(inside / (hi - lo)) if hi > lo else float("nan")}
+            "steady_images_per_s": float(inside / (hi - lo)) if hi > lo else float("nan"), "rate_by_tenth": tenths}
 
 
 def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, batch: int, heatmap_side: int | None,
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['images']:>7} images: job {r['job_s']:7.1f} s, start-up {r['startup_s']:6.1f} s, steady state "
               f"{r['steady_images_per_s']:7.2f} images/s, peak RSS driver {r['peak_driver_mb']:6.0f} MB, "
               f"job tree {r['peak_tree_mb']:6.0f} MB (PSS {r['peak_tree_pss_mb']:6.0f} MB) ({r['ok']} ok of {r['rows']})")
+        print(f"           images/s by tenth of the night: {' '.join(f'{x:.2f}' for x in r['rate_by_tenth'])}")
     print(f"  per-stage, one process, {args.sample} images (ms/image; heatmaps {prof['heatmap_kb']:.0f} KB each):")
     stages = prof["per_image_s"]
     for k, v in stages.items():

@@ -1,0 +1,27 @@
+"""The archive-scale benchmark's arithmetic on scored_at stamps (the benchmark itself asserts nothing)."""
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.night_bench import steady_state
+
+
+def _scores(path, stamps):
+    t0 = dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)
+    pq.write_table(pa.table({"scored_at": pa.array([t0 + dt.timedelta(seconds=float(s)) for s in stamps],
+                                                   pa.timestamp("us", tz="UTC")),
+                             "status": ["ok"] * len(stamps)}), path)
+    return t0.timestamp()
+
+
+def test_a_night_that_slows_down_shows_it_in_its_tenths(tmp_path):
+    flat = np.arange(1000) / 10.0  # 10 images/s throughout, first row 5 s after the job started
+    start = _scores(tmp_path / "flat.parquet", flat + 5)
+    r = steady_state(str(tmp_path / "flat.parquet"), start)
+    assert abs(r["startup_s"] - 5) < 1e-3 and abs(r["steady_images_per_s"] - 10) < 0.1
+    assert np.allclose(r["rate_by_tenth"], 10, rtol=0.02)
+    slowing = np.concatenate([flat[:500], flat[499] + np.arange(1, 501) / 5.0])  # 10/s, then 5/s
+    r = steady_state(str(tmp_path / "slow.parquet"), _scores(tmp_path / "slow.parquet", slowing))
+    assert np.allclose(r["rate_by_tenth"][:4], 10, rtol=0.03) and np.allclose(r["rate_by_tenth"][6:], 5, rtol=0.03)
