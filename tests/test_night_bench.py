@@ -22,6 +22,14 @@ def test_a_night_that_slows_down_shows_it_in_its_tenths(tmp_path):
     r = steady_state(str(tmp_path / "flat.parquet"), start)
     assert abs(r["startup_s"] - 5) < 1e-3 and abs(r["steady_images_per_s"] - 10) < 0.1
     assert np.allclose(r["rate_by_tenth"], 10, rtol=0.02)
-    slowing = np.concatenate([flat[:500], flat[499] + np.arange(1, 501) / 5.0])  # 10/s, then 5/s
+    slowing = np.concatenate([flat[:500], flat[499] + np.arange(1, 501) / 5.0])  # 10/s for 50 s, then 5/s for 100 s
     r = steady_state(str(tmp_path / "slow.parquet"), _scores(tmp_path / "slow.parquet", slowing))
-    assert np.allclose(r["rate_by_tenth"][:4], 10, rtol=0.03) and np.allclose(r["rate_by_tenth"][6:], 5, rtol=0.03)
+    assert np.allclose(r["rate_by_tenth"][:3], 10, rtol=0.03) and np.allclose(r["rate_by_tenth"][4:], 5, rtol=0.03)
+
+
+def test_batches_share_a_stamp_and_a_night_of_few_batches_has_no_tenths(tmp_path):
+    batched = np.repeat(np.arange(40) * 3.2, 32)  # 40 batches of 32 rows, one every 3.2 s: 10 images/s
+    r = steady_state(str(tmp_path / "b.parquet"), _scores(tmp_path / "b.parquet", batched))
+    assert np.allclose(r["rate_by_tenth"], 10, rtol=0.3) and abs(np.mean(r["rate_by_tenth"]) - 10) < 0.5
+    few = np.repeat(np.arange(7) * 3.2, 32)
+    assert steady_state(str(tmp_path / "f.parquet"), _scores(tmp_path / "f.parquet", few))["rate_by_tenth"] is None
