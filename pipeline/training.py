@@ -26,9 +26,9 @@ from safetensors.torch import save as st_save
 from pipeline import archive, artifact, fit_job, registry, storage
 from pipeline.bank import pick_backend
 from pipeline.errors import PipelineError, UsageError
+from pipeline.fit_job import FitJob, TrainConfig, WorkerCrash  # defined there: Ray Train's controller unpickles them
 from pipeline.fitting import fit_products, load_shots, shot_batch
 from pipeline.model.backbone import fingerprint, looks_untrained
-from pipeline.fit_job import FitJob, TrainConfig, WorkerCrash  # noqa: F401 (WorkerCrash: the tests' import path)
 from pipeline.progress import emit, epoch_line
 from pipeline.prompt_training import train_prompts
 from pipeline.validation import build_validation, gain, on_rank0, validate
