@@ -40,24 +40,49 @@ def _proc_kb(pid: str, path: str, keys: tuple[str, ...]) -> list[int]:
     return [found.get(k, 0) for k in keys]
 
 
-def tree_memory_mb(root_pid: int) -> dict[str, float]:
+def _process_name(pid: str) -> str:
+    """What a process of the job is doing: Ray titles its workers by their task or actor
+    (ray::MapWorker(MapBatches(ScoreActor)).submit, ray::ReadParquet->MapBatches(decode_batch), ray::IDLE;
+    the method is dropped); other processes by executable (raylet, gcs_server) or, for Python, by module or
+    script (the driver: jobs.score)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        title = argv[0].split()[0]
+        return title[:title.rindex(")") + 1] if ")" in title else title.split(".")[0]
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    exe = os.path.basename(argv[0])
+    script = [a for a in argv[1:] if not a.startswith("-")]
+    return os.path.basename(script[0]) if exe.startswith("python") and script else exe
+
+
+def tree_memory_mb(root_pid: int, cpu: dict | None = None) -> dict[str, float]:
     """Memory of root_pid and of it with every descendant, in MB, from /proc (Linux): RSS (each process's
     resident pages: a shared page, e.g. of Ray's object store in /dev/shm, counts once per process mapping it)
-    and PSS (shared pages split between their processes: the tree's sum is what it really holds)."""
+    and PSS (shared pages split between their processes: the tree's sum is what it really holds).
+    With `cpu` ({"pids": {}, "by_name": {}}), also adds the CPU seconds each process of the tree used since the
+    last call to its current name (a worker's task changes; idle time is charged to its last task)."""
     children: dict[int, list[int]] = {}
     mem: dict[int, tuple[float, float]] = {}
+    ticks: dict[int, float] = {}
+    hz = os.sysconf("SC_CLK_TCK")
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                fields = f.read().rsplit(")", 1)[1].split()
+            ppid = int(fields[1])
             rss, = _proc_kb(d, "status", ("VmRSS",))
             pss, = _proc_kb(d, "smaps_rollup", ("Pss",)) if rss else (0,)
         except (OSError, ValueError, IndexError):
             continue  # a process that ended while we looked
         children.setdefault(ppid, []).append(int(d))
         mem[int(d)] = (rss / 1024, pss / 1024)
+        ticks[int(d)] = (int(fields[11]) + int(fields[12])) / hz  # utime + stime
     tree, todo = [0.0, 0.0], [root_pid]
     while todo:
         pid = todo.pop()
@@ -65,22 +90,36 @@ def tree_memory_mb(root_pid: int) -> dict[str, float]:
         tree[0] += rss
         tree[1] += pss
         todo += children.get(pid, [])
+        if cpu is not None and pid in ticks:
+            try:
+                name = _process_name(str(pid))
+            except OSError:
+                continue
+            seen = cpu["pids"].setdefault(pid, [name, 0.0])
+            if name != "ray::IDLE":
+                seen[0] = name
+            cpu["by_name"][seen[0]] = cpu["by_name"].get(seen[0], 0.0) + ticks[pid] - seen[1]
+            seen[1] = ticks[pid]
     own = mem.get(root_pid, (0.0, 0.0))
     return {"driver": own[0], "tree": tree[0], "driver_pss": own[1], "tree_pss": tree[1]}
 
 
 def run_job(argv: list[str], env: dict) -> dict:
-    """Run `python -m <argv>` to completion, sampling its tree's RSS twice a second."""
+    """Run `python -m <argv>` to completion, sampling its tree's RSS and each process's CPU twice a second
+    (`cpu_samples`: (time, CPU seconds by process name so far), dead processes' last figures kept)."""
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     peak = {"driver": 0.0, "tree": 0.0, "driver_pss": 0.0, "tree_pss": 0.0}
+    cpu: dict = {"pids": {}, "by_name": {}}
+    samples: list = []
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            for k, v in tree_memory_mb(proc.pid).items():
+            for k, v in tree_memory_mb(proc.pid, cpu).items():
                 peak[k] = max(peak[k], v)
+            samples.append((time.time(), dict(cpu["by_name"])))
             done.wait(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -90,7 +129,20 @@ def run_job(argv: list[str], env: dict) -> dict:
     th.join()
     if proc.returncode != 0:
         raise SystemExit(f"night_bench: {' '.join(argv[:1])} failed ({proc.returncode}):\n{out[-4000:]}")
-    return {"seconds": time.time() - t0, "start": t0, "output": out, **{f"peak_{k}_mb": v for k, v in peak.items()}}
+    return {"seconds": time.time() - t0, "start": t0, "output": out, "cpu_samples": samples,
+            **{f"peak_{k}_mb": v for k, v in peak.items()}}
+
+
+def cores_used(samples: list, lo: float, hi: float) -> dict[str, float]:
+    """Cores each kind of process kept busy between epoch seconds lo and hi (the steady state): the change of
+    its CPU seconds between the samples nearest lo and hi, over the time between them."""
+    times = np.array([t for t, _ in samples])
+    if len(times) < 2:
+        return {}
+    a, b = samples[int(np.abs(times - lo).argmin())], samples[int(np.abs(times - hi).argmin())]
+    if b[0] <= a[0]:
+        return {}
+    return {k: (v - a[1].get(k, 0.0)) / (b[0] - a[0]) for k, v in b[1].items() if v - a[1].get(k, 0.0) > 0}
 
 
 def encoded_images(n_distinct: int, size: int, fmt: str, products: list[str], seed: int = 0) -> list[tuple[str, bytes]]:
@@ -145,7 +197,7 @@ def steady_state(scores_uri: str, job_start: float) -> dict:
         edges = np.linspace(stamps[0], stamps[-1], 11)
         window = np.clip(np.searchsorted(edges, stamps[1:], side="left") - 1, 0, 9)  # (e_k, e_k+1] -> k
         tenths = [float(counts[1:][window == k].sum() / (edges[k + 1] - edges[k])) for k in range(10)]
-    return {"rows": len(at), "ok": ok, "startup_s": float(at[0] - job_start),
+    return {"rows": len(at), "ok": ok, "startup_s": float(at[0] - job_start), "steady_window": (float(lo), float(hi)),
             "steady_images_per_s": float(inside / (hi - lo)) if hi > lo else float("nan"), "rate_by_tenth": tenths}
 
 
@@ -301,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         job = run_job(cmd, env)
         from pipeline import nights as nights_mod
         marker = nights_mod.published(output, DEPLOYMENT, date)
-        results.append({"images": n, **steady_state(marker["scores"], job["start"]), "job_s": job["seconds"],
+        steady = steady_state(marker["scores"], job["start"])
+        results.append({"images": n, **steady, "job_s": job["seconds"],
                         "bare_before": before, "bare_after": bare.rate(),
+                        "steady_cores": cores_used(job["cpu_samples"], *steady["steady_window"]),
                         **{k: v for k, v in job.items() if k.startswith("peak_")}})
     del bare
     with tempfile.TemporaryDirectory() as work:
@@ -318,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
               f"job tree {r['peak_tree_mb']:6.0f} MB (PSS {r['peak_tree_pss_mb']:6.0f} MB) ({r['ok']} ok of {r['rows']})")
         if r["rate_by_tenth"]:
             print(f"           images/s by tenth of the night: {' '.join(f'{x:.2f}' for x in r['rate_by_tenth'])}")
+        busy = sorted(r["steady_cores"].items(), key=lambda kv: -kv[1])
+        print(f"           cores busy in the steady state, by process ({len(os.sched_getaffinity(0))} here): "
+              f"{sum(v for _, v in busy):.2f} = " + ", ".join(f"{k} {v:.2f}" for k, v in busy if v >= 0.005))
     print(f"  per-stage, one process, {args.sample} images (ms/image; heatmaps {prof['heatmap_kb']:.0f} KB each):")
     stages = prof["per_image_s"]
     for k, v in stages.items():

@@ -33,3 +33,33 @@ def test_batches_share_a_stamp_and_a_night_of_few_batches_has_no_tenths(tmp_path
     assert np.allclose(r["rate_by_tenth"], 10, rtol=0.3) and abs(np.mean(r["rate_by_tenth"]) - 10) < 0.5
     few = np.repeat(np.arange(7) * 3.2, 32)
     assert steady_state(str(tmp_path / "f.parquet"), _scores(tmp_path / "f.parquet", few))["rate_by_tenth"] is None
+
+
+def test_cores_busy_are_the_change_of_cpu_seconds_over_the_steady_window():
+    from jobs.night_bench import cores_used
+    # an actor burning 2 cores and a decode worker 0.5 from t=10 s; a process that started later counts from 0
+    samples = [(t, {"ray::ScoreActor": 2.0 * t, "ray::MapBatches(decode_batch)": 0.5 * t,
+                    **({"late": 0.25 * (t - 50)} if t >= 50 else {})}) for t in np.arange(0, 100, 0.5)]
+    busy = cores_used(samples, 60.0, 90.0)
+    assert np.isclose(busy["ray::ScoreActor"], 2.0) and np.isclose(busy["ray::MapBatches(decode_batch)"], 0.5)
+    assert np.isclose(busy["late"], 0.25) and cores_used(samples[:1], 0, 1) == {}
+
+
+def test_each_process_of_the_tree_is_named_and_charged_the_cpu_it_used_between_samples(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from jobs.night_bench import tree_memory_mb
+    (tmp_path / "spin.py").write_text("import time\nt = time.time()\nwhile time.time() - t < 3: pass\n")
+    spin = subprocess.Popen([sys.executable, str(tmp_path / "spin.py")])
+    try:
+        time.sleep(0.5)
+        cpu: dict = {"pids": {}, "by_name": {}}
+        assert tree_memory_mb(spin.pid, cpu)["tree"] > 0
+        first = cpu["by_name"]["spin.py"]
+        time.sleep(1.0)
+        tree_memory_mb(spin.pid, cpu)
+        assert 0.5 < cpu["by_name"]["spin.py"] - first < 1.3  # one core busy for the second between the samples
+    finally:
+        spin.kill()
