@@ -63,3 +63,11 @@ def test_each_process_of_the_tree_is_named_and_charged_the_cpu_it_used_between_s
         assert 0.5 < cpu["by_name"]["spin.py"] - first < 1.3  # one core busy for the second between the samples
     finally:
         spin.kill()
+
+
+def test_the_rows_of_the_batch_that_opens_the_steady_window_are_not_counted_in_it(tmp_path):
+    # 7 batches of 32 rows, one every 3.2 s (10 images/s). The 10th percentile stamp is batch 0's: its rows were
+    # done when the window opened, so counting them would claim 192 rows in 5 intervals (12 images/s)
+    short = np.repeat(np.arange(7) * 3.2, 32)[:200]
+    r = steady_state(str(tmp_path / "s.parquet"), _scores(tmp_path / "s.parquet", short))
+    assert abs(r["steady_images_per_s"] - 10) < 0.05, r["steady_images_per_s"]
