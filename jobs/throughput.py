@@ -30,7 +30,10 @@ def _check(name: str, rc: int) -> None:
 def scorer_rate(deployment: str, batch: int, batches: int) -> dict:
     """Steady-state images/s of Scorer.score on the candidate model, per product round-robin."""
     from pipeline import registry  # (after main() settled HF_HUB_OFFLINE, like the jobs)
+    from pipeline.heap import keep_large_blocks_on_heap
     from pipeline.scorer import Scorer
+
+    keep_large_blocks_on_heap()  # as the scoring actors do
 
     mv = registry.get_version(deployment, alias="candidate")
     scorer = Scorer.load(registry.artifact_uri(mv))

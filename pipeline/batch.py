@@ -28,7 +28,8 @@ from ray.data.expressions import col
 
 from pipeline import archive, artifact, storage
 from pipeline.nights import heatmap_key
-from pipeline.decoding import decode_batch, labels, release_freed_memory
+from pipeline.decoding import decode_batch, labels
+from pipeline.heap import keep_large_blocks_on_heap, release_freed_memory
 from pipeline.images import encode_heatmap, heatmap_scale
 from pipeline.scorer import Scorer
 
@@ -121,6 +122,7 @@ class ScoreActor:
 
     def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget | None = None,
                  fault: InjectedFault | None = None, cpu_share: int = 1):
+        keep_large_blocks_on_heap()  # before the first forward: no page faults for its activations (pipeline.heap)
         if not storage.is_storage_uri(artifact_uri):  # behind a tracking server: MLflow fetches it here
             from pipeline import registry  # MLflow's import (~2 s of CPU) only where it is needed
             artifact_uri = registry.materialize(artifact_uri)

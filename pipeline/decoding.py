@@ -5,31 +5,10 @@ from pipeline.batch made every decode worker load them all (~1 GB resident each,
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 import numpy as np
 
+from pipeline.heap import release_freed_memory
 from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, resize_mask, to_model_pixels
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _glibc()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap pages glibc keeps after free() back to the OS (malloc_trim). Long-lived scoring actors
-    and decode workers allocate and free batch-sized buffers all night; without this their resident memory
-    creeps up with the night's length instead of staying at one batch's worth."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def labels(values) -> np.ndarray:

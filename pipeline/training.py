@@ -28,6 +28,7 @@ from pipeline.bank import pick_backend
 from pipeline.errors import PipelineError, UsageError
 from pipeline.fit_job import FitJob, TrainConfig, WorkerCrash  # defined there: Ray Train's controller unpickles them
 from pipeline.fitting import fit_products, load_shots, shot_batch
+from pipeline.heap import keep_large_blocks_on_heap, release_freed_memory
 from pipeline.model.backbone import fingerprint, looks_untrained
 from pipeline.progress import emit, epoch_line
 from pipeline.prompt_training import train_prompts
@@ -54,6 +55,7 @@ def fit_worker(config: dict) -> None:
     mine = list(job.products[rank::world])
     teach = list(cfg.prompt_products or job.products)
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    keep_large_blocks_on_heap()  # steps reuse their activations' pages (pipeline.heap); trimmed each epoch
     model = build_model(cfg.backbone, cfg.weights, cfg.seed, cfg.anople, device)
     data = load_shots(cfg.archive, cfg.deployment, sorted(set(mine) | set(teach)), cfg.shots, cfg.seed)
     epochs, val = [], None
@@ -61,6 +63,7 @@ def fit_worker(config: dict) -> None:
         seconds: list[float] = []
 
         def on_epoch(metrics: dict) -> None:
+            release_freed_memory()
             ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
             if rank == 0:
                 seconds.append(metrics["epoch_seconds"])
