@@ -64,7 +64,8 @@ def tree_memory_mb(root_pid: int, cpu: dict | None = None) -> dict[str, float]:
     resident pages: a shared page, e.g. of Ray's object store in /dev/shm, counts once per process mapping it)
     and PSS (shared pages split between their processes: the tree's sum is what it really holds).
     With `cpu` ({"pids": {}, "by_name": {}}), also adds the CPU seconds each process of the tree used since the
-    last call to its current name (a worker's task changes; idle time is charged to its last task)."""
+    last call to its current name (a worker's task changes; idle time is charged to its last task), and keeps
+    the tree's RSS by process name in cpu["rss_by_name"]."""
     children: dict[int, list[int]] = {}
     mem: dict[int, tuple[float, float]] = {}
     ticks: dict[int, float] = {}
@@ -83,7 +84,7 @@ def tree_memory_mb(root_pid: int, cpu: dict | None = None) -> dict[str, float]:
         children.setdefault(ppid, []).append(int(d))
         mem[int(d)] = (rss / 1024, pss / 1024)
         ticks[int(d)] = (int(fields[11]) + int(fields[12])) / hz  # utime + stime
-    tree, todo = [0.0, 0.0], [root_pid]
+    tree, todo, by_name = [0.0, 0.0], [root_pid], {}
     while todo:
         pid = todo.pop()
         rss, pss = mem.get(pid, (0.0, 0.0))
@@ -100,27 +101,43 @@ def tree_memory_mb(root_pid: int, cpu: dict | None = None) -> dict[str, float]:
                 seen[0] = name
             cpu["by_name"][seen[0]] = cpu["by_name"].get(seen[0], 0.0) + ticks[pid] - seen[1]
             seen[1] = ticks[pid]
+            by_name[seen[0]] = by_name.get(seen[0], 0.0) + rss
+    if cpu is not None:
+        cpu["rss_by_name"] = by_name
     own = mem.get(root_pid, (0.0, 0.0))
     return {"driver": own[0], "tree": tree[0], "driver_pss": own[1], "tree_pss": tree[1]}
 
 
+SAMPLE_SECONDS = 2.0  # reading every process's smaps_rollup (PSS) costs CPU: at 0.5 s the sampler took ~0.2 of
+                     # this machine's 2 cores from the job it measured
+
+
 def run_job(argv: list[str], env: dict) -> dict:
-    """Run `python -m <argv>` to completion, sampling its tree's RSS and each process's CPU twice a second
-    (`cpu_samples`: (time, CPU seconds by process name so far), dead processes' last figures kept)."""
+    """Run `python -m <argv>` to completion, sampling its tree's memory and each process's CPU every
+    SAMPLE_SECONDS (`cpu_samples`: (time, CPU seconds by process name so far); `peak_by_name`: RSS by process
+    name when the tree's RSS peaked; `sampler_cores`: what the sampling itself cost)."""
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     peak = {"driver": 0.0, "tree": 0.0, "driver_pss": 0.0, "tree_pss": 0.0}
     cpu: dict = {"pids": {}, "by_name": {}}
     samples: list = []
+    peak_by_name: dict = {}
+    sampler = [0.0]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            for k, v in tree_memory_mb(proc.pid, cpu).items():
+            c0 = time.thread_time()
+            mem = tree_memory_mb(proc.pid, cpu)
+            if mem["tree"] > peak["tree"]:
+                peak_by_name.clear()
+                peak_by_name.update(cpu["rss_by_name"])
+            for k, v in mem.items():
                 peak[k] = max(peak[k], v)
             samples.append((time.time(), dict(cpu["by_name"])))
-            done.wait(0.5)
+            sampler[0] += time.thread_time() - c0
+            done.wait(SAMPLE_SECONDS)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -129,7 +146,9 @@ def run_job(argv: list[str], env: dict) -> dict:
     th.join()
     if proc.returncode != 0:
         raise SystemExit(f"night_bench: {' '.join(argv[:1])} failed ({proc.returncode}):\n{out[-4000:]}")
-    return {"seconds": time.time() - t0, "start": t0, "output": out, "cpu_samples": samples,
+    seconds = time.time() - t0
+    return {"seconds": seconds, "start": t0, "output": out, "cpu_samples": samples, "peak_by_name": peak_by_name,
+            "sampler_cores": sampler[0] / seconds,
             **{f"peak_{k}_mb": v for k, v in peak.items()}}
 
 
@@ -364,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"images": n, **steady, "job_s": job["seconds"],
                         "bare_before": before, "bare_after": bare.rate(),
                         "steady_cores": cores_used(job["cpu_samples"], *steady["steady_window"]),
+                        "peak_by_name": job["peak_by_name"], "sampler_cores": job["sampler_cores"],
                         **{k: v for k, v in job.items() if k.startswith("peak_")}})
     del bare
     with tempfile.TemporaryDirectory() as work:
@@ -381,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"           images/s by tenth of the night: {' '.join(f'{x:.2f}' for x in r['rate_by_tenth'])}")
         busy = sorted(r["steady_cores"].items(), key=lambda kv: -kv[1])
         print(f"           cores busy in the steady state, by process ({len(os.sched_getaffinity(0))} here): "
-              f"{sum(v for _, v in busy):.2f} = " + ", ".join(f"{k} {v:.2f}" for k, v in busy if v >= 0.005))
+              f"{sum(v for _, v in busy):.2f} = " + ", ".join(f"{k} {v:.2f}" for k, v in busy if v >= 0.005)
+              + f"; this benchmark's sampling: {r['sampler_cores']:.3f}")
+        big = sorted(r["peak_by_name"].items(), key=lambda kv: -kv[1])
+        print("           RSS at the peak, by process (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in big[:6]))
     print(f"  per-stage, one process, {args.sample} images (ms/image; heatmaps {prof['heatmap_kb']:.0f} KB each):")
     stages = prof["per_image_s"]
     for k, v in stages.items():
