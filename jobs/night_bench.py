@@ -12,7 +12,9 @@ process tree (driver, raylet, decode tasks and scoring actors): RSS and PSS. Pri
     fusion + blur, heatmap encode, heatmap write; the slowest names the bottleneck;
   - the bare open_clip visual forward, timed in this process right before and right after each night (the
     machine's speed drifts between minutes), and each night's steady state / the mean of the two;
-  - peak RSS (and PSS) of the job at N and at --scale x N images, and their ratio (memory must stay flat).
+  - peak RSS (and PSS) of the job at N and at --scale x N images, and their ratio (memory must stay flat);
+  - the cores each kind of process kept busy in the steady state, and RSS by process at the peak;
+  - with --heap-ab K, the first night scored K more times under each heap policy (pipeline.heap), interleaved.
 The backbone defaults to random init (no hub here), and the output says so.
 """
 from __future__ import annotations
@@ -340,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap-full-res", action="store_true", help="passed to jobs.score: the old full-size heatmaps")
     ap.add_argument("--sample", type=int, default=64, help="images for the per-stage profile")
     ap.add_argument("--root", default="", help="working root (default: a temporary folder)")
+    ap.add_argument("--heap-ab", type=int, default=0, help="then score the first night this many times more under "
+                                                            "each heap policy, interleaved (pipeline.heap)")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root or tempfile.mkdtemp(prefix="anople-night-bench-"))
@@ -370,22 +374,31 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.heap import keep_large_blocks_on_heap
     keep_large_blocks_on_heap()
     bare = BareForward(DEPLOYMENT, images, args.sample, args.batch_size)
-    for n, date in nights:
-        write_night(archive_uri, date, n, images)
-        before = bare.rate()
+    from pipeline import nights as nights_mod
+
+    def score(date: str, job_env: dict) -> tuple[dict, dict]:
         cmd = ["jobs.score", "--deployment", DEPLOYMENT, "--archive", archive_uri, "--date", date, "--output", output,
                "--batch-size", str(args.batch_size)] + (["--heatmap-side", str(args.heatmap_side)] if args.heatmap_side else []) \
             + (["--heatmap-full-res"] if args.heatmap_full_res else [])
-        job = run_job(cmd, env)
-        from pipeline import nights as nights_mod
-        marker = nights_mod.published(output, DEPLOYMENT, date)
-        steady = steady_state(marker["scores"], job["start"])
+        job = run_job(cmd, job_env)
+        return job, steady_state(nights_mod.published(output, DEPLOYMENT, date)["scores"], job["start"])
+
+    for n, date in nights:
+        write_night(archive_uri, date, n, images)
+        before = bare.rate()
+        job, steady = score(date, env)
         results.append({"images": n, **steady, "job_s": job["seconds"],
                         "bare_before": before, "bare_after": bare.rate(),
                         "steady_cores": cores_used(job["cpu_samples"], *steady["steady_window"]),
                         "peak_by_name": job["peak_by_name"], "sampler_cores": job["sampler_cores"],
                         **{k: v for k, v in job.items() if k.startswith("peak_")}})
     del bare
+    # the heap policy's A/B on the first night, interleaved so both see the same minutes of a drifting machine
+    ab: dict[str, list[float]] = {"keep": [], "default": []}
+    for _ in range(args.heap_ab):
+        for policy in ab:
+            _, steady = score(nights[0][1], {**env, "ANOPLE_HEAP_POLICY": policy})
+            ab[policy].append(steady["steady_images_per_s"])
     with tempfile.TemporaryDirectory() as work:
         prof = stage_profile(DEPLOYMENT, archive_uri, nights[0][1], args.sample, args.batch_size, args.heatmap_side,
                              args.heatmap_full_res, work)
@@ -423,9 +436,14 @@ def main(argv: list[str] | None = None) -> int:
         pss = results[1]["peak_tree_pss_mb"] / r0["peak_tree_pss_mb"]
         print(f"  ratio peak RSS at {results[1]['images']} / at {r0['images']} images: {rss:.2f} (target <= 1.2; "
               f"PSS, shared pages counted once: {pss:.2f})")
+    if args.heap_ab:
+        print(f"  heap policy A/B, {args.images}-image night, steady images/s in run order: keep large blocks "
+              f"{' '.join(f'{x:.2f}' for x in ab['keep'])}; glibc default {' '.join(f'{x:.2f}' for x in ab['default'])}; "
+              f"ratio of the means {np.mean(ab['keep']) / np.mean(ab['default']):.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "nights": results, "profile": prof, "setup_s": setup_s}, f, indent=1)
+            json.dump({"args": vars(args), "nights": results, "profile": prof, "setup_s": setup_s, "heap_ab": ab}, f,
+                      indent=1)
     return 0
 
 

@@ -10,12 +10,14 @@ Two levers, both measured on the scoring path (2-core CPU node, ViT-S-16, batch 
   which also returns free pages in the middle of the heap), so resident memory stays at one batch's worth
   however long the night is. Callers trim every few batches, not after each: trimming after every batch would
   bring the page faults back.
-Not glibc (macOS, musl): both are no-ops.
+Not glibc (macOS, musl): both are no-ops. `ANOPLE_HEAP_POLICY=default` (in the environment the job's
+processes start with) leaves glibc's own policy in place: an operator's way out, and the benchmark's A/B.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # mallopt parameters (malloc.h)
 KEEP_FREE_BYTES = 1 << 30               # free memory at the heap top kept for the next batch, between trims
@@ -36,9 +38,10 @@ _kept = False
 def keep_large_blocks_on_heap() -> bool:
     """Process-wide: large blocks come from the heap (M_MMAP_MAX = 0) and up to KEEP_FREE_BYTES freed at its top
     stay mapped (M_TRIM_THRESHOLD), so batch after batch reuses the same pages. Call once, before the model's
-    first forward, in a process that then calls `release_freed_memory` now and then. True when applied."""
+    first forward, in a process that then calls `release_freed_memory` now and then. True when applied (False
+    off glibc, or when ANOPLE_HEAP_POLICY=default)."""
     global _kept
-    if _LIBC is not None and not _kept:
+    if _LIBC is not None and not _kept and os.environ.get("ANOPLE_HEAP_POLICY", "") != "default":
         _kept = bool(_LIBC.mallopt(M_MMAP_MAX, 0)) and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
     return _kept
 
