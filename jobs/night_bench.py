@@ -110,8 +110,8 @@ def tree_memory_mb(root_pid: int, cpu: dict | None = None) -> dict[str, float]:
     return {"driver": own[0], "tree": tree[0], "driver_pss": own[1], "tree_pss": tree[1]}
 
 
-SAMPLE_SECONDS = 2.0  # reading every process's smaps_rollup (PSS) costs CPU: 0.07-0.09 of a core at 2 s (printed), so
-                     # ~0.3 at the 0.5 s it sampled at before: taken from the job it measured, on 2 cores
+SAMPLE_SECONDS = 2.0  # reading every process's smaps_rollup (PSS) costs CPU: 0.07-0.09 of a core at 2 s (printed);
+                     # four times that at the 0.5 s it sampled at before, taken from the job it measured
 
 
 def run_job(argv: list[str], env: dict) -> dict:
