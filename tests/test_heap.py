@@ -36,7 +36,9 @@ glibc = pytest.mark.skipif(__import__("pipeline.heap", fromlist=["_LIBC"])._LIBC
 
 @glibc
 def test_large_blocks_kept_on_the_heap_are_reused_without_page_faults():
-    assert _faults("") > PAGES // 2  # glibc's default: each 64 MB block is a fresh mmap
+    default = _faults("")  # glibc's default: each 64 MB block is a fresh mmap, every page faulted in again
+    if default < PAGES // 2:
+        pytest.skip(f"{default} faults under glibc's default: this kernel backs the blocks with huge pages")
     assert _faults("from pipeline.heap import keep_large_blocks_on_heap as k\nassert k()\n") < PAGES // 50
     # the operator's way out: glibc's own policy
     assert _faults("import os\nos.environ['ANOPLE_HEAP_POLICY'] = 'default'\n"

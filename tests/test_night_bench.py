@@ -60,7 +60,7 @@ def test_each_process_of_the_tree_is_named_and_charged_the_cpu_it_used_between_s
         first = cpu["by_name"]["spin.py"]
         time.sleep(1.0)
         tree_memory_mb(spin.pid, cpu)
-        assert 0.5 < cpu["by_name"]["spin.py"] - first < 1.3  # one core busy for the second between the samples
+        assert 0.2 < cpu["by_name"]["spin.py"] - first < 1.5  # at most one core for the second between the samples
     finally:
         spin.kill()
 
