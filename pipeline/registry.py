@@ -6,9 +6,13 @@ The store comes from MLFLOW_TRACKING_URI; by default sqlite under the local root
 """
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import tempfile
 import time
@@ -194,16 +198,60 @@ def model_source(mv) -> str:
 
 
 _FETCHED: dict[str, str] = {}
+# `models:/<name>/<number>` names one immutable version; an alias or `latest` moves between nights
+_PINNED_MODEL = re.compile(r"^models:/[^/@]+/\d+(/|$)")
+CACHE_UNUSED_DAYS = 7.0
+
+
+def model_cache_dir() -> str:
+    """This node's folder of fetched model versions (ANOPLE_MODEL_CACHE, default <tmp>/anople-models)."""
+    return os.environ.get("ANOPLE_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "anople-models")
+
+
+def _prune_cache(cache: str, keep: str) -> None:
+    """Remove fetched versions no process on this node has asked for in CACHE_UNUSED_DAYS (each use touches its
+    folder), and partial downloads as old: the cache stays bounded by the versions in use, night after night."""
+    cutoff = time.time() - CACHE_UNUSED_DAYS * 86400
+    for entry in os.scandir(cache):
+        if entry.path != keep and entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+            shutil.rmtree(entry.path, ignore_errors=True)  # a concurrent pruner may have taken it first
 
 
 def materialize(uri: str) -> str:
-    """A model folder the storage layer reads: a storage URI as is; a tracking-server URI downloaded once per
-    process into this node's temp folder (so actors on other nodes fetch their own copy)."""
+    """A model folder the storage layer reads: a storage URI as is; a tracking-server URI fetched into this
+    node's model cache once (every actor and every night on the node reuses it; a fetch that dies leaves only a
+    partial folder, never a half-written version). A moving reference (`models:/m@alias`) is fetched fresh for
+    each process and deleted when it exits."""
     if storage.is_storage_uri(uri):
         return uri
-    if uri not in _FETCHED:
-        _FETCHED[uri] = connect().artifacts.download_artifacts(artifact_uri=uri,
-                                                               dst_path=tempfile.mkdtemp(prefix="anople-model-"))
+    if uri in _FETCHED:
+        return _FETCHED[uri]
+    if uri.startswith("models:/") and not _PINNED_MODEL.match(uri):
+        dst = tempfile.mkdtemp(prefix="anople-model-")
+        atexit.register(shutil.rmtree, dst, True)
+        _FETCHED[uri] = connect().artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+        return _FETCHED[uri]
+    cache = model_cache_dir()
+    os.makedirs(cache, exist_ok=True)
+    # one folder per (tracking server, URI): artifact URIs of registered versions are never rewritten
+    key = hashlib.sha256(f"{tracking_uri()}\n{uri}".encode()).hexdigest()[:24]
+    final = os.path.join(cache, key)
+    if not os.path.isdir(final):
+        partial = tempfile.mkdtemp(prefix=".partial-", dir=cache)
+        try:
+            fetched = connect().artifacts.download_artifacts(artifact_uri=uri, dst_path=partial)
+            with open(os.path.join(partial, "source.json"), "w") as f:  # what this folder is, for whoever looks
+                json.dump({"uri": uri, "tracking_uri": tracking_uri(), "path": os.path.relpath(fetched, partial)}, f)
+            os.rename(partial, final)  # atomic; fails if another process got there first, and theirs is as good
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    os.utime(final)  # in use: the pruner keeps it
+    with open(os.path.join(final, "source.json")) as f:
+        _FETCHED[uri] = os.path.normpath(os.path.join(final, json.load(f)["path"]))
+    _prune_cache(cache, keep=final)
     return _FETCHED[uri]
 
 

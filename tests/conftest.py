@@ -73,6 +73,7 @@ def mlflow_root(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOPLE_ROOT", str(tmp_path / "root"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("ANOPLE_ARTIFACT_ROOT", raising=False)
+    monkeypatch.setenv("ANOPLE_MODEL_CACHE", str(tmp_path / "model-cache"))  # fetched versions, never in /tmp
     return tmp_path / "root"
 
 

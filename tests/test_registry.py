@@ -1,3 +1,6 @@
+import os
+import time
+
 import pytest
 
 from jobs import promote as promote_job
@@ -63,3 +66,38 @@ def test_a_model_behind_the_tracking_server_is_fetched_by_each_process_not_hande
         f"{local}/artifacts/anople/model.json").read()
     assert registry.materialize(remote) == local  # once per process
     assert registry.materialize("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_fetched_versions_are_cached_once_per_node_and_the_cache_stays_bounded(mlflow_root, tmp_path, monkeypatch):
+    """Every scoring actor of every night fetches its model: before, each fetch left its own copy in the temp
+    folder for good (a node filled its disk night after night). Now a node keeps one copy per version, shared
+    by its processes; versions unused for a week go; a fetch that dies leaves no version folder behind."""
+    mv = _register("line8", "hub", tmp_path)
+    cache = tmp_path / "model-cache"
+    pinned = f"models:/{mv.name}/{mv.version}"
+    first = registry.materialize(pinned)
+    monkeypatch.setattr(registry, "_FETCHED", {})  # as a new process (another actor, the next night) sees it
+    assert registry.materialize(pinned) == first and first.startswith(str(cache))
+    (entry,) = cache.iterdir()  # one copy, no partial download left
+    assert first.startswith(str(entry))
+    assert open(f"{first}/artifacts/anople/model.json").read() == (tmp_path / "art-hub" / "model.json").read_text()
+
+    stale = cache / "0123456789abcdef01234567"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 8 * 86400,) * 2)
+    monkeypatch.setattr(registry, "_FETCHED", {})
+    registry.materialize(pinned)
+    assert not stale.exists() and os.path.isdir(first)  # the one in use is kept
+
+    # a moving reference is never cached: tomorrow's alias may name another version
+    moving = registry.materialize(f"models:/{mv.name}@candidate")
+    assert not moving.startswith(str(cache)) and os.path.isfile(f"{moving}/artifacts/anople/model.json")
+
+    def dies(artifact_uri, dst_path):
+        open(os.path.join(dst_path, "half"), "w").close()
+        raise OSError("connection reset")
+    monkeypatch.setattr(registry, "_FETCHED", {})
+    monkeypatch.setattr(registry.connect().artifacts, "download_artifacts", dies)
+    with pytest.raises(OSError, match="connection reset"):
+        registry.materialize(f"models:/{mv.name}/999")
+    assert list(cache.iterdir()) == [entry]
