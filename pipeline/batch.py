@@ -24,6 +24,7 @@ import pyarrow as pa
 import ray.data
 import ray.exceptions
 import torch
+from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
 from ray.data.expressions import col
 
 from pipeline import archive, artifact, storage
@@ -225,6 +226,44 @@ def footer_readers(n_files: int):
         os.environ.pop(FOOTER_ENV, None)
 
 
+# Ray Data fills a map task's output block up to DataContext.target_max_block_size (128 MB by default) before
+# handing it on: ~28 decoded batches of 32 at 224 px held in every decode worker (measured: 23 arrays of 4.6 MB
+# in its private memory at the peak), and the actor's first batch waits for them. Decoded blocks of a couple of
+# the actor's batches keep that buffer small and the actors fed from the first batches.
+DECODED_BATCHES_PER_BLOCK = 2
+
+
+def decoded_block_bytes(batch_size: int, image_size: int, with_masks: bool) -> int:
+    """Target bytes of a decoded block: DECODED_BATCHES_PER_BLOCK actor batches of uint8 [3, S, S] pixels (+ an
+    [S, S] bool mask each when evaluating), never above Ray's default."""
+    row = 3 * image_size ** 2 + (image_size ** 2 if with_masks else 0)
+    return min(DEFAULT_TARGET_MAX_BLOCK_SIZE, DECODED_BATCHES_PER_BLOCK * max(1, batch_size) * row)
+
+
+@contextlib.contextmanager
+def block_target(nbytes: int):
+    """Datasets created inside get `nbytes` as their target block size (a Dataset keeps a copy of the context
+    current when its source was created, and every dataset derived from it shares that copy)."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.target_max_block_size = ctx.target_max_block_size, nbytes
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = before
+
+
+def decoded_rows(archive_uri: str, deployment: str, date: str | None, products: list[str], image_size: int, *,
+                 split: str | None = None, image_ids: tuple[str, ...] | None = None, with_masks: bool = False,
+                 duplicates: frozenset = frozenset(), batch_size: int = 16):
+    """The rows of `products` as a Dataset of model-ready uint8 pixels (decoding.decode_batch in CPU tasks),
+    in blocks of a few `batch_size` batches."""
+    cols = ["image_id", "product", "source_uri", "image"] + (list(EVAL_COLUMNS) if with_masks else [])
+    with block_target(decoded_block_bytes(batch_size, image_size, with_masks)):
+        rows = read_rows(archive_uri, deployment, date, cols, archive.Rows(split, tuple(products), image_ids=image_ids))
+    return rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size, max_retries=TASK_RETRIES,
+                            fn_kwargs={"image_size": image_size, "with_masks": with_masks, "duplicates": duplicates})
+
+
 def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list[str], rows: archive.Rows):
     """The partition's shards as a Ray Dataset of `columns`, filtered by `rows` at read time."""
     fs, paths = archive.shard_paths(archive_uri, deployment, date)
@@ -259,7 +298,6 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     present = set(index["product"].to_pylist())
     # an image_id is unique within a night; across dates (an evaluation of every date) it may recur
     duplicates = archive.repeated(index["image_id"]) if date is not None else frozenset()
-    eval_cols = list(EVAL_COLUMNS) if with_masks else []
     branches = []
     if only is None and any(p not in spec.products for p in present):
         cols = ["image_id", "product", "source_uri"] + (["label"] if with_masks else [])
@@ -272,11 +310,8 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
             products = [p for p in products if p in only]
         if not any(p in present for p in products):
             continue  # no rows tonight for this shard: start no actor for it
-        rows = read_rows(archive_uri, deployment, date, ["image_id", "product", "source_uri", "image"] + eval_cols,
-                         archive.Rows(split, tuple(products), image_ids=image_ids))
-        decoded = rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size, max_retries=TASK_RETRIES,
-                                   fn_kwargs={"image_size": spec.image_size, "with_masks": with_masks,
-                                              "duplicates": duplicates})
+        decoded = decoded_rows(archive_uri, deployment, date, products, spec.image_size, split=split,
+                               image_ids=image_ids, with_masks=with_masks, duplicates=duplicates, batch_size=batch_size)
         # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score
         scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,

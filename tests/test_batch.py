@@ -86,3 +86,31 @@ def test_the_footer_reader_pool_is_sized_to_the_shards_and_an_operators_setting_
     with footer_readers(3):
         assert os.environ[FOOTER_ENV] == "7"
     assert os.environ[FOOTER_ENV] == "7"
+
+
+def test_decoded_rows_come_in_blocks_of_a_few_actor_batches_not_of_rays_128_mb(ray_local, tmp_path):
+    """Ray Data fills a task's output block up to 128 MB before handing it on: every decode worker held ~28
+    decoded batches (at 224 px) and the actors waited for them. Decoded blocks are now a couple of batches;
+    every row still arrives once, and the driver's Ray Data settings are left as they were."""
+    import datetime as dt
+    import io
+
+    import ray.data
+
+    from pipeline import archive
+    from pipeline.batch import DECODED_BATCHES_PER_BLOCK, decoded_rows
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 40, 3), 128, np.uint8)).save(buf, format="JPEG")
+    w = archive.ShardWriter(str(tmp_path / "archive"), "d", "2026-11-22")
+    for i in range(60):
+        w.write({"image_id": f"p/{i:03d}", "product": "p", "captured_at": dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc),
+                 "image": buf.getvalue(), "split": "test", "label": None, "mask": None, "defect": None,
+                 "source_uri": None})
+    w.close()
+    before = ray.data.DataContext.get_current().target_max_block_size
+    ds = decoded_rows(str(tmp_path / "archive"), "d", "2026-11-22", ["p"], image_size=32, batch_size=4)
+    assert ray.data.DataContext.get_current().target_max_block_size == before
+    sizes = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
+    # a block closes once it is over its target: one batch past DECODED_BATCHES_PER_BLOCK batches at most
+    assert DECODED_BATCHES_PER_BLOCK <= 4 and sum(sizes) == 60 and max(sizes) <= 4 * 5, sizes
