@@ -7,17 +7,24 @@
 # Needs the project installed with its GPU extra (pip install -e '.[gpu]'). On the lent device machine, pack
 # Ray here first (../shared/device/pack-ray.sh), carry .gpu, and this script unpacks it. Random-init weights:
 # timings are real, scores meaningless (the output says so).
+# A smoke run of the same commands on a CPU machine, to check the plumbing (not a measurement):
+#   ALLOW_CPU=1 BACKBONE=ViT-S-16 SIZE=256 BATCH=32 EPOCHS=1 PRODUCTS=2 infra/benchmarks/gpu-bench.sh 96 /tmp/smoke
 set -euo pipefail
 images=${1:-20000}
 out=${2:-gpu-bench-out}
+backbone=${BACKBONE:-ViT-B-16-plus-240} size=${SIZE:-1024} batch=${BATCH:-256}
+epochs=${EPOCHS:-100} products=${PRODUCTS:-15}
 mkdir -p "$out"
 if [ -f .gpu/unpack-ray.sh ]; then source .gpu/unpack-ray.sh; fi
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'; print(torch.cuda.get_device_name())"
+python -c "import torch, os; assert torch.cuda.is_available() or os.environ.get('ALLOW_CPU'), 'no CUDA GPU here'
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU ONLY: a smoke run, not a measurement')"
 export HF_HUB_OFFLINE=1 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 5 > "$out/gpu-utilisation.csv" &
-smi=$!
-trap 'kill $smi 2>/dev/null || true' EXIT
-python -m jobs.night_bench --images "$images" --scale 0 --size 1024 --format jpeg --backbone ViT-B-16-plus-240 \
-  --batch-size 256 --json "$out/night.json" 2>&1 | tee "$out/night.log"
-python -m jobs.throughput --products 15 --shots 4 --epochs 100 --night 20 --backbone ViT-B-16-plus-240 \
-  --batch-size 256 2>&1 | tee "$out/fit-15x4.log"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 5 > "$out/gpu-utilisation.csv" &
+  smi=$!
+  trap 'kill $smi 2>/dev/null || true' EXIT
+fi
+python -m jobs.night_bench --images "$images" --scale 0 --size "$size" --format jpeg --backbone "$backbone" \
+  --batch-size "$batch" --json "$out/night.json" 2>&1 | tee "$out/night.log"
+python -m jobs.throughput --products "$products" --shots 4 --epochs "$epochs" --night 20 --backbone "$backbone" \
+  --batch-size "$batch" 2>&1 | tee "$out/fit-${products}x4.log"
