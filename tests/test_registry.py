@@ -101,3 +101,42 @@ def test_fetched_versions_are_cached_once_per_node_and_the_cache_stays_bounded(m
     with pytest.raises(OSError, match="connection reset"):
         registry.materialize(f"models:/{mv.name}/999")
     assert list(cache.iterdir()) == [entry]
+
+
+def _materialize_in_a_new_process(uri):
+    from pipeline import registry as reg
+    path = reg.materialize(uri)
+    return path, open(f"{path}/artifacts/anople/model.json").read()
+
+
+def test_processes_fetching_the_same_version_at_once_share_one_whole_copy(mlflow_root, tmp_path):
+    """A night's actors start together on a node: each may fetch before any has finished; the first rename
+    wins, the others keep its copy and leave no partial folder behind."""
+    import concurrent.futures
+    import multiprocessing
+
+    mv = _register("line6", "hub", tmp_path)
+    uri = f"models:/{mv.name}/{mv.version}"
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = list(pool.map(_materialize_in_a_new_process, [uri] * 3))
+    assert len({path for path, _ in got}) == 1 and all(text == "{}" for _, text in got)
+    assert len(list((tmp_path / "model-cache").iterdir())) == 1
+
+
+def test_a_fetch_that_loses_the_race_to_another_process_keeps_the_winners_copy(mlflow_root, tmp_path, monkeypatch):
+    mv = _register("line5", "hub", tmp_path)
+    uri = f"models:/{mv.name}/{mv.version}"
+    real = registry.connect().artifacts.download_artifacts
+    winner, raced = [], []
+
+    def another_process_finishes_first(artifact_uri, dst_path):
+        out = real(artifact_uri=artifact_uri, dst_path=dst_path)
+        if not raced:  # while this fetch is still unrenamed, another process fetches and renames its own
+            raced.append(True)
+            with monkeypatch.context() as m:
+                m.setattr(registry, "_FETCHED", {})
+                winner.append(registry.materialize(uri))
+        return out
+    monkeypatch.setattr(registry.connect().artifacts, "download_artifacts", another_process_finishes_first)
+    assert registry.materialize(uri) == winner[0]
+    assert len(list((tmp_path / "model-cache").iterdir())) == 1  # the loser's partial folder is gone
