@@ -217,6 +217,21 @@ def _prune_cache(cache: str, keep: str) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)  # a concurrent pruner may have taken it first
 
 
+def _fetch_into(cache: str, final: str, uri: str) -> None:
+    """Download `uri` into a partial folder of the cache and rename it to `final` when whole."""
+    partial = tempfile.mkdtemp(prefix=".partial-", dir=cache)
+    try:
+        fetched = connect().artifacts.download_artifacts(artifact_uri=uri, dst_path=partial)
+        with open(os.path.join(partial, "source.json"), "w") as f:  # what this folder is, for whoever looks
+            json.dump({"uri": uri, "tracking_uri": tracking_uri(), "path": os.path.relpath(fetched, partial)}, f)
+        os.rename(partial, final)  # atomic; fails if another process got there first, and theirs is as good
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def materialize(uri: str) -> str:
     """A model folder the storage layer reads: a storage URI as is; a tracking-server URI fetched into this
     node's model cache once (every actor and every night on the node reuses it; a fetch that dies leaves only a
@@ -236,21 +251,17 @@ def materialize(uri: str) -> str:
     # one folder per (tracking server, URI): artifact URIs of registered versions are never rewritten
     key = hashlib.sha256(f"{tracking_uri()}\n{uri}".encode()).hexdigest()[:24]
     final = os.path.join(cache, key)
-    if not os.path.isdir(final):
-        partial = tempfile.mkdtemp(prefix=".partial-", dir=cache)
+    for attempt in (1, 2):
+        if not os.path.isdir(final):
+            _fetch_into(cache, final, uri)
         try:
-            fetched = connect().artifacts.download_artifacts(artifact_uri=uri, dst_path=partial)
-            with open(os.path.join(partial, "source.json"), "w") as f:  # what this folder is, for whoever looks
-                json.dump({"uri": uri, "tracking_uri": tracking_uri(), "path": os.path.relpath(fetched, partial)}, f)
-            os.rename(partial, final)  # atomic; fails if another process got there first, and theirs is as good
-        except OSError:
-            if not os.path.isdir(final):
+            os.utime(final)  # in use: the pruner keeps it
+            with open(os.path.join(final, "source.json")) as f:
+                _FETCHED[uri] = os.path.normpath(os.path.join(final, json.load(f)["path"]))
+            break
+        except FileNotFoundError:  # another process pruned it between the check and the touch: fetch again
+            if attempt == 2:
                 raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-    os.utime(final)  # in use: the pruner keeps it
-    with open(os.path.join(final, "source.json")) as f:
-        _FETCHED[uri] = os.path.normpath(os.path.join(final, json.load(f)["path"]))
     _prune_cache(cache, keep=final)
     return _FETCHED[uri]
 

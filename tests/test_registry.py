@@ -1,4 +1,5 @@
 import os
+import shutil
 import time
 
 import pytest
@@ -140,3 +141,21 @@ def test_a_fetch_that_loses_the_race_to_another_process_keeps_the_winners_copy(m
     monkeypatch.setattr(registry.connect().artifacts, "download_artifacts", another_process_finishes_first)
     assert registry.materialize(uri) == winner[0]
     assert len(list((tmp_path / "model-cache").iterdir())) == 1  # the loser's partial folder is gone
+
+
+def test_a_version_pruned_by_another_process_between_check_and_use_is_fetched_again(mlflow_root, tmp_path,
+                                                                                    monkeypatch):
+    mv = _register("line4", "hub", tmp_path)
+    uri = f"models:/{mv.name}/{mv.version}"
+    first = registry.materialize(uri)
+    monkeypatch.setattr(registry, "_FETCHED", {})
+    real_utime, pruned = os.utime, []
+
+    def pruned_first(path, *args, **kwargs):  # another node-mate's pruner takes the folder just before the touch
+        if not pruned:
+            pruned.append(path)
+            shutil.rmtree(path)
+        return real_utime(path, *args, **kwargs)
+    monkeypatch.setattr(registry.os, "utime", pruned_first)
+    again = registry.materialize(uri)
+    assert pruned and again == first and os.path.isfile(f"{again}/artifacts/anople/model.json")
