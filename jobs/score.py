@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
                          "input size; decode: anomaly = v / 65535 * heatmap_scale, bilinear to the row's height x width)")
     ap.add_argument("--heatmap-full-res", action="store_true",
                     help="store each heatmap at its image's full resolution (slow and large at archive scale)")
+    ap.add_argument("--decode", choices=("auto", "cpu", "device"), default="auto",
+                    help="where JPEGs are decoded: cpu (Ray CPU tasks, reduced-size JPEG decode), device (the scoring "
+                         "actors: nvJPEG on a GPU; other formats stay on the CPU), auto (device on GPU actors, else cpu)")
     return ap
 
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
                     args.bank_budget_mb, args.actors_per_shard, args.batch_size, args.max_error_rate,
-                    heatmap_side=args.heatmap_side, heatmap_full_res=args.heatmap_full_res)
+                    heatmap_side=args.heatmap_side, heatmap_full_res=args.heatmap_full_res, decode=args.decode)
     if s["random_weights"]:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"scored {s['rows_out']} of {s['rows_in']} rows with model version {s['model_version']} "

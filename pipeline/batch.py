@@ -30,6 +30,7 @@ from ray.data.expressions import col
 from pipeline import archive, artifact, storage
 from pipeline.nights import heatmap_key
 from pipeline.decoding import decode_batch, labels
+from pipeline.device_decode import DeviceDecoder, raw_pixels
 from pipeline.heap import keep_large_blocks_on_heap, release_freed_memory
 from pipeline.images import encode_heatmap, heatmap_scale
 from pipeline.scorer import Scorer
@@ -130,11 +131,32 @@ class ScoreActor:
         self.scorer = Scorer.load(artifact_uri, products)
         self.info, self.heatmaps, self.fault = info, heatmaps, fault
         self.batches = 0
+        self.decoder = None  # device_decode.DeviceDecoder, made on the first JPEG bytes that reach the actor
         if self.scorer.device == "cpu":
             # Ray pins a num_cpus=1 actor's torch to one thread (OMP_NUM_THREADS=1), yet on a CPU node the
             # forward is ~90% of the work (decode ~5 ms, forward ~100+ ms an image): the actor takes its share
             # of the node's cores (`cpu_share` actors per node), the decode tasks interleave
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, cpu_share)))
+
+    def _device_pixels(self, batch: dict, todo: list[int], status: list, error: list) -> torch.Tensor:
+        """The model's uint8 input [n, 3, S, S] on this actor's device from decode_batch(on_device=True) rows:
+        `raw` pixels the CPU decoded, `jpeg` bytes decoded here (device_decode); a JPEG nothing can decode
+        turns its row into an error row."""
+        S, dev = self.scorer.model.image_size, self.scorer.device
+        x = torch.zeros(len(batch["image_id"]), 3, S, S, dtype=torch.uint8, device=dev)
+        raw = [i for i in todo if len(batch["raw"][i])]
+        if raw:
+            x[raw] = torch.from_numpy(raw_pixels([batch["raw"][i] for i in raw], S)).to(dev)
+        rows = [i for i in todo if len(batch["jpeg"][i])]
+        if rows:
+            if self.decoder is None:
+                self.decoder = DeviceDecoder(S, dev)
+            x[rows], errors = self.decoder([batch["jpeg"][i] for i in rows], [int(batch["orientation"][i]) for i in rows],
+                                           [(int(batch["height"][i]), int(batch["width"][i])) for i in rows])
+            for i, e in zip(rows, errors):
+                if e is not None:
+                    status[i], error[i] = "error", e
+        return x
 
     def _score_rows(self, pixels, products, image_ids):
         try:
@@ -161,7 +183,9 @@ class ScoreActor:
         n, S = len(products), self.scorer.model.image_size
         status, error = list(batch["status"]), list(batch["error"])  # decode errors pass straight through
         todo = [i for i in range(n) if status[i] == "ok"]
-        results = dict(zip(todo, self._score_rows(batch["pixels"][todo], [products[i] for i in todo],
+        pixels = batch["pixels"] if "pixels" in batch else self._device_pixels(batch, todo, status, error)
+        todo = [i for i in todo if status[i] == "ok"]
+        results = dict(zip(todo, self._score_rows(pixels[todo], [products[i] for i in todo],
                                                   [str(batch["image_id"][i]) for i in todo]))) if todo else {}
         score = np.full(n, np.nan)
         maps = np.zeros((n, S, S), dtype=np.float32)  # float32: the heatmap PNG gets 16 bits of it
@@ -254,14 +278,15 @@ def block_target(nbytes: int):
 
 def decoded_rows(archive_uri: str, deployment: str, date: str | None, products: list[str], image_size: int, *,
                  split: str | None = None, image_ids: tuple[str, ...] | None = None, with_masks: bool = False,
-                 duplicates: frozenset = frozenset(), batch_size: int = 16):
+                 duplicates: frozenset = frozenset(), batch_size: int = 16, on_device: bool = False):
     """The rows of `products` as a Dataset of model-ready uint8 pixels (decoding.decode_batch in CPU tasks),
-    in blocks of a few `batch_size` batches."""
+    in blocks of a few `batch_size` batches; with `on_device`, JPEGs the actor decodes stay bytes."""
     cols = ["image_id", "product", "source_uri", "image"] + (list(EVAL_COLUMNS) if with_masks else [])
     with block_target(decoded_block_bytes(batch_size, image_size, with_masks)):
         rows = read_rows(archive_uri, deployment, date, cols, archive.Rows(split, tuple(products), image_ids=image_ids))
     return rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size, max_retries=TASK_RETRIES,
-                            fn_kwargs={"image_size": image_size, "with_masks": with_masks, "duplicates": duplicates})
+                            fn_kwargs={"image_size": image_size, "with_masks": with_masks, "duplicates": duplicates,
+                                       "on_device": on_device})
 
 
 def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list[str], rows: archive.Rows):
@@ -281,11 +306,13 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
                     heatmaps: HeatmapTarget | None = None, with_masks: bool = False, only: list[str] | None = None,
                     image_ids: tuple[str, ...] | None = None, budget_mb: float | None = None,
                     actors_per_shard: int = 1, batch_size: int = 16, use_gpu: bool = False,
-                    actor_restarts: int = ACTOR_RESTARTS, fault: InjectedFault | None = None) -> list:
+                    actor_restarts: int = ACTOR_RESTARTS, fault: InjectedFault | None = None,
+                    decode_on_device: bool = False) -> list:
     """Archive rows -> Datasets of scored rows: one for the rows of unknown products (error rows), then
     one per bank shard. With `heatmaps` the maps are written and dropped (the score table's rows); without,
     each row keeps its map (and with `with_masks` its mask and label) for the metrics. `only` scores just
-    those products (e.g. the unseen one of leave-one-product-out), `image_ids` just those rows.
+    those products (e.g. the unseen one of leave-one-product-out), `image_ids` just those rows. With
+    `decode_on_device` the actors decode the JPEGs they can (device_decode), the CPU tasks the rest.
 
     Each bank shard reads only its products' rows, decodes them in CPU tasks and scores them in its own
     actor pool. Callers run the datasets one after another: run together, N shards' pools would need N
@@ -311,7 +338,8 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
         if not any(p in present for p in products):
             continue  # no rows tonight for this shard: start no actor for it
         decoded = decoded_rows(archive_uri, deployment, date, products, spec.image_size, split=split,
-                               image_ids=image_ids, with_masks=with_masks, duplicates=duplicates, batch_size=batch_size)
+                               image_ids=image_ids, with_masks=with_masks, duplicates=duplicates, batch_size=batch_size,
+                               on_device=decode_on_device)
         # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score
         scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,

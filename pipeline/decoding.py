@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.heap import release_freed_memory
-from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, resize_mask, to_model_pixels
+from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, device_jpeg, resize_mask, to_model_pixels
 
 
 def labels(values) -> np.ndarray:
@@ -17,13 +17,19 @@ def labels(values) -> np.ndarray:
                     dtype=np.int8)
 
 
-def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: frozenset = frozenset()) -> dict:
+def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: frozenset = frozenset(),
+                 on_device: bool = False) -> dict:
     """CPU task: image bytes -> model input as uint8 (normalised on the actor's device: a quarter of the bytes
     through the object store). Failures become status/error, never exceptions. A row without
     an image_id, or with one that other rows of the night carry too (`duplicates`), is an error row: its
-    score and heatmap could not be told apart from theirs."""
+    score and heatmap could not be told apart from theirs.
+
+    With `on_device` the JPEGs the scoring actor can decode itself (images.device_jpeg) are passed on as
+    their bytes, checked from the header only: columns `jpeg` (the bytes), `orientation` (EXIF) and `raw`
+    (uint8 [3, S, S] bytes of the rows decoded here) replace `pixels`; each ok row fills one of the two."""
     n = len(batch["image_id"])
     pixels = np.zeros((n, 3, image_size, image_size), dtype=np.uint8)
+    jpeg, orientation = [b""] * n, np.zeros(n, dtype=np.int8)
     hw = np.zeros((n, 2), dtype=np.int32)
     status, error = ["ok"] * n, [""] * n
     masks = np.zeros((n, image_size, image_size), dtype=bool) if with_masks else None
@@ -37,9 +43,13 @@ def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: fro
                                             "none of them is scored (fix the archive)")
             continue
         try:
-            rgb, size = decode_scaled(batch["image"][i], image_size)  # full size, display orientation
+            on_actor = device_jpeg(batch["image"][i]) if on_device else None
+            if on_actor is not None:
+                (orientation[i], size), jpeg[i] = on_actor, batch["image"][i]
+            else:
+                rgb, size = decode_scaled(batch["image"][i], image_size)  # full size, display orientation
+                pixels[i] = to_model_pixels(rgb, image_size)
             hw[i] = size
-            pixels[i] = to_model_pixels(rgb, image_size)
             if with_masks:
                 m = batch["mask"][i]
                 full = decode_mask(m if m is not None else None, size)
@@ -48,7 +58,13 @@ def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: fro
                 masks[i] = resize_mask(full, image_size)
         except Exception as e:  # decode_image already words its own errors; anything else is reported as is
             status[i], error[i] = "error", str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
-    out = {"image_id": batch["image_id"], "product": batch["product"], "pixels": pixels,
+    if on_device:
+        ok = [status[i] == "ok" and not jpeg[i] for i in range(n)]
+        images = {"jpeg": np.array(jpeg, dtype=object), "orientation": orientation,
+                  "raw": np.array([pixels[i].tobytes() if ok[i] else b"" for i in range(n)], dtype=object)}
+    else:
+        images = {"pixels": pixels}
+    out = {"image_id": batch["image_id"], "product": batch["product"], **images,
            "source_uri": batch["source_uri"] if "source_uri" in batch else np.full(n, None, dtype=object),
            "height": hw[:, 0], "width": hw[:, 1], "status": np.array(status), "error": np.array(error)}
     if with_masks:

@@ -77,6 +77,34 @@ def decode_scaled(data: bytes | None, side: int | None = None) -> tuple[np.ndarr
     return rgb, (h, w)
 
 
+# The largest JPEG the scoring actor decodes on its device (full size there: nvJPEG has no DCT-domain downscale):
+# 25 MP is 75 MB of RGB on the GPU. Larger ones take the CPU's reduced decode (Image.draft), bounded by `side`.
+DEVICE_DECODE_MAX_PIXELS = 5000 * 5000
+
+
+def device_jpeg(data: bytes | None) -> tuple[int, tuple[int, int]] | None:
+    """Whether the scoring actor can decode these bytes on its device (decoding.decode_batch's `on_device`):
+    (EXIF orientation, (H, W) in display orientation) for a complete baseline JPEG, RGB or grayscale, of at most
+    DEVICE_DECODE_MAX_PIXELS; None for anything else, which the CPU decodes as always (PNG, TIFF..., CMYK and
+    progressive JPEGs, huge ones, and bytes that do not end in the JPEG end marker: a truncated file must stay an
+    error, never half an image, whatever a device decoder would make of it). Reads the header only."""
+    if not data or data[:3] != b"\xff\xd8\xff" or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.info.get("progressive") \
+                    or img.info.get("progression"):
+                return None
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # whatever PIL cannot even parse, the CPU decode reports in its own words
+        return None
+    if w * h > DEVICE_DECODE_MAX_PIXELS or min(w, h) < 2:
+        return None
+    orientation = orientation if orientation in range(1, 9) else 1  # as ImageOps.exif_transpose: unknown -> none
+    return orientation, ((w, h) if orientation in _TRANSPOSED else (h, w))
+
+
 def decode_image(data: bytes | None) -> np.ndarray:
     """Encoded bytes -> uint8 RGB [H, W, 3] at full resolution, in display orientation."""
     return decode_scaled(data)[0]

@@ -40,15 +40,17 @@ def _normalizer(device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def model_input(pixels: np.ndarray, device: str) -> torch.Tensor:
+def model_input(pixels: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
     """[B, 3, S, S] pixels -> float32 model input on `device`. uint8 pixels (images.to_model_pixels, what decode
-    tasks send) are moved as bytes and normalised there, as images.normalize does; float32 ones are taken
-    as already normalised (images.to_model_input)."""
-    if pixels.dtype == np.uint8:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True).float() / 255.0
+    tasks send, or a tensor the actor decoded on its device: device_decode) are moved as bytes and normalised
+    there, as images.normalize does; float32 ones are taken as already normalised (images.to_model_input)."""
+    if not isinstance(pixels, torch.Tensor):
+        pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=None if pixels.dtype == np.uint8 else np.float32))
+    if pixels.dtype == torch.uint8:
+        x = pixels.to(device, non_blocking=True).float() / 255.0
         mean, std = _normalizer(device)
         return (x - mean) / std  # [B, 3, S, S]
-    return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
+    return pixels.to(device, torch.float32)
 
 
 @torch.inference_mode()
@@ -164,7 +166,7 @@ class Scorer:
         return encode(self.model, pixels, self.device)
 
     @torch.inference_mode()
-    def score(self, pixels: np.ndarray, products: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, pixels: np.ndarray | torch.Tensor, products: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """-> scores [B] and maps [B, S, S] (float32). Every product must have a bank here."""
         missing = sorted({p for p in products if p not in self.banks})
         if missing:

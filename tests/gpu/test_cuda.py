@@ -74,3 +74,34 @@ def test_mixed_precision_prompt_training_on_gpu_moves_prompts_and_keeps_them_flo
     after = model.prompt_state()
     assert all(t.dtype == torch.float32 for t in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nvjpeg_decode_on_the_gpu_gives_the_cpu_decoders_pixels():
+    """The scoring actor's device decode (device_decode) on CUDA, batched, sizes and EXIF orientations mixed,
+    against the same code on the CPU (libjpeg) and against PIL's path (what CPU decode tasks send)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.device_decode import DeviceDecoder
+    from pipeline.images import decode_scaled, device_jpeg, to_model_pixels
+
+    rng = np.random.default_rng(2)
+    data = []
+    for k, (h, w) in enumerate([(1024, 1024), (1024, 1024), (600, 800), (1024, 1024), (480, 640)]):
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        a = np.stack([120 + 80 * np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in range(3)], -1).astype(np.uint8)
+        a[rng.integers(0, h // 2):, rng.integers(0, w // 2):][:40, :40] = 250
+        im, buf = Image.fromarray(a), io.BytesIO()
+        exif = im.getexif()
+        exif[0x0112] = (1, 6, 3, 8, 1)[k]
+        im.save(buf, format="JPEG", quality=90, exif=exif)
+        data.append(buf.getvalue())
+    info = [device_jpeg(d) for d in data]
+    args = ([o for o, _ in info], [s for _, s in info])
+    gpu, gerr = DeviceDecoder(240, "cuda")(data, *args)
+    cpu, cerr = DeviceDecoder(240, "cpu")(data, *args)
+    assert gerr == cerr == [None] * len(data) and gpu.device.type == "cuda"
+    assert (gpu.cpu().int() - cpu.int()).abs().float().mean() < 1.5  # nvJPEG's IDCT vs libjpeg's
+    pil = np.stack([to_model_pixels(decode_scaled(d, 240)[0], 240) for d in data])
+    assert np.abs(gpu.cpu().numpy().astype(int) - pil.astype(int)).mean() < 3

@@ -217,3 +217,79 @@ def test_evaluation_with_an_unusable_mask_exits_non_zero_and_marks_nothing(plant
     err = capsys.readouterr().err
     assert "could not be used" in err and "tile/test/hole/000: mask shape (32, 32) differs from image (64, 64)" in err
     assert registry.evaluation_of(registry.get_version("an", alias="production")) is None
+
+
+JPEGS = "2026-11-24"
+
+
+def _jpeg_night(arch):
+    """A night as a plant's cameras write it (JPEG, some rotated by EXIF) with what else arrives: a PNG, a CMYK
+    JPEG, a truncated JPEG, bytes that are no image."""
+    import datetime as dt
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import archive
+    from pipeline.synthetic import add_defect, normal_image
+
+    rng = np.random.default_rng(3)
+
+    def enc(a, fmt="JPEG", orientation=None, mode=None):
+        im = Image.fromarray(a) if mode is None else Image.fromarray(a).convert(mode)
+        buf, kw = io.BytesIO(), {"quality": 92} if fmt == "JPEG" else {}
+        if orientation:
+            exif = im.getexif()
+            exif[0x0112] = orientation
+            kw["exif"] = exif
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    rows = {}
+    for k in range(6):  # larger than the model's input (64): both paths resize, each its own way
+        p = ("tile", "washer")[k % 2]
+        img = normal_image(p, 160, rng)
+        if k % 3 == 2:
+            img, _ = add_defect(img, "scratch", rng)
+        rows[f"{p}/jpeg-{k}"] = (p, enc(img, orientation=(None, 6, 3)[k % 3]))
+    img = normal_image("tile", 160, rng)
+    rows.update({"tile/png": ("tile", enc(img, "PNG")), "tile/cmyk": ("tile", enc(img, mode="CMYK")),
+                 "tile/truncated": ("tile", enc(img)[:400]), "washer/not-an-image": ("washer", b"GIF89a nothing")})
+    w = archive.ShardWriter(arch, "an", JPEGS)
+    for image_id, (p, data) in rows.items():
+        w.write({"image_id": image_id, "product": p, "captured_at": dt.datetime(2026, 11, 24, tzinfo=dt.timezone.utc),
+                 "image": data, "split": "test", "label": None, "mask": None, "defect": None, "source_uri": None})
+    w.close()
+    return sorted(rows)
+
+
+def test_jpegs_decoded_on_the_scoring_actor_score_as_the_cpu_tasks_decode_them(plant):
+    """--decode device (nvJPEG on a GPU; the same code on libjpeg here): every row once, the same statuses as
+    the CPU tasks' decode, scores within the resampling difference, heatmaps written."""
+    from pipeline.runs import score_night
+
+    ids = _jpeg_night(plant["arch"])
+    nights_ = {}
+    for decode in ("cpu", "device"):
+        out = os.path.join(plant["root"], f"out-{decode}")
+        s = score_night("an", plant["arch"], JPEGS, out, decode=decode, max_error_rate=0.5)
+        assert registry.client().get_run(s["run_id"]).data.params["decode"] == decode
+        fs, path = storage.arrow_filesystem(nights.night_uri(out, "an", JPEGS))
+        t = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+            columns=["image_id", "score", "status", "error", "height", "width", "heatmap_uri"]).to_pylist()
+        nights_[decode] = {r["image_id"]: r for r in t}
+        assert sorted(nights_[decode]) == ids and s["rows_out"] == len(ids)
+    cpu, dev = nights_["cpu"], nights_["device"]
+    for i in ids:
+        assert (dev[i]["status"], dev[i]["height"], dev[i]["width"]) == (cpu[i]["status"], cpu[i]["height"],
+                                                                           cpu[i]["width"]), i
+        assert dev[i]["error"].split(" at 0x")[0] == cpu[i]["error"].split(" at 0x")[0], i
+    ok = [i for i in ids if cpu[i]["status"] == "ok"]
+    assert sorted(set(ids) - set(ok)) == ["tile/truncated", "washer/not-an-image"]
+    for i in ok:  # resampled a little differently (full decode + torch's antialiased bicubic vs PIL's draft)
+        assert abs(dev[i]["score"] - cpu[i]["score"]) <= 0.05 * abs(cpu[i]["score"]) + 1e-6, (i, dev[i], cpu[i])
+        assert storage.exists(dev[i]["heatmap_uri"])
+    # the JPEGs took the other path (their pixels differ a little), the PNG and the CMYK JPEG the same one
+    assert all(dev[i]["score"] != cpu[i]["score"] for i in ok if "/jpeg-" in i)
+    assert dev["tile/png"]["score"] == cpu["tile/png"]["score"] and dev["tile/cmyk"]["score"] == cpu["tile/cmyk"]["score"]
