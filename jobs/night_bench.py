@@ -14,7 +14,9 @@ process tree (driver, raylet, decode tasks and scoring actors): RSS and PSS. Pri
     machine's speed drifts between minutes), and each night's steady state / the mean of the two;
   - peak RSS (and PSS) of the job at N and at --scale x N images, and their ratio (memory must stay flat);
   - the cores each kind of process kept busy in the steady state, and RSS by process at the peak;
-  - with --heap-ab K, the first night scored K more times under each heap policy (pipeline.heap), interleaved.
+  - with --heap-ab K, the first night scored K more times under each heap policy (pipeline.heap), interleaved;
+  - with --decode-ab K, the first night scored K more times with JPEGs decoded by the CPU tasks and by the
+    scoring actor (jobs.score --decode cpu / device: nvJPEG on a GPU), interleaved.
 The backbone defaults to random init (no hub here), and the output says so.
 """
 from __future__ import annotations
@@ -260,7 +262,9 @@ class BareForward:
 def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, batch: int, heatmap_side: int | None,
                   full_res: bool, workdir: str) -> dict:
     """Seconds per image of each stage of the scoring path, one process, on `sample` rows of the night; heatmaps
-    stored as the job stores them (long side `heatmap_side`, default the model's input size, or full_res)."""
+    stored as the job stores them (long side `heatmap_side`, default the model's input size, or full_res).
+    Decode is timed both ways: "decode" as the CPU tasks do it (PIL, reduced-size JPEG decode), "device decode"
+    as the scoring actor does it with --decode device (device_decode: nvJPEG on a GPU, in batches)."""
     import torch
 
     from pipeline import archive, registry, storage
@@ -281,6 +285,7 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
     decoded = [decode_scaled(r["image"], S) for r in rows]
     pixels = np.stack([to_model_pixels(rgb, S) for rgb, _ in decoded])  # uint8, as decode tasks send
     t["decode"] = (time.perf_counter() - t0) / len(rows)
+    t["device decode"] = device_decode_seconds([r["image"] for r in rows], S, scorer.device, batch, sync)
     products = [r["product"] for r in rows]
     parts = {k: 0.0 for k in ("forward", "bank search", "decoder", "fusion + blur")}
     maps_all, scores_all = [], []
@@ -327,6 +332,29 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
             "source_size": list(decoded[0][1])}
 
 
+def device_decode_seconds(data: list[bytes], size: int, device: str, batch: int, sync) -> float:
+    """Seconds per image of the scoring actor's own decode (device_decode) of these JPEGs, in batches, after a
+    warm-up batch; nan when none of them is a JPEG the actor would decode."""
+    from pipeline.device_decode import DeviceDecoder
+    from pipeline.images import device_jpeg
+
+    mine = [(d, info) for d in data if (info := device_jpeg(d)) is not None]
+    if not mine:
+        return float("nan")
+    dec = DeviceDecoder(size, device)
+
+    def run(part):
+        dec([d for d, _ in part], [o for _, (o, _) in part], [hw for _, (_, hw) in part])
+
+    run(mine[:batch])  # warm-up (nvJPEG handles, kernels), not timed
+    sync()
+    t0 = time.perf_counter()
+    for i in range(0, len(mine), batch):
+        run(mine[i:i + batch])
+    sync()
+    return (time.perf_counter() - t0) / len(mine)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="jobs.night_bench", description=__doc__.split("\n\n")[1])
     ap.add_argument("--images", type=int, default=200, help="images in the night")
@@ -344,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="", help="working root (default: a temporary folder)")
     ap.add_argument("--heap-ab", type=int, default=0, help="then score the first night this many times more under "
                                                             "each heap policy, interleaved (pipeline.heap)")
+    ap.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto", help="passed to jobs.score")
+    ap.add_argument("--decode-ab", type=int, default=0, help="then score the first night this many times more with "
+                                                               "--decode cpu and device each, interleaved")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     root = os.path.abspath(args.root or tempfile.mkdtemp(prefix="anople-night-bench-"))
@@ -376,9 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     bare = BareForward(DEPLOYMENT, images, args.sample, args.batch_size)
     from pipeline import nights as nights_mod
 
-    def score(date: str, job_env: dict) -> tuple[dict, dict]:
+    def score(date: str, job_env: dict, decode: str = args.decode) -> tuple[dict, dict]:
         cmd = ["jobs.score", "--deployment", DEPLOYMENT, "--archive", archive_uri, "--date", date, "--output", output,
-               "--batch-size", str(args.batch_size)] + (["--heatmap-side", str(args.heatmap_side)] if args.heatmap_side else []) \
+               "--batch-size", str(args.batch_size), "--decode", decode] + (["--heatmap-side", str(args.heatmap_side)] if args.heatmap_side else []) \
             + (["--heatmap-full-res"] if args.heatmap_full_res else [])
         job = run_job(cmd, job_env)
         return job, steady_state(nights_mod.published(output, DEPLOYMENT, date)["scores"], job["start"])
@@ -399,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         for policy in ab:
             _, steady = score(nights[0][1], {**env, "ANOPLE_HEAP_POLICY": policy})
             ab[policy].append(steady["steady_images_per_s"])
+    decode_ab: dict[str, list[float]] = {"cpu": [], "device": []}
+    for _ in range(args.decode_ab):
+        for where in decode_ab:
+            _, steady = score(nights[0][1], env, where)
+            decode_ab[where].append(steady["steady_images_per_s"])
     with tempfile.TemporaryDirectory() as work:
         prof = stage_profile(DEPLOYMENT, archive_uri, nights[0][1], args.sample, args.batch_size, args.heatmap_side,
                              args.heatmap_full_res, work)
@@ -422,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     stages = prof["per_image_s"]
     for k, v in stages.items():
         print(f"    {k:<16}{1000 * v:9.2f}")
-    slowest = max(stages, key=stages.get)
+    unused = "decode" if args.decode == "device" or (args.decode == "auto" and prof["device"] != "cpu") \
+        else "device decode"  # the decode this night did not use is shown, not counted as its bottleneck
+    slowest = max((k for k in stages if k != unused and np.isfinite(stages[k])), key=stages.get)
     print(f"  bottleneck on one process: {slowest} ({1000 * stages[slowest]:.1f} ms/image)")
     print(f"  bare open_clip visual forward, in the profile: {prof['bare_forward_images_per_s']:.2f} images/s")
     own = 1 / stages["forward"]  # the model's own forward: the bare one plus the prompt and prefix tokens
@@ -440,9 +478,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  heap policy A/B, {args.images}-image night, steady images/s in run order: keep large blocks "
               f"{' '.join(f'{x:.2f}' for x in ab['keep'])}; glibc default {' '.join(f'{x:.2f}' for x in ab['default'])}; "
               f"ratio of the means {np.mean(ab['keep']) / np.mean(ab['default']):.2f}")
+    if args.decode_ab:
+        print(f"  decode A/B, {args.images}-image night, steady images/s in run order: CPU tasks "
+              f"{' '.join(f'{x:.2f}' for x in decode_ab['cpu'])}; on the scoring actor "
+              f"{' '.join(f'{x:.2f}' for x in decode_ab['device'])}; ratio of the means (actor / CPU tasks) "
+              f"{np.mean(decode_ab['device']) / np.mean(decode_ab['cpu']):.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "nights": results, "profile": prof, "setup_s": setup_s, "heap_ab": ab}, f,
+            json.dump({"args": vars(args), "nights": results, "profile": prof, "setup_s": setup_s, "heap_ab": ab,
+                   "decode_ab": decode_ab}, f,
                       indent=1)
     return 0
 
