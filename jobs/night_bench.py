@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="", help="working root (default: a temporary folder)")
     ap.add_argument("--heap-ab", type=int, default=0, help="then score the first night this many times more under "
                                                             "each heap policy, interleaved (pipeline.heap)")
-    ap.add_argument("--decode", choices=["auto", "cpu", "device"], default="auto", help="passed to jobs.score")
+    ap.add_argument("--decode", choices=["cpu", "device"], default="cpu", help="passed to jobs.score")
     ap.add_argument("--decode-ab", type=int, default=0, help="then score the first night this many times more with "
                                                                "--decode cpu and device each, interleaved")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
@@ -458,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = prof["per_image_s"]
     for k, v in stages.items():
         print(f"    {k:<16}{1000 * v:9.2f}")
-    unused = "decode" if args.decode == "device" or (args.decode == "auto" and prof["device"] != "cpu") \
-        else "device decode"  # the decode this night did not use is shown, not counted as its bottleneck
+    unused = "decode" if args.decode == "device" else "device decode"  # shown, not counted as the bottleneck
     slowest = max((k for k in stages if k != unused and np.isfinite(stages[k])), key=stages.get)
     print(f"  bottleneck on one process: {slowest} ({1000 * stages[slowest]:.1f} ms/image)")
     print(f"  bare open_clip visual forward, in the profile: {prof['bare_forward_images_per_s']:.2f} images/s")

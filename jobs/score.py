@@ -30,9 +30,10 @@ def parser() -> argparse.ArgumentParser:
                          "input size; decode: anomaly = v / 65535 * heatmap_scale, bilinear to the row's height x width)")
     ap.add_argument("--heatmap-full-res", action="store_true",
                     help="store each heatmap at its image's full resolution (slow and large at archive scale)")
-    ap.add_argument("--decode", choices=("auto", "cpu", "device"), default="auto",
-                    help="where JPEGs are decoded: cpu (Ray CPU tasks, reduced-size JPEG decode), device (the scoring "
-                         "actors: nvJPEG on a GPU; other formats stay on the CPU), auto (device on GPU actors, else cpu)")
+    ap.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+                    help="where JPEGs are decoded: cpu (Ray CPU tasks, reduced-size JPEG decode) or device (the "
+                         "scoring actors: nvJPEG on a GPU, for nodes whose CPUs cannot keep up with their GPUs; "
+                         "other formats stay on the CPU)")
     return ap
 
 

@@ -97,7 +97,10 @@ def _resolve(deployment: str, alias: str):
     return mv, uri, artifact.load_spec(registry.materialize(uri))
 
 
-DECODE_CHOICES = ("auto", "cpu", "device")
+# where a night's JPEGs are decoded: Ray's CPU tasks (PIL, reduced-size decode) or the scoring actors (device_decode).
+# cpu by default: the actor decodes and scores one after the other on its GPU, so decoding there pays only where
+# the node's CPUs cannot keep up with its GPUs (README, "Sizing a GPU node"); gpu-bench.sh measures both.
+DECODE_CHOICES = ("cpu", "device")
 
 
 class TooManyErrors(PipelineError):
@@ -107,15 +110,15 @@ class TooManyErrors(PipelineError):
 def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
                 budget_mb: float | None = None, actors_per_shard: int | None = None, batch_size: int = 16,
                 max_error_rate: float = 0.05, fault: InjectedFault | None = None, heatmap_side: int | None = None,
-                heatmap_full_res: bool = False, decode: str = "auto") -> dict:
+                heatmap_full_res: bool = False, decode: str = "cpu") -> dict:
     """Score one night's partition and publish its score rows and heatmaps under `output` atomically
     (pipeline.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
     its scoring process again and again is isolated into an error row (batch.isolating). More than
     `max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
     Heatmaps are stored with the long side at most `heatmap_side` (default: the model's input size, what
     the map carries) or, with `heatmap_full_res`, at each image's own resolution. `decode`: where JPEGs are
-    decoded, "cpu" (Ray's CPU tasks), "device" (the scoring actors, nvJPEG on a GPU: device_decode) or "auto"
-    (device on GPU actors, else cpu). `fault` is a test's injected crash. Returns a summary."""
+    decoded, "cpu" (Ray's CPU tasks) or "device" (the scoring actors, nvJPEG on a GPU: device_decode). `fault`
+    is a test's injected crash. Returns a summary."""
     archive.check_date(date)
     if decode not in DECODE_CHOICES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
@@ -141,8 +144,7 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
         # one scoring actor per GPU (the pool sized to the cluster, not one); on CPUs one actor, whose torch
         # threads already use the node's cores while decode tasks take the rest
         actors = actors_per_shard or (max(1, int(cluster_gpus())) if use_gpu else 1)
-        on_device = decode == "device" or (decode == "auto" and use_gpu)
-        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": "device" if on_device else "cpu"})
+        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": decode})
         mlflow.log_params({"heatmap_side": target.side or "full"})
         t0 = time.time()
 
@@ -150,7 +152,7 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
             for ds in score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=target,
                                       image_ids=image_ids, budget_mb=budget_mb, actors_per_shard=actors,
                                       batch_size=batch_size, use_gpu=use_gpu, actor_restarts=actor_restarts,
-                                      fault=fault, decode_on_device=on_device):
+                                      fault=fault, decode_on_device=decode == "device"):
                 yield from ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
                                                                                        batch_size=None)
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Issue 11's GPU figures in one command, from the project root of a machine with a CUDA GPU:
 #   infra/benchmarks/gpu-bench.sh [IMAGES] [OUT_DIR]          (defaults: 20000 images, ./gpu-bench-out)
+# 0. tests/gpu (the CUDA paths: bf16 scoring, GPU bank search, nvJPEG decode);
 # 1. a night of IMAGES JPEGs of 1024 px through the real `jobs.score` (ViT-B-16-plus-240, bf16, batch 256):
-#    start-up, steady state, per-stage times, the bare-forward rate and the ratio;
+#    start-up, steady state, per-stage times (decode both ways: PIL in CPU tasks, nvJPEG in the actor), the
+#    bare-forward rate and the ratio; then the same night again with JPEGs decoded by the CPU tasks and by the
+#    scoring actor (--decode cpu / device), interleaved: whether nvJPEG wins on this node;
 # 2. fitting a 15-product x 4-shot deployment for 100 epochs (Ray Train start-up included): seconds per epoch.
 # Needs the project installed with its GPU extra (pip install -e '.[gpu]'). On the lent device machine, pack
 # Ray here first (../shared/device/pack-ray.sh), carry .gpu, and this script unpacks it. Random-init weights:
@@ -24,7 +27,10 @@ if command -v nvidia-smi >/dev/null; then
   smi=$!
   trap 'kill $smi 2>/dev/null || true' EXIT
 fi
+# the CUDA paths' own tests first (bf16 scoring, GPU bank search, nvJPEG decode): figures from a broken path mean nothing
+python -m pytest --noconftest -q tests/gpu 2>&1 | tee "$out/gpu-tests.log" \
+  || echo "WARNING: tests/gpu did not pass (see $out/gpu-tests.log): read the figures below with that in mind"
 python -m jobs.night_bench --images "$images" --scale 0 --size "$size" --format jpeg --backbone "$backbone" \
-  --batch-size "$batch" --json "$out/night.json" 2>&1 | tee "$out/night.log"
+  --batch-size "$batch" --decode-ab "${DECODE_AB:-1}" --json "$out/night.json" 2>&1 | tee "$out/night.log"
 python -m jobs.throughput --products "$products" --shots 4 --epochs "$epochs" --night 20 --backbone "$backbone" \
   --batch-size "$batch" 2>&1 | tee "$out/fit-${products}x4.log"

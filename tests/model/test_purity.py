@@ -39,7 +39,7 @@ def test_importing_the_model_loads_none_of_them():
 
 
 CORE = ("storage", "archive", "ingest", "images", "bank", "fitting", "scorer", "prompt_training", "artifact",
-        "metrics", "weights", "config", "synthetic", "errors", "nights", "validation", "heap")
+        "metrics", "weights", "config", "synthetic", "errors", "nights", "validation", "heap", "device_decode")
 
 
 def test_core_modules_import_neither_ray_nor_mlflow():
