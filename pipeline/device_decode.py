@@ -52,11 +52,16 @@ def resize_pixels(imgs: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class DeviceDecoder:
-    """JPEG bytes -> the model's uint8 input [N, 3, S, S] on `device`; counts what fell back to PIL."""
+    """JPEG bytes -> the model's uint8 input [N, 3, S, S] on `device`; counts what fell back to PIL. When the
+    device decodes none of a chunk's images one by one (no nvJPEG in this torchvision build, a broken driver),
+    it is given up for good, said once, and PIL decodes everything: slower, nothing lost."""
+
+    WARN_FIRST = 5  # per-image device failures logged one by one; the rest only counted
 
     def __init__(self, size: int, device: str):
         self.size, self.device = size, device
         self.fallbacks = 0
+        self.unusable: str | None = None  # why the device decode was given up, once it is
 
     def __call__(self, jpegs: list[bytes], orientations: list[int], sizes: list[tuple[int, int]]
                  ) -> tuple[torch.Tensor, list[str | None]]:
@@ -97,6 +102,8 @@ class DeviceDecoder:
     def _decode(self, jpegs: list[bytes], rows: list[int]) -> dict[int, torch.Tensor | None]:
         """One batched decode of `rows`; when it fails as a whole, each row alone, so one bad image costs only
         itself (decode_jpeg returns no partial results). A row the device rejects maps to None."""
+        if self.unusable is not None:
+            return {i: None for i in rows}
         tensors = [torch.frombuffer(bytearray(jpegs[i]), dtype=torch.uint8) for i in rows]
         try:
             return dict(zip(rows, _decode_jpeg(tensors, self.device)))
@@ -104,12 +111,18 @@ class DeviceDecoder:
             log.warning("batched device decode of %d JPEGs failed (%s: %s); decoding them one by one", len(rows),
                         type(e).__name__, e)
         out: dict[int, torch.Tensor | None] = {}
+        last = None
         for i, t in zip(rows, tensors):
             try:
                 out[i] = _decode_jpeg([t], self.device)[0]
             except Exception as e:
-                log.warning("device decode failed (%s: %s); decoding with PIL", type(e).__name__, e)
-                out[i] = None
+                last, out[i] = f"{type(e).__name__}: {e}", None
+                if self.fallbacks + sum(v is None for v in out.values()) <= self.WARN_FIRST:
+                    log.warning("device decode failed (%s); decoding with PIL", last)
+        if len(rows) > 1 and all(v is None for v in out.values()):
+            self.unusable = last
+            log.error("device decode gave up on %s after every image of a chunk failed (%s); this actor decodes "
+                      "its JPEGs with PIL from now on", self.device, last)
         return out
 
 

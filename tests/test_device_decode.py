@@ -148,3 +148,32 @@ def test_chunks_bound_the_decoded_bytes_held_at_once(monkeypatch):
     assert seen == [2, 2, 1] and errors == [None] * 5
     for k in range(5):
         assert np.abs(got[k].numpy().astype(int) - _cpu_pixels(data[k]).astype(int)).mean() < 3
+
+
+def test_a_device_that_decodes_nothing_is_given_up_once_and_pil_decodes_every_row(monkeypatch):
+    import logging
+
+    import pipeline.device_decode as dd
+    calls, records = [], []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dd.log.addHandler(handler)
+    monkeypatch.setattr(dd.log, "level", logging.WARNING)
+
+    def broken(tensors, device):  # e.g. a torchvision built without nvJPEG
+        calls.append(len(tensors))
+        raise RuntimeError("Not compiled with GPU support")
+
+    monkeypatch.setattr(dd, "_decode_jpeg", broken)
+    data = [_jpeg(_product(64, 64, seed=k)) for k in range(3)]
+    dec = DeviceDecoder(S, "cpu")
+    try:
+        for _ in range(3):
+            got, errors = dec(data, [1] * 3, [(64, 64)] * 3)
+            assert errors == [None] * 3
+            assert all((got[k].numpy() == _cpu_pixels(data[k])).all() for k in range(3))  # PIL's own pixels
+    finally:
+        dd.log.removeHandler(handler)
+    assert calls == [3, 1, 1, 1] and dec.unusable == "RuntimeError: Not compiled with GPU support"
+    assert sum("gave up" in r.getMessage() for r in records) == 1 and dec.fallbacks == 9
+    assert len(records) <= 2 + DeviceDecoder.WARN_FIRST  # a night of such batches does not flood the log
