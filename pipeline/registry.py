@@ -2,7 +2,8 @@
 versions moved between aliases (``candidate``, ``production``), never the deprecated stages.
 
 The store comes from MLFLOW_TRACKING_URI; by default sqlite under the local root (ANOPLE_ROOT, default
-./anople-root), with artifacts in ANOPLE_ARTIFACT_ROOT (default <root>/mlartifacts, may be s3://).
+./anople-root), with artifacts in ANOPLE_ARTIFACT_ROOT (may be s3://; default: a tracking server's own
+artifact store, else <root>/mlartifacts).
 """
 from __future__ import annotations
 
@@ -103,14 +104,23 @@ def model_name(deployment: str) -> str:
     return f"anople-{deployment}"
 
 
+SERVER_SCHEMES = ("http", "https", "databricks")  # tracking URIs of a server, which has its own artifact store
+
+
 def experiment_id(deployment: str) -> str:
-    """The deployment's experiment, created with an explicit artifact root (sqlite's default is ./mlruns)."""
+    """The deployment's experiment. Its artifact root: ANOPLE_ARTIFACT_ROOT when set; else, behind a tracking
+    server, the server's own (`mlflow-artifacts:/` with --artifacts-destination, or its --default-artifact-root),
+    which every node reaches; else <root>/mlartifacts (a local store's default would be ./mlruns of whatever
+    folder the job ran in)."""
     connect()
     name = f"anople-{deployment}"
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    root = os.environ.get("ANOPLE_ARTIFACT_ROOT") or os.path.join(local_root(), "mlartifacts")
+    root = os.environ.get("ANOPLE_ARTIFACT_ROOT")
+    if not root and tracking_uri().split(":", 1)[0].lower() in SERVER_SCHEMES:
+        return mlflow.create_experiment(name)
+    root = root or os.path.join(local_root(), "mlartifacts")
     if not storage.is_remote(root):
         root = os.path.abspath(root)
     return mlflow.create_experiment(name, artifact_location=root)
