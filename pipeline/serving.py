@@ -8,7 +8,7 @@ Ray actors read that same folder, so there is one copy of the banks.
 Input: a DataFrame with ``image`` (encoded bytes; base64 in a JSON request to `mlflow models serve`),
 ``product`` and optionally ``image_id``. Output: one row per input row, in order: ``image_id``,
 ``product``, ``score``, ``is_anomalous``, ``threshold``, ``status`` (ok / error) and ``error``; an error
-row (undecodable image, unknown product) has no score, as in the nightly scores.
+row (undecodable image, unknown product) has no score (None: null in JSON), as in the nightly scores.
 """
 from __future__ import annotations
 
@@ -68,9 +68,16 @@ class AnoPLePyfunc(mlflow.pyfunc.PythonModel):
             score[rows] = s
         threshold = np.array([self.scorer.thresholds.get(p, np.nan) for p in products], dtype=np.float64)
         ok = np.array(status) == "ok"
-        return pd.DataFrame({"image_id": ids, "product": products, "score": np.where(ok, score, np.nan),
-                             "is_anomalous": ok & (score > threshold), "threshold": threshold,
+        return pd.DataFrame({"image_id": ids, "product": products, "score": _or_null(np.where(ok, score, np.nan)),
+                             "is_anomalous": ok & (score > threshold), "threshold": _or_null(threshold),
                              "status": status, "error": error})
+
+
+def _or_null(values: np.ndarray) -> pd.Series:
+    """Floats with None where there is no number: `mlflow models serve` writes a float column's NaN as a bare
+    NaN, which is not JSON (RFC 8259) and fails strict parsers (JavaScript's JSON.parse, Go, Jackson) on the
+    whole answer; None is written as null. In pandas the column is object dtype (`.astype(float)` gives NaN)."""
+    return pd.Series([float(v) if np.isfinite(v) else None for v in values], dtype=object)
 
 
 def _as_bytes(data) -> bytes | None:
