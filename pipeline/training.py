@@ -18,7 +18,7 @@ import ray.train
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
 from safetensors.torch import save as st_save
@@ -189,7 +189,9 @@ def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = N
         # (<storage>/<run key>/) instead of starting a stranger's
         run_config=RunConfig(name=cfg.run_key(), storage_path=cfg.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
+                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
+                             # Ray Train's own INFO lines (each report, the worker group) stay in its log files
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
         result = trainer.fit()

@@ -63,26 +63,31 @@ def _job(env, *argv):
     return out.stdout + out.stderr
 
 
-def test_a_night_scored_against_an_authenticated_tracking_server(server, synthetic_src, tmp_path):
-    arch, out, cache = str(tmp_path / "archive"), str(tmp_path / "out"), tmp_path / "model-cache"
+@pytest.fixture(scope="module")
+def night(server, synthetic_src, tmp_path_factory):
+    """ingest -> train -> promote -> score, each a process of its own against the server; their output."""
+    tmp = tmp_path_factory.mktemp("server-night")
+    arch, out, cache = str(tmp / "archive"), str(tmp / "out"), tmp / "model-cache"
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_TRACKING_USERNAME": USER,
-           "MLFLOW_TRACKING_PASSWORD": PASSWORD, "ANOPLE_ROOT": str(tmp_path / "root"),
-           "ANOPLE_MODEL_CACHE": str(cache)}
+           "MLFLOW_TRACKING_PASSWORD": PASSWORD, "ANOPLE_ROOT": str(tmp / "root"), "ANOPLE_MODEL_CACHE": str(cache)}
     for k in ("ANOPLE_ARTIFACT_ROOT", "RAY_ADDRESS"):  # the server's artifact store; each job its own local Ray
         env.pop(k, None)
     started = time.time()
-    night = make_mvtec_folder(str(tmp_path / "night"), ("tile",), n_train=0, n_test_good=3, n_test_defect=1,
-                              size=64, seed=9)
+    src = make_mvtec_folder(str(tmp / "night"), ("tile",), n_train=0, n_test_good=3, n_test_defect=1, size=64, seed=9)
     date = "2026-11-24"
-    _job(env, "jobs.ingest", synthetic_src, "--archive", arch, "--deployment", "srv", "--date", "2026-11-20")
-    _job(env, "jobs.ingest", f"{night}/tile/test", "--archive", arch, "--deployment", "srv", "--date", date,
-         "--product", "tile")
-    logs = _job(env, "jobs.train", "--deployment", "srv", "--archive", arch, "--shots", "1", "--backbone", TINY,
-                "--weights", "random", "--prompt-mode", "none")
-    logs += _job(env, "jobs.promote", "--deployment", "srv", "--from-alias", "candidate", "--to", "production",
-                 "--force")
-    logs += _job(env, "jobs.score", "--deployment", "srv", "--archive", arch, "--date", date, "--output", out)
+    logs = {"ingest": _job(env, "jobs.ingest", synthetic_src, "--archive", arch, "--deployment", "srv", "--date",
+                           "2026-11-20")}
+    logs["ingest"] += _job(env, "jobs.ingest", f"{src}/tile/test", "--archive", arch, "--deployment", "srv",
+                           "--date", date, "--product", "tile")
+    logs["train"] = _job(env, "jobs.train", "--deployment", "srv", "--archive", arch, "--shots", "1", "--backbone",
+                         TINY, "--weights", "random", "--epochs", "2", "--steps-per-epoch", "1")
+    logs["promote"] = _job(env, "jobs.promote", "--deployment", "srv", "--from-alias", "candidate", "--to",
+                           "production", "--force")
+    logs["score"] = _job(env, "jobs.score", "--deployment", "srv", "--archive", arch, "--date", date, "--output", out)
+    return {"tmp": tmp, "out": out, "cache": cache, "date": date, "logs": logs, "started": started}
 
+
+def test_a_night_scored_against_an_authenticated_tracking_server(server, night):
     # the registered version lives on the server: its source is the server's artifact URI
     import mlflow
     client = mlflow.MlflowClient(tracking_uri=server["url"])
@@ -93,18 +98,18 @@ def test_a_night_scored_against_an_authenticated_tracking_server(server, synthet
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME")
     # every row of the night, scored, from a model fetched once into this node's cache (whole, no partial left)
-    fs, path = storage.arrow_filesystem(nights.night_uri(out, "srv", date))
+    fs, path = storage.arrow_filesystem(nights.night_uri(night["out"], "srv", night["date"]))
     rows = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "status"]).to_pylist()
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows), rows  # 3 good + 1 of each defect type
-    cached = sorted(os.listdir(cache))
+    cached = sorted(os.listdir(night["cache"]))
     assert len(cached) == 1 and not cached[0].startswith("."), cached
     # the credential reached the server, and nothing the jobs wrote or printed, nor their Ray sessions' logs
-    assert PASSWORD not in logs
+    assert all(PASSWORD not in text for text in night["logs"].values())
     sessions = [d for d in glob.glob(os.path.join(tempfile.gettempdir(), "ray", "session_2*"))
-                if os.path.getmtime(d) >= started]
+                if os.path.getmtime(d) >= night["started"]]
     assert sessions  # the jobs' own local Ray instances
     seen = 0
-    for place in [str(tmp_path), *sessions]:
+    for place in [str(night["tmp"]), *sessions]:
         for folder, _, files in os.walk(place):
             for name in files:
                 try:
@@ -114,3 +119,15 @@ def test_a_night_scored_against_an_authenticated_tracking_server(server, synthet
                 except OSError:
                     continue  # a socket, a file Ray removed meanwhile
     assert seen > 50
+
+
+def test_a_training_job_prints_its_epochs_not_the_libraries_info_lines(night):
+    """What an ML engineer reads from `python -m jobs.train`: the epoch lines, not Ray Train's per-report and
+    worker-group INFO lines or faiss's and open_clip's loading steps (Ray Train sets its workers' root logger
+    to INFO after the worker's setup hook ran)."""
+    out = night["logs"]["train"]
+    assert "train: epoch 1/2" in out and "train: epoch 2/2" in out
+    for chatter in ("Reporting training result", "Started training worker group", "Setting up process group",
+                    "Loading faiss", "Parsing model identifier", "Instantiating model architecture",
+                    "Checkpoint successfully created"):
+        assert chatter not in out, chatter
