@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # decoded RGB bytes held on the device at once, per decode_jpeg call: a batch of full-size images is
 # decoded in chunks no larger than this (a 1024 px image is 3 MB; DEVICE_DECODE_MAX_PIXELS is 75 MB)
 CHUNK_BYTES = 1 << 30
+# images resized in one call: their float32 copy is 4x their bytes (32 images of 1024 px: 400 MB)
+RESIZE_GROUP = 32
 
 
 def _decode_jpeg(tensors: list[torch.Tensor], device: str) -> list[torch.Tensor]:
@@ -78,7 +80,9 @@ class DeviceDecoder:
             for i, img in shown.items():
                 by_shape.setdefault(tuple(img.shape), []).append(i)
             for rows in by_shape.values():
-                out[rows] = resize_pixels(torch.stack([shown[i] for i in rows]), S)
+                for k in range(0, len(rows), RESIZE_GROUP):
+                    part = rows[k:k + RESIZE_GROUP]
+                    out[part] = resize_pixels(torch.stack([shown[i] for i in part]), S)
             for i in chunk:
                 if decoded.get(i) is None:  # the device could not: PIL, as the CPU decode tasks do
                     self.fallbacks += 1

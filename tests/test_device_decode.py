@@ -140,6 +140,7 @@ def test_a_jpeg_the_device_rejects_is_decoded_by_pil_and_one_nothing_decodes_is_
 def test_chunks_bound_the_decoded_bytes_held_at_once(monkeypatch):
     import pipeline.device_decode as dd
     monkeypatch.setattr(dd, "CHUNK_BYTES", 3 * 64 * 64 * 2)  # two 64 x 64 images a chunk
+    monkeypatch.setattr(dd, "RESIZE_GROUP", 1)  # and each resized alone
     seen = []
     real = dd._decode_jpeg
     monkeypatch.setattr(dd, "_decode_jpeg", lambda t, d: seen.append(len(t)) or real(t, d))
