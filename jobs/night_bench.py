@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from pipeline.decoding import DECODE_CHOICES
 from pipeline.model import DEFAULT_BACKBONE
 
 DEPLOYMENT, REF_DATE = "bench", "2026-11-21"
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="", help="working root (default: a temporary folder)")
     ap.add_argument("--heap-ab", type=int, default=0, help="then score the first night this many times more under "
                                                             "each heap policy, interleaved (pipeline.heap)")
-    ap.add_argument("--decode", choices=["cpu", "device"], default="cpu", help="passed to jobs.score")
+    ap.add_argument("--decode", choices=DECODE_CHOICES, default="cpu", help="passed to jobs.score")
     ap.add_argument("--decode-ab", type=int, default=0, help="then score the first night this many times more with "
                                                                "--decode cpu and device each, interleaved")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy in ab:
             _, steady = score(nights[0][1], {**env, "ANOPLE_HEAP_POLICY": policy})
             ab[policy].append(steady["steady_images_per_s"])
-    decode_ab: dict[str, list[float]] = {"cpu": [], "device": []}
+    decode_ab: dict[str, list[float]] = {where: [] for where in DECODE_CHOICES}
     for _ in range(args.decode_ab):
         for where in decode_ab:
             _, steady = score(nights[0][1], env, where)

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from jobs.cli import entrypoint, new_parser, summary
+from pipeline.decoding import DECODE_CHOICES  # numpy and PIL only: --help stays light
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
                          "input size; decode: anomaly = v / 65535 * heatmap_scale, bilinear to the row's height x width)")
     ap.add_argument("--heatmap-full-res", action="store_true",
                     help="store each heatmap at its image's full resolution (slow and large at archive scale)")
-    ap.add_argument("--decode", choices=("cpu", "device"), default="cpu",
+    ap.add_argument("--decode", choices=DECODE_CHOICES, default="cpu",
                     help="where JPEGs are decoded: cpu (Ray CPU tasks, reduced-size JPEG decode) or device (the "
                          "scoring actors: nvJPEG on a GPU, for nodes whose CPUs cannot keep up with their GPUs; "
                          "other formats stay on the CPU)")

@@ -11,6 +11,18 @@ from pipeline.heap import release_freed_memory
 from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, device_jpeg, resize_mask, to_model_pixels
 
 
+# Where a night's JPEGs are decoded (jobs.score --decode): here, in Ray's CPU tasks (PIL, reduced-size decode), or
+# on the scoring actors' device (decode_batch's `on_device`; device_decode). cpu by default: the actor decodes and
+# scores one after the other on its GPU, so decoding there pays only where the node's CPUs cannot keep up with its
+# GPUs (README, "Sizing a GPU node"); gpu-bench.sh measures both.
+DECODE_CHOICES = ("cpu", "device")
+
+
+def error_text(e: Exception) -> str:
+    """A row's error for an image that did not decode: ImageDecodeError's own words, anything else with its type."""
+    return str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
+
+
 def labels(values) -> np.ndarray:
     """Archive labels (0/1, null -> None or NaN in numpy) -> int8 with -1 for unknown."""
     return np.array([-1 if v is None or (isinstance(v, float) and np.isnan(v)) else int(v) for v in values],
@@ -57,7 +69,7 @@ def decode_batch(batch: dict, image_size: int, with_masks: bool, duplicates: fro
                     raise ImageDecodeError(f"mask shape {full.shape} differs from image {size}")
                 masks[i] = resize_mask(full, image_size)
         except Exception as e:  # decode_image already words its own errors; anything else is reported as is
-            status[i], error[i] = "error", str(e) if isinstance(e, ImageDecodeError) else f"{type(e).__name__}: {e}"
+            status[i], error[i] = "error", error_text(e)
     if on_device:
         ok = [status[i] == "ok" and not jpeg[i] for i in range(n)]
         images = {"jpeg": np.array(jpeg, dtype=object), "orientation": orientation,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.decoding import error_text
 from pipeline.images import decode_scaled, to_model_pixels
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class DeviceDecoder:
     def __init__(self, size: int, device: str):
         self.size, self.device = size, device
         self.fallbacks = 0
+        self.device_failures = 0  # images the device rejected one by one
         self.unusable: str | None = None  # why the device decode was given up, once it is
 
     def __call__(self, jpegs: list[bytes], orientations: list[int], sizes: list[tuple[int, int]]
@@ -89,8 +91,8 @@ class DeviceDecoder:
                     try:
                         rgb, _ = decode_scaled(jpegs[i], S)
                         out[i] = torch.from_numpy(to_model_pixels(rgb, S)).to(self.device)
-                    except Exception as e:  # images.ImageDecodeError words it; the row becomes an error row
-                        errors[i] = str(e)
+                    except Exception as e:  # the row becomes an error row, worded as the CPU tasks word it
+                        errors[i] = error_text(e)
         return out, errors
 
     def _chunks(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
@@ -121,7 +123,8 @@ class DeviceDecoder:
                 out[i] = _decode_jpeg([t], self.device)[0]
             except Exception as e:
                 last, out[i] = f"{type(e).__name__}: {e}", None
-                if self.fallbacks + sum(v is None for v in out.values()) <= self.WARN_FIRST:
+                self.device_failures += 1
+                if self.device_failures <= self.WARN_FIRST:
                     log.warning("device decode failed (%s); decoding with PIL", last)
         if len(rows) > 1 and all(v is None for v in out.values()):
             self.unusable = last
@@ -132,5 +135,4 @@ class DeviceDecoder:
 
 def raw_pixels(raw: list[bytes], size: int) -> np.ndarray:
     """decode_batch's `raw` column (uint8 [3, S, S] bytes of rows the CPU decoded) -> [N, 3, S, S]."""
-    return np.stack([np.frombuffer(r, dtype=np.uint8).reshape(3, size, size) for r in raw]) if raw else \
-        np.zeros((0, 3, size, size), dtype=np.uint8)
+    return np.stack([np.frombuffer(r, dtype=np.uint8).reshape(3, size, size) for r in raw])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 
 from pipeline import storage
@@ -61,7 +62,6 @@ class FitJob:
 
 def fit_worker(config: dict) -> None:
     """Ray Train's per-worker entry: pipeline.training.fit_worker, imported in the worker only."""
-    import logging
     # Ray Train configures its workers' root logger at INFO after the process's setup hook ran
     # (cluster.quiet_worker): back to WARNING before faiss and open_clip log their loading steps
     logging.getLogger().setLevel(logging.WARNING)

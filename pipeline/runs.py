@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from pipeline import archive, artifact, evidence, nights, registry, report, serving, storage
 from pipeline.batch import INFRA_ERRORS, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition, score_rows
 from pipeline.cluster import cluster_gpus, has_gpus
+from pipeline.decoding import DECODE_CHOICES
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.progress import Progress
@@ -95,12 +96,6 @@ def _resolve(deployment: str, alias: str):
     mv = registry.get_version(deployment, alias=alias)
     uri = registry.model_source(mv)
     return mv, uri, artifact.load_spec(registry.materialize(uri))
-
-
-# where a night's JPEGs are decoded: Ray's CPU tasks (PIL, reduced-size decode) or the scoring actors (device_decode).
-# cpu by default: the actor decodes and scores one after the other on its GPU, so decoding there pays only where
-# the node's CPUs cannot keep up with its GPUs (README, "Sizing a GPU node"); gpu-bench.sh measures both.
-DECODE_CHOICES = ("cpu", "device")
 
 
 class TooManyErrors(PipelineError):
