@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from pipeline.decoding import DECODE_CHOICES
+from pipeline.decoding import DECODE_CHOICES, decode_where
 from pipeline.model import DEFAULT_BACKBONE
 
 DEPLOYMENT, REF_DATE = "bench", "2026-11-21"
@@ -356,6 +356,99 @@ def device_decode_seconds(data: list[bytes], size: int, device: str, batch: int,
     return (time.perf_counter() - t0) / len(mine)
 
 
+def actor_profile(backbone: str, weights: str, size: int, n_products: int, batch: int, batches: int,
+                  workdir: str) -> dict:
+    """The night's stages in one process, without Ray, jobs or a registry (seconds a device's lease can spare):
+    a deployment fitted in process (no prompt training), then per image, on `batches` batches of `batch` JPEGs:
+    the CPU task's decode (decoding.decode_batch), the bare visual forward, Scorer.score, the scoring actor's
+    whole call on a decoded batch (ScoreActor.__call__: host work around the scorer included), the same with
+    the JPEGs decoded on the actor (--decode device), and the heatmap writer (batch.write_heatmaps). What one
+    process does per image, so: cores / decode = what the CPU tasks can feed, 1 / actor = what one actor takes."""
+    import torch
+
+    from pipeline.batch import HeatmapTarget, RunInfo, ScoreActor, write_heatmaps
+    from pipeline.decoding import decode_batch
+    from pipeline.fitting import ProductShots, fit_products
+    from pipeline.model.config import AnoPLeConfig
+    from pipeline.scorer import Scorer, model_input, pick_device
+    from pipeline.synthetic import product_names
+    from pipeline.weights import build_model
+
+    device = pick_device()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    products = list(product_names(n_products))
+    images = encoded_images(8 * n_products, size, "jpeg", products)
+    model = build_model(backbone, weights, 0, AnoPLeConfig(), device)
+    data = {}
+    for p in products:
+        mine = {f"{p}/{i}": d for i, (q, d) in enumerate(images) if q == p}
+        ids = sorted(mine)
+        data[p] = ProductShots(images=mine, shots=ids[:1], heldout=ids[1:4])
+    scorer = Scorer.from_fits(model, fit_products(model, data, products, device), device)
+    actor = ScoreActor.__new__(ScoreActor)  # the actor's own call, on a scorer built here (no artifact to load)
+    actor.scorer, actor.heatmaps, actor.fault, actor.decoder, actor.batches = scorer, None, None, None, 0
+    actor.info = RunInfo("bench", "anople-bench", "0", "profile")
+    n = batch * batches
+    rows = {"image_id": np.array([f"{images[i % len(images)][0]}/{i:08d}" for i in range(n)], dtype=object),
+            "product": np.array([images[i % len(images)][0] for i in range(n)], dtype=object),
+            "image": np.array([images[i % len(images)][1] for i in range(n)], dtype=object),
+            "source_uri": np.full(n, None, dtype=object)}
+    parts = [{k: v[i:i + batch] for k, v in rows.items()} for i in range(0, n, batch)]
+    S, t = model.image_size, {}
+
+    def timed(name, fn, items):
+        fn(items[0])  # warm-up: kernels, allocator, nvJPEG handles
+        sync()
+        t0 = time.perf_counter()
+        out = [fn(x) for x in items]
+        sync()
+        t[name] = (time.perf_counter() - t0) / n
+        return out
+
+    decoded = timed("decode (CPU task)", lambda b: decode_batch(b, S, False), parts)
+    on_device = timed("header check (CPU task, --decode device)", lambda b: decode_batch(b, S, False, on_device=True),
+                      parts)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        xs = [model_input(d["pixels"], device) for d in decoded]
+        timed("bare visual forward", lambda x: model.clip.encode_image(x), xs)
+    del xs
+    timed("Scorer.score", lambda d: scorer.score(d["pixels"], [str(p) for p in d["product"]]), decoded)
+    scored = timed("actor call (decoded batch)", actor, decoded)
+    timed("actor call (--decode device)", actor, on_device)
+    target = HeatmapTarget(workdir, S)
+    timed("heatmap writer (CPU task)", lambda b: write_heatmaps(dict(b), target), scored)
+    return {"device": device, "per_image_s": t, "batch": batch, "images": n}
+
+
+def busiest(cores: dict[str, float], top: int = 4) -> str:
+    """'cores busy N: the top processes' of a cores_used() result, for one line."""
+    big = sorted(cores.items(), key=lambda kv: -kv[1])
+    return f"cores busy {sum(cores.values()):.1f}: " + ", ".join(f"{k} {v:.2f}" for k, v in big[:top])
+
+
+def gpu_in_windows(log: str, windows: list[tuple[str, tuple[float, float]]]) -> dict[str, tuple[float, float, int]]:
+    """Mean GPU utilisation (%) and memory (MiB) of the samples of `log` (lines `epoch_seconds,util,mem`) inside
+    each named (start, end) window of epoch seconds; windows without a sample are left out."""
+    rows = []
+    with open(log) as f:
+        for line in f:
+            fields = line.split(",")
+            try:
+                if len(fields) >= 3:
+                    rows.append([float(x) for x in fields[:3]])
+            except ValueError:
+                pass  # an error message in place of figures: no sample
+    if not rows:
+        return {}
+    at = np.array(rows)
+    out = {}
+    for name, (lo, hi) in windows:
+        inside = at[(at[:, 0] >= lo) & (at[:, 0] <= hi)]
+        if len(inside):
+            out[name] = (float(inside[:, 1].mean()), float(inside[:, 2].mean()), len(inside))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="jobs.night_bench", description=__doc__.split("\n\n")[1])
     ap.add_argument("--images", type=int, default=200, help="images in the night")
@@ -373,11 +466,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="", help="working root (default: a temporary folder)")
     ap.add_argument("--heap-ab", type=int, default=0, help="then score the first night this many times more under "
                                                             "each heap policy, interleaved (pipeline.heap)")
-    ap.add_argument("--decode", choices=DECODE_CHOICES, default="cpu", help="passed to jobs.score")
+    ap.add_argument("--decode", choices=DECODE_CHOICES, default="auto", help="passed to jobs.score")
     ap.add_argument("--decode-ab", type=int, default=0, help="then score the first night this many times more with "
                                                                "--decode cpu and device each, interleaved")
+    ap.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                    help="then score the first night once more with these extra jobs.score flags (e.g. "
+                         "'--decode device', '--actors-per-shard 2'); repeatable")
+    ap.add_argument("--gpu-log", default="", help="a log of `epoch_seconds,utilization %%,memory MiB` lines "
+                                                  "(gpu-bench.sh samples nvidia-smi): GPU use in each night's steady state")
+    ap.add_argument("--in-process", type=int, default=0, metavar="BATCHES",
+                    help="only time the night's stages in this process (actor_profile) on this many batches: no "
+                         "Ray, jobs or nights")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
+    if args.in_process:
+        if args.weights == "random":
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            print("NOTE: RANDOM-INIT BACKBONE: timings are real, any score is meaningless.")
+        with tempfile.TemporaryDirectory() as work:
+            prof = actor_profile(args.backbone, args.weights, args.size, args.products, args.batch_size,
+                                 args.in_process, work)
+        cores = len(os.sched_getaffinity(0))
+        print(f"in process on {prof['device']}: {prof['images']} JPEGs of {args.size} px, {args.backbone} "
+              f"({args.weights}), batch {args.batch_size}; ms/image and what one process (or {cores} cores) does:")
+        for k, v in prof["per_image_s"].items():
+            cap = f"{cores / v:9.0f} images/s on {cores} cores" if "CPU task" in k else f"{1 / v:9.0f} images/s"
+            print(f"    {k:<42}{1000 * v:8.3f}   {cap}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "in_process": prof}, f, indent=1)
+        return 0
     root = os.path.abspath(args.root or tempfile.mkdtemp(prefix="anople-night-bench-"))
     env = {**os.environ, "ANOPLE_ROOT": root, "ANOPLE_PROGRESS_SECONDS": "3600"}
     if args.weights == "random":
@@ -408,9 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     bare = BareForward(DEPLOYMENT, images, args.sample, args.batch_size)
     from pipeline import nights as nights_mod
 
-    def score(date: str, job_env: dict, decode: str = args.decode) -> tuple[dict, dict]:
+    def score(date: str, job_env: dict, decode: str = args.decode, extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
         cmd = ["jobs.score", "--deployment", DEPLOYMENT, "--archive", archive_uri, "--date", date, "--output", output,
-               "--batch-size", str(args.batch_size), "--decode", decode] + (["--heatmap-side", str(args.heatmap_side)] if args.heatmap_side else []) \
+               "--batch-size", str(args.batch_size), "--decode", decode, *extra] + (["--heatmap-side", str(args.heatmap_side)] if args.heatmap_side else []) \
             + (["--heatmap-full-res"] if args.heatmap_full_res else [])
         job = run_job(cmd, job_env)
         return job, steady_state(nights_mod.published(output, DEPLOYMENT, date)["scores"], job["start"])
@@ -424,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
                         "steady_cores": cores_used(job["cpu_samples"], *steady["steady_window"]),
                         "peak_by_name": job["peak_by_name"], "sampler_cores": job["sampler_cores"],
                         **{k: v for k, v in job.items() if k.startswith("peak_")}})
+        r = results[-1]  # said now too: a run stopped later (a device's time limit) keeps this figure
+        print(f"[{n} images, --decode {args.decode}: job {r['job_s']:.1f} s, start-up {r['startup_s']:.1f} s, steady "
+              f"{r['steady_images_per_s']:.1f} images/s; bare forward {r['bare_before']:.1f} / {r['bare_after']:.1f}; "
+              f"{busiest(r['steady_cores'])}]", flush=True)
     del bare
     # the heap policy's A/B on the first night, interleaved so both see the same minutes of a drifting machine
     ab: dict[str, list[float]] = {"keep": [], "default": []}
@@ -431,11 +553,22 @@ def main(argv: list[str] | None = None) -> int:
         for policy in ab:
             _, steady = score(nights[0][1], {**env, "ANOPLE_HEAP_POLICY": policy})
             ab[policy].append(steady["steady_images_per_s"])
-    decode_ab: dict[str, list[float]] = {where: [] for where in DECODE_CHOICES}
+    decode_ab: dict[str, list[float]] = {"cpu": [], "device": []}
+    windows = [(f"{r['images']}-image night", r["steady_window"]) for r in results]
     for _ in range(args.decode_ab):
         for where in decode_ab:
             _, steady = score(nights[0][1], env, where)
             decode_ab[where].append(steady["steady_images_per_s"])
+            print(f"[decode A/B, --decode {where}: start-up {steady['startup_s']:.1f} s, steady "
+                  f"{steady['steady_images_per_s']:.1f} images/s]", flush=True)
+            windows.append((f"decode A/B, {where}", steady["steady_window"]))
+    variants: dict[str, dict] = {}
+    for flags in args.variant:  # after the main night and the A/Bs: each once, on the first night
+        job, steady = score(nights[0][1], env, extra=tuple(flags.split()))
+        variants[flags] = {**steady, "steady_cores": cores_used(job["cpu_samples"], *steady["steady_window"])}
+        windows.append((flags, steady["steady_window"]))
+        print(f"[{flags}: start-up {steady['startup_s']:.1f} s, steady {steady['steady_images_per_s']:.1f} images/s; "
+              f"{busiest(variants[flags]['steady_cores'])}]", flush=True)
     with tempfile.TemporaryDirectory() as work:
         prof = stage_profile(DEPLOYMENT, archive_uri, nights[0][1], args.sample, args.batch_size, args.heatmap_side,
                              args.heatmap_full_res, work)
@@ -459,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = prof["per_image_s"]
     for k, v in stages.items():
         print(f"    {k:<16}{1000 * v:9.2f}")
-    unused = "decode" if args.decode == "device" else "device decode"  # shown, not counted as the bottleneck
+    where = decode_where(args.decode, prof["device"].startswith("cuda"))
+    unused = "decode" if where == "device" else "device decode"  # shown, not counted as the bottleneck
     slowest = max((k for k in stages if k != unused and np.isfinite(stages[k])), key=stages.get)
     print(f"  bottleneck on one process: {slowest} ({1000 * stages[slowest]:.1f} ms/image)")
     print(f"  bare open_clip visual forward, in the profile: {prof['bare_forward_images_per_s']:.2f} images/s")
@@ -467,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:  # each night's, against the bare forward timed right before and after it
         around = (r["bare_before"] + r["bare_after"]) / 2
         print(f"  ratio steady state / bare forward, {r['images']} images: {r['steady_images_per_s'] / around:.2f} "
-              f"(target >= 0.87; bare forward {r['bare_before']:.2f} before, {r['bare_after']:.2f} after the night); "
+              f"(target >= 0.75 on a GPU, 0.87 on a CPU; bare forward {r['bare_before']:.2f} before, {r['bare_after']:.2f} after the night); "
               f"/ the profile's prompted forward ({own:.2f} images/s): {r['steady_images_per_s'] / own:.2f}")
     if len(results) > 1:
         rss = results[1]["peak_tree_mb"] / r0["peak_tree_mb"]
@@ -478,16 +612,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  heap policy A/B, {args.images}-image night, steady images/s in run order: keep large blocks "
               f"{' '.join(f'{x:.2f}' for x in ab['keep'])}; glibc default {' '.join(f'{x:.2f}' for x in ab['default'])}; "
               f"ratio of the means {np.mean(ab['keep']) / np.mean(ab['default']):.2f}")
+    for flags, steady in variants.items():
+        print(f"  {flags} on the {args.images}-image night: start-up {steady['startup_s']:.1f} s, steady "
+              f"{steady['steady_images_per_s']:.2f} images/s, ratio to the first night's "
+              f"{r0['steady_images_per_s']:.2f}: {steady['steady_images_per_s'] / r0['steady_images_per_s']:.2f}")
     if args.decode_ab:
         print(f"  decode A/B, {args.images}-image night, steady images/s in run order: CPU tasks "
               f"{' '.join(f'{x:.2f}' for x in decode_ab['cpu'])}; on the scoring actor "
               f"{' '.join(f'{x:.2f}' for x in decode_ab['device'])}; ratio of the means (actor / CPU tasks) "
               f"{np.mean(decode_ab['device']) / np.mean(decode_ab['cpu']):.2f}")
+    gpu_use = gpu_in_windows(args.gpu_log, windows) if args.gpu_log else {}
+    for name, (util, mem, n) in gpu_use.items():
+        print(f"  GPU in the steady state, {name}: utilisation {util:.0f}% (mean of {n} samples), memory {mem:.0f} MiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "nights": results, "profile": prof, "setup_s": setup_s, "heap_ab": ab,
-                   "decode_ab": decode_ab}, f,
-                      indent=1)
+                       "decode_ab": decode_ab, "variants": variants,
+                       "gpu_use": gpu_use}, f, indent=1)
     return 0
 
 

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     _check("train", train.main(["--deployment", "bench", "--archive", archive, "--shots", str(args.shots),
                                 "--backbone", args.backbone, "--weights", args.weights, "--epochs", str(args.epochs)]))
     t["train job"] = time.time() - t0
+    print(f"train job: {t['train job']:.1f} s (Ray Train start-up, prompt training, banks and thresholds, "
+          "registering)", flush=True)  # said now: a run stopped later keeps it
     _check("promote", promote.main(["--deployment", "bench", "--from-alias", "candidate", "--to", "production",
                                     "--force"]))
     t0 = time.time()

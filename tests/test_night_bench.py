@@ -71,3 +71,22 @@ def test_the_rows_of_the_batch_that_opens_the_steady_window_are_not_counted_in_i
     short = np.repeat(np.arange(7) * 3.2, 32)[:200]
     r = steady_state(str(tmp_path / "s.parquet"), _scores(tmp_path / "s.parquet", short))
     assert abs(r["steady_images_per_s"] - 10) < 0.05, r["steady_images_per_s"]
+
+
+def test_gpu_use_is_averaged_over_each_nights_steady_window_and_broken_lines_are_skipped(tmp_path):
+    from jobs.night_bench import gpu_in_windows
+    log = tmp_path / "gpu.csv"
+    log.write_text("10.0,50,100\n10.5,70,200\n11.0,90,300\nNo devices were found\n12.5,7\n20.0,1,1\n")
+    use = gpu_in_windows(str(log), [("night", (10.2, 11.0)), ("later", (30.0, 40.0))])
+    assert use == {"night": (80.0, 250.0, 2)}  # a window without samples is left out, not reported as 0 %
+
+
+def test_the_in_process_profile_times_every_stage_of_the_night_through_the_real_code(tmp_path):
+    from jobs.night_bench import actor_profile
+    prof = actor_profile("anople-tiny-vit", "random", 96, 2, batch=4, batches=2, workdir=str(tmp_path))
+    stages = prof["per_image_s"]
+    assert set(stages) == {"decode (CPU task)", "header check (CPU task, --decode device)", "bare visual forward",
+                           "Scorer.score", "actor call (decoded batch)", "actor call (--decode device)",
+                           "heatmap writer (CPU task)"}
+    assert all(np.isfinite(v) and v > 0 for v in stages.values()) and prof["images"] == 8
+    assert len(list(tmp_path.rglob("*.png"))) == 8  # the writer really wrote each scored row's heatmap
