@@ -21,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
                     help="per-actor memory-bank budget; banks above it are sharded across actors by product")
     ap.add_argument("--actors-per-shard", type=int, default=None,
                     help="scoring actors per bank shard (default: one per GPU of the cluster; 1 without GPUs, "
-                         "where one actor's torch threads use the cores)")
+                         "where one actor's torch threads use the cores). More actors than GPUs share them, so "
+                         "one actor's host work overlaps another's GPU work")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-error-rate", type=float, default=0.05,
                     help="fail (exit 1, nothing published) when more than this fraction of rows fail for "
@@ -31,10 +32,10 @@ def parser() -> argparse.ArgumentParser:
                          "input size; decode: anomaly = v / 65535 * heatmap_scale, bilinear to the row's height x width)")
     ap.add_argument("--heatmap-full-res", action="store_true",
                     help="store each heatmap at its image's full resolution (slow and large at archive scale)")
-    ap.add_argument("--decode", choices=DECODE_CHOICES, default="cpu",
-                    help="where JPEGs are decoded: cpu (Ray CPU tasks, reduced-size JPEG decode) or device (the "
-                         "scoring actors: nvJPEG on a GPU, for nodes whose CPUs cannot keep up with their GPUs; "
-                         "other formats stay on the CPU)")
+    ap.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
+                    help="where JPEGs are decoded: cpu (Ray CPU tasks, reduced-size JPEG decode), device (the "
+                         "scoring actors: nvJPEG on a GPU; other formats stay on the CPU) or auto (device where the "
+                         "scoring actors hold GPUs, cpu otherwise)")
     return ap
 
 

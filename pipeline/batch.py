@@ -28,6 +28,7 @@ from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
 from ray.data.expressions import col
 
 from pipeline import archive, artifact, storage
+from pipeline.cluster import cluster_gpus
 from pipeline.nights import heatmap_key
 from pipeline.decoding import decode_batch, labels
 from pipeline.device_decode import DeviceDecoder, raw_pixels
@@ -301,6 +302,12 @@ def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list
     return ds.drop_columns(extra) if extra else ds
 
 
+def gpus_per_actor(gpus: float, actors: int) -> float:
+    """What each GPU scoring actor asks Ray for: a whole GPU, or an equal share of the cluster's GPUs when a
+    shard has more actors than there are GPUs (so that all of them start)."""
+    return min(1.0, gpus / max(1, actors))
+
+
 def score_partition(archive_uri: str, deployment: str, date: str | None, artifact_uri: str,
                     spec: artifact.ModelSpec, info: RunInfo, *, split: str | None = None,
                     heatmaps: HeatmapTarget | None = None, with_masks: bool = False, only: list[str] | None = None,
@@ -315,7 +322,9 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     `decode_on_device` the actors decode the JPEGs they can (device_decode), the CPU tasks the rest.
 
     Each bank shard reads only its products' rows, decodes them in CPU tasks and scores them in its own
-    actor pool. Callers run the datasets one after another: run together, N shards' pools would need N
+    actor pool. With GPUs, more actors than the cluster has GPUs share them (each takes GPUs/actors of one):
+    an actor's host work (its batch in and maps out through the object store, the rows' columns) then overlaps
+    another's work on the device instead of leaving the GPU idle. Callers run the datasets one after another: run together, N shards' pools would need N
     actors' resources at once and deadlock a small cluster; one at a time, each shard gets the whole
     cluster and only one shard's banks are in memory per actor.
     """
@@ -341,13 +350,15 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
                                image_ids=image_ids, with_masks=with_masks, duplicates=duplicates, batch_size=batch_size,
                                on_device=decode_on_device)
         # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score
+        actors = max(1, actors_per_shard)
+        gpu_share = gpus_per_actor(cluster_gpus(), actors) if use_gpu else 0
         scored = decoded.map_batches(
             ScoreActor, batch_format="numpy", batch_size=batch_size,
             fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info,
                                    "heatmaps": None if use_gpu else heatmaps, "fault": fault,
-                                   "cpu_share": max(1, actors_per_shard)},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors_per_shard)),
-            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                                   "cpu_share": actors},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+            num_gpus=gpu_share, num_cpus=0 if use_gpu else 1,
             max_restarts=actor_restarts, max_task_retries=actor_restarts)
         if heatmaps is not None and use_gpu:
             scored = scored.map_batches(write_heatmaps, batch_format="numpy", max_retries=TASK_RETRIES,

@@ -11,11 +11,26 @@ from pipeline.heap import release_freed_memory
 from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, device_jpeg, resize_mask, to_model_pixels
 
 
-# Where a night's JPEGs are decoded (jobs.score --decode): here, in Ray's CPU tasks (PIL, reduced-size decode), or
-# on the scoring actors' device (decode_batch's `on_device`; device_decode). cpu by default: the actor decodes and
-# scores one after the other on its GPU, so decoding there pays only where the node's CPUs cannot keep up with its
-# GPUs (README, "Sizing a GPU node"); gpu-bench.sh measures both.
-DECODE_CHOICES = ("cpu", "device")
+# Where a night's JPEGs are decoded (jobs.score --decode): in Ray's CPU tasks (PIL, reduced-size decode), or on
+# the scoring actors' device (decode_batch's `on_device`; device_decode). "auto" (the default) resolves per run
+# (decode_where): on the actors where they hold GPUs, in the CPU tasks where they run on CPUs.
+DECODE_CHOICES = ("auto", "cpu", "device")
+
+
+def decode_where(decode: str, on_gpu: bool) -> str:
+    """--decode resolved for a run whose scoring actors hold GPUs (`on_gpu`) or not: "cpu" or "device".
+
+    Why auto means device on GPUs: per 1024 px JPEG the CPU tasks' decode costs a core 6.4 ms, the header check
+    that replaces it 0.04 ms, and the actor's nvJPEG decode + resize adds 0.11 ms to its GPU loop (H200 node,
+    16 vCPUs: infra/benchmarks/2026-12-04-h200-gpu-bench.md). With the heatmap writer's 2.5 ms, CPU decode needs
+    ~9 ms of a core per image against the actor's 0.6-0.7 ms, so a node needs more than ~14 free cores per GPU
+    before the tasks keep up, and nodes are built with 8-24 vCPUs per GPU. On a CPU actor the opposite holds:
+    its full-size decode is slower than the tasks' reduced one, on the cores the forward needs."""
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+    if decode == "auto":
+        return "device" if on_gpu else "cpu"
+    return decode
 
 
 def error_text(e: Exception) -> str:

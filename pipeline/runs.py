@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from pipeline import archive, artifact, evidence, nights, registry, report, serving, storage
 from pipeline.batch import INFRA_ERRORS, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition, score_rows
 from pipeline.cluster import cluster_gpus, has_gpus
-from pipeline.decoding import DECODE_CHOICES
+from pipeline.decoding import decode_where
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.progress import Progress
@@ -105,18 +105,18 @@ class TooManyErrors(PipelineError):
 def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
                 budget_mb: float | None = None, actors_per_shard: int | None = None, batch_size: int = 16,
                 max_error_rate: float = 0.05, fault: InjectedFault | None = None, heatmap_side: int | None = None,
-                heatmap_full_res: bool = False, decode: str = "cpu") -> dict:
+                heatmap_full_res: bool = False, decode: str = "auto") -> dict:
     """Score one night's partition and publish its score rows and heatmaps under `output` atomically
     (pipeline.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
     its scoring process again and again is isolated into an error row (batch.isolating). More than
     `max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
     Heatmaps are stored with the long side at most `heatmap_side` (default: the model's input size, what
     the map carries) or, with `heatmap_full_res`, at each image's own resolution. `decode`: where JPEGs are
-    decoded, "cpu" (Ray's CPU tasks) or "device" (the scoring actors, nvJPEG on a GPU: device_decode). `fault`
+    decoded, "cpu" (Ray's CPU tasks), "device" (the scoring actors, nvJPEG on a GPU: device_decode) or "auto"
+    (device where the actors hold GPUs, else cpu: decoding.decode_where). `fault`
     is a test's injected crash. Returns a summary."""
     archive.check_date(date)
-    if decode not in DECODE_CHOICES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+    decode_where(decode, False)  # a wrong value fails before any run starts
     mlflow = registry.connect()
     mv, uri, spec = _resolve(deployment, alias)
     output = storage.normalize(output)
@@ -139,7 +139,8 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
         # one scoring actor per GPU (the pool sized to the cluster, not one); on CPUs one actor, whose torch
         # threads already use the node's cores while decode tasks take the rest
         actors = actors_per_shard or (max(1, int(cluster_gpus())) if use_gpu else 1)
-        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": decode})
+        where = decode_where(decode, use_gpu)
+        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": where})
         mlflow.log_params({"heatmap_side": target.side or "full"})
         t0 = time.time()
 
@@ -147,7 +148,7 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
             for ds in score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=target,
                                       image_ids=image_ids, budget_mb=budget_mb, actors_per_shard=actors,
                                       batch_size=batch_size, use_gpu=use_gpu, actor_restarts=actor_restarts,
-                                      fault=fault, decode_on_device=decode == "device"):
+                                      fault=fault, decode_on_device=where == "device"):
                 yield from ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
                                                                                        batch_size=None)
 

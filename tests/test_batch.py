@@ -114,3 +114,10 @@ def test_decoded_rows_come_in_blocks_of_a_few_actor_batches_not_of_rays_128_mb(r
     sizes = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
     # a block closes once it is over its target: one batch past DECODED_BATCHES_PER_BLOCK batches at most
     assert DECODED_BATCHES_PER_BLOCK <= 4 and sum(sizes) == 60 and max(sizes) <= 4 * 5, sizes
+
+
+def test_more_gpu_actors_than_gpus_share_them_so_that_all_of_them_start():
+    from pipeline.batch import gpus_per_actor
+    assert gpus_per_actor(1, 1) == 1.0 and gpus_per_actor(4, 1) == 1.0  # never more than one GPU an actor
+    assert gpus_per_actor(1, 2) == 0.5 and gpus_per_actor(2, 3) == 2 / 3
+    assert gpus_per_actor(1, 0) == 1.0  # no pool smaller than one actor

@@ -178,3 +178,13 @@ def test_a_device_that_decodes_nothing_is_given_up_once_and_pil_decodes_every_ro
     assert calls == [3, 1, 1, 1] and dec.unusable == "RuntimeError: Not compiled with GPU support"
     assert sum("gave up" in r.getMessage() for r in records) == 1 and dec.fallbacks == 9
     assert len(records) <= 2 + DeviceDecoder.WARN_FIRST  # a night of such batches does not flood the log
+
+
+def test_auto_decodes_on_the_actors_gpu_and_in_the_cpu_tasks_for_cpu_actors():
+    from pipeline.decoding import decode_where
+    assert decode_where("auto", on_gpu=True) == "device"
+    assert decode_where("auto", on_gpu=False) == "cpu"
+    for explicit in ("cpu", "device"):  # an operator's choice stands on both kinds of node
+        assert decode_where(explicit, on_gpu=True) == decode_where(explicit, on_gpu=False) == explicit
+    with pytest.raises(ValueError, match="decode must be one of auto, cpu, device"):
+        decode_where("gpu", on_gpu=True)

@@ -271,16 +271,20 @@ def test_jpegs_decoded_on_the_scoring_actor_score_as_the_cpu_tasks_decode_them(p
 
     ids = _jpeg_night(plant["arch"])
     nights_ = {}
-    for decode in ("cpu", "device"):
+    # auto, the default, decodes in the CPU tasks where the actors hold no GPU (here): logged as what it chose
+    for decode, chosen in (("cpu", "cpu"), ("device", "device"), ("auto", "cpu")):
         out = os.path.join(plant["root"], f"out-{decode}")
         s = score_night("an", plant["arch"], JPEGS, out, decode=decode, max_error_rate=0.5)
-        assert registry.client().get_run(s["run_id"]).data.params["decode"] == decode
+        assert registry.client().get_run(s["run_id"]).data.params["decode"] == chosen
         fs, path = storage.arrow_filesystem(nights.night_uri(out, "an", JPEGS))
         t = pads.dataset(path, filesystem=fs, format="parquet").to_table(
             columns=["image_id", "score", "status", "error", "height", "width", "heatmap_uri"]).to_pylist()
         nights_[decode] = {r["image_id"]: r for r in t}
         assert sorted(nights_[decode]) == ids and s["rows_out"] == len(ids)
     cpu, dev = nights_["cpu"], nights_["device"]
+    auto = nights_["auto"]  # the CPU tasks' pixels, so their scores to the bit
+    assert {i: r["status"] for i, r in auto.items()} == {i: r["status"] for i, r in cpu.items()}
+    assert all(auto[i]["score"] == cpu[i]["score"] for i in ids if cpu[i]["status"] == "ok")
     for i in ids:
         assert (dev[i]["status"], dev[i]["height"], dev[i]["width"]) == (cpu[i]["status"], cpu[i]["height"],
                                                                            cpu[i]["width"]), i
