@@ -22,7 +22,7 @@ from pipeline.errors import UsageError
 from pipeline.images import ImageDecodeError, decode_image, to_model_input
 from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.prompt_training import ShotBatch, shots_batch
-from pipeline.scorer import component_maps, encode, fuse, text_features
+from pipeline.model.scoring import component_maps, encode, fuse, text_features
 
 MAX_CALIBRATION = 64  # held-out normals scored per product; more adds time, not much precision
 

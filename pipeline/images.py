@@ -11,11 +11,12 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from pipeline.model import config
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
-# CLIP's normalisation constants (open_clip OPENAI_DATASET_MEAN / STD).
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+CLIP_MEAN = np.array(config.CLIP_MEAN, dtype=np.float32)  # [3]
+CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)  # [3]
 
 
 class ImageDecodeError(ValueError):

@@ -1,10 +1,5 @@
-"""Scoring with a trained deployment: prompted backbone + memory banks + thresholds. No Ray here.
-
-One visual forward per image (global view, prefix c_0 only). The evidence and its fusion are pure functions
-of (model, banks, encoded batch), shared by the scorer, threshold calibration and the benchmarks:
-- `component_maps`: the decoder's text map and the memory-bank map, at model resolution;
-- `fuse`: their harmonic mean (Sec. 3.5; optionally each first scaled by its level on the product's normal
-  images, or either map alone, per the config's fusion), Gaussian-smoothed; the image score is its maximum.
+"""Scoring with a trained deployment: prompted backbone + memory banks + thresholds, loaded from its artifact.
+No Ray here. The math on a batch (encode, the component maps, their fusion) is pipeline.model.scoring;
 `Scorer` holds one model's banks, text features and thresholds, built once, complete.
 """
 from __future__ import annotations
@@ -16,10 +11,9 @@ from safetensors.torch import load as st_load
 from pipeline import artifact, storage
 from pipeline.bank import MemoryBank, pick_backend
 from pipeline.errors import NotFoundError
-from pipeline.images import CLIP_MEAN, CLIP_STD
-from pipeline.model.anomaly_map import blur, harmonic_fusion, image_score, patch_scores_to_map, pixel_map
 from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.model.config import AnoPLeConfig
+from pipeline.model.scoring import component_maps, encode, fuse, text_features
 from pipeline.weights import build_model
 
 
@@ -31,99 +25,6 @@ def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def _normalizer(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's mean and std as [1, 3, 1, 1] tensors on `device` (images.normalize, in torch)."""
-    return (torch.from_numpy(CLIP_MEAN).view(1, 3, 1, 1).to(device),
-            torch.from_numpy(CLIP_STD).view(1, 3, 1, 1).to(device))
-
-
-@torch.inference_mode()
-def model_input(pixels: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
-    """[B, 3, S, S] pixels -> float32 model input on `device`. uint8 pixels (images.to_model_pixels, what decode
-    tasks send, or a tensor the actor decoded on its device: device_decode) are moved as bytes and normalised
-    there, as images.normalize does; float32 ones are taken as already normalised (images.to_model_input)."""
-    if not isinstance(pixels, torch.Tensor):
-        pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=None if pixels.dtype == np.uint8 else np.float32))
-    if pixels.dtype == torch.uint8:
-        x = pixels.to(device, non_blocking=True).float() / 255.0
-        mean, std = _normalizer(device)
-        return (x - mean) / std  # [B, 3, S, S]
-    return pixels.to(device, torch.float32)
-
-
-@torch.inference_mode()
-def encode(model: AnoPLe, pixels: np.ndarray, device: str) -> Encoded:
-    """[B, 3, S, S] pixels (uint8, or normalised float32) -> the one visual forward (global view, prefix c_0),
-    in float32."""
-    x = model_input(pixels, device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-        enc = model.encode_image(x)  # bf16 backbone on GPU (mixed precision)
-    # heads, bank search and maps run in float32 (they are small; the bank distances need the bits)
-    return enc.float()
-
-
-@torch.inference_mode()
-def text_features(model: AnoPLe, products: list[str]) -> dict[str, torch.Tensor]:
-    """product -> its [2, D] normal/abnormal text features; {} for a model without a decoder."""
-    if model.decoder is None or not products:
-        return {}
-    feats = model.encode_text(list(products))  # [P, 2, D]
-    return {p: feats[i] for i, p in enumerate(products)}
-
-
-@torch.inference_mode()
-def component_maps(model: AnoPLe, enc: Encoded, products: list[str], banks: dict[str, MemoryBank],
-                   text: dict[str, torch.Tensor], kinds: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """The evidence before fusion, {"bank": [B, S, S], "text": [B, S, S]} (`kinds`, default whichever the
-    config's fusion uses). Bank map: mean halved cosine distance of each patch to its nearest bank patch;
-    text map: the decoder's anomaly probability. `banks` and `text` must hold every product of the batch."""
-    cfg, S, B = model.cfg, model.image_size, len(enc)
-    kinds = kinds or {"bank": ("bank",), "text": ("text",)}.get(cfg.fusion, ("bank", "text"))
-    maps = {}
-    if "bank" in kinds:
-        feats = model.bank_features(enc)  # per layer [B, HW, C]
-        hw = feats[0].shape[1]
-        patch = torch.empty(B, hw, device=feats[0].device)  # visual anomaly per patch
-        for p in sorted(set(products)):
-            rows = [i for i, q in enumerate(products) if q == p]
-            queries = [f[rows].reshape(-1, f.shape[-1]) for f in feats]  # per layer [len(rows) * HW, C]
-            patch[rows] = banks[p].distance(queries).reshape(len(rows), hw).to(patch.device)
-        maps["bank"] = patch_scores_to_map(patch, model.grid, S, sigma=0)  # [B, S, S]
-    if "text" in kinds:
-        t = torch.stack([text[p] for p in products]).to(enc.z0.dtype)  # [B, 2, D]
-        maps["text"] = pixel_map(model.text_head(enc, t)["logits"].float(), S)  # [B, S, S]
-    return maps
-
-
-def fuse(cfg: AnoPLeConfig, maps: dict[str, torch.Tensor], products: list[str],
-         scales: dict[str, dict[str, float]] | None = None, weight: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Component maps -> (scores [B], maps [B, S, S]) as numpy float32.
-
-    harmonic: HM(t, b) = 2tb / (t + b) (Sec. 3.5, the paper's). HM follows the smaller input (HM ~ 2t
-    when t << b), so a decoder on a smaller scale silences the bank and one on a larger scale is silenced.
-    With `fusion_calibrated` each map is first divided by its own level on the product's normal
-    calibration images (`scales[product]`, ProductSpec.map_scales).
-    weighted: (1 - w) b / level_b + w t / level_t, both maps in units of their normal level, w from the
-    config (resolved on the validation signal at training) or `weight` (the validation's own grid)."""
-    if len(maps) == 1:
-        amap = next(iter(maps.values()))
-    else:
-        t, b = maps["text"], maps["bank"]  # each [B, S, S]
-        if cfg.fusion == "weighted" or cfg.fusion_calibrated:
-            scales = scales or {}
-            st = torch.tensor([scales.get(p, {}).get("text", 1.0) for p in products], device=t.device)  # [B]
-            sb = torch.tensor([scales.get(p, {}).get("bank", 1.0) for p in products], device=b.device)  # [B]
-            t, b = t / st.view(-1, 1, 1), b / sb.view(-1, 1, 1)
-        if cfg.fusion == "weighted":
-            w = weight if weight is not None else cfg.fusion_weight
-            w = 0.5 if w < 0 else w  # -1 not resolved (trained without validation): equal weights
-            amap = (1 - w) * b + w * t  # both maps in units of their own normal level
-        else:
-            amap = harmonic_fusion(t, b)
-    amap = blur(amap.float(), cfg.blur_sigma)  # [B, S, S]
-    return image_score(amap).cpu().numpy(), amap.cpu().numpy()
 
 
 class Scorer:

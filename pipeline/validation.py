@@ -10,7 +10,7 @@ drawn from a fixed seed, so every validation of a run scores the same set.
 
 A validation builds each product's bank from its shots with the current model (the bank's features move
 with the visual prompts), computes the bank map alone, the decoder's map alone and their fusion as the
-scorer deploys it (pipeline.scorer, each map's normal level taken from the clean images, as threshold
+scorer deploys it (pipeline.model.scoring, each map's normal level taken from the clean images, as threshold
 calibration does), and reports pixel AUROC of each on a stride-4 pixel grid, and image AUROC of the
 fusion, each the mean over products. The epoch-0 validation (before training) is the baseline the trained parts must beat.
 """
@@ -29,7 +29,7 @@ from pipeline.metrics import auroc
 from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.model.config import FUSION_WEIGHTS
 from pipeline.model.pseudo import pixel_anomaly
-from pipeline.scorer import component_maps, encode, fuse, text_features
+from pipeline.model.scoring import component_maps, encode, fuse, text_features
 
 VAL_SEED = 7919  # the validation set's own stream, apart from training's
 STRIDE = 4       # pixels per side between the pixels scored: 1/16 of them, plenty for an AUROC

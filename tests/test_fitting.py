@@ -55,7 +55,7 @@ def _pixels(data, ids):
 
 def test_map_levels_come_from_the_normal_calibration_images_and_scale_the_fusion(tiny_model):
     from pipeline.model.anomaly_map import blur, harmonic_fusion
-    from pipeline.scorer import component_maps, encode, fuse, text_features
+    from pipeline.model.scoring import component_maps, encode, fuse, text_features
 
     model = tiny_model(fusion_calibrated=True)
     fit, data = _fitted(model)
@@ -77,7 +77,7 @@ def test_map_levels_come_from_the_normal_calibration_images_and_scale_the_fusion
 
 def test_raw_harmonic_fusion_ignores_the_levels(tiny_model):
     from pipeline.model.anomaly_map import blur, harmonic_fusion
-    from pipeline.scorer import fuse
+    from pipeline.model.scoring import fuse
 
     comp = {"text": torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.1,
             "bank": torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(2)) * 0.3}

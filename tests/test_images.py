@@ -55,7 +55,7 @@ def test_model_input_is_normalised_chw():
 
 
 def test_uint8_pixels_normalised_on_the_actor_equal_the_float_model_input():
-    from pipeline.scorer import model_input
+    from pipeline.model.scoring import model_input
     rgb = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     u8 = to_model_pixels(rgb, 64)
     assert u8.dtype == np.uint8 and u8.shape == (3, 64, 64)

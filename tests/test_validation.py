@@ -11,7 +11,7 @@ from pipeline.ingest import ingest
 from pipeline.model.anomaly_map import blur
 from pipeline.model.config import FUSION_WEIGHTS, AnoPLeConfig
 from pipeline.prompt_training import ValRecord, train_kinds
-from pipeline.scorer import fuse
+from pipeline.model.scoring import fuse
 from pipeline.synthetic import make_mvtec_folder
 from pipeline.validation import build_validation, gain, on_rank0, validate, verdict
 

@@ -9,6 +9,10 @@ PROMPT_MODES = ("bi", "t2i", "i2t", "text", "visual", "none")
 PSEUDO_KINDS = ("paste", "noise", "texture", "perlin")  # pixel pseudo-anomalies (pipeline.model.pseudo)
 FUSIONS = ("harmonic", "weighted", "text", "bank")
 FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # grid the validation chooses from
+# CLIP's input normalisation per RGB channel (open_clip OPENAI_DATASET_MEAN / STD): the backbone's, so here;
+# plain tuples, so the decode tasks (pipeline.images, numpy) read them without importing torch
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

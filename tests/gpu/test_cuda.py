@@ -16,7 +16,8 @@ from pipeline.model.anople import AnoPLe, build_tokenizer  # noqa: E402
 from pipeline.model.backbone import create_clip  # noqa: E402
 from pipeline.model.config import AnoPLeConfig  # noqa: E402
 from pipeline.prompt_training import PromptTrainer, ShotBatch  # noqa: E402
-from pipeline.scorer import Scorer, encode  # noqa: E402
+from pipeline.model.scoring import encode  # noqa: E402
+from pipeline.scorer import Scorer  # noqa: E402
 
 TINY = "anople-tiny-vit"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
