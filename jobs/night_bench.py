@@ -238,7 +238,8 @@ class BareForward:
 
         from pipeline import registry
         from pipeline.images import decode_scaled, to_model_pixels
-        from pipeline.scorer import Scorer, model_input
+        from pipeline.model.scoring import model_input
+        from pipeline.scorer import Scorer
 
         mv = registry.get_version(deployment, alias="production")
         self.scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
@@ -270,7 +271,8 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
 
     from pipeline import archive, registry, storage
     from pipeline.images import decode_scaled, encode_heatmap, heatmap_scale, to_model_pixels
-    from pipeline.scorer import Scorer, component_maps, fuse, model_input
+    from pipeline.model.scoring import component_maps, fuse, model_input
+    from pipeline.scorer import Scorer
 
     mv = registry.get_version(deployment, alias="production")
     scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
@@ -366,11 +368,13 @@ def actor_profile(backbone: str, weights: str, size: int, n_products: int, batch
     process does per image, so: cores / decode = what the CPU tasks can feed, 1 / actor = what one actor takes."""
     import torch
 
-    from pipeline.batch import HeatmapTarget, RunInfo, ScoreActor, write_heatmaps
+    from pipeline.batch import HeatmapTarget, ScoreActor, write_heatmaps
     from pipeline.decoding import decode_batch
     from pipeline.fitting import ProductShots, fit_products
+    from pipeline.score_table import RunInfo
     from pipeline.model.config import AnoPLeConfig
-    from pipeline.scorer import Scorer, model_input, pick_device
+    from pipeline.model.scoring import model_input
+    from pipeline.scorer import Scorer, pick_device
     from pipeline.synthetic import product_names
     from pipeline.weights import build_model
 

@@ -14,7 +14,6 @@ always equals rows in.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -34,6 +33,7 @@ from pipeline.decoding import decode_batch, labels
 from pipeline.device_decode import DeviceDecoder, raw_pixels
 from pipeline.heap import keep_large_blocks_on_heap, release_freed_memory
 from pipeline.images import encode_heatmap, heatmap_scale
+from pipeline.score_table import RunInfo, error_rows, score_rows
 from pipeline.scorer import Scorer
 
 EVAL_COLUMNS = ("mask", "label")  # decoded ground truth, carried past the actors when evaluating
@@ -62,15 +62,6 @@ class InjectedFault:
 
 
 @dataclass(frozen=True)
-class RunInfo:
-    """Who scored: stamped on every output row."""
-    deployment: str
-    model_name: str
-    model_version: str
-    run_id: str
-
-
-@dataclass(frozen=True)
 class HeatmapTarget:
     """Where a run's heatmaps go (nights.heatmap_prefix): one deterministic key per image_id; stored with the
     long side at most `side` pixels (None: at the image's full resolution)."""
@@ -81,37 +72,12 @@ class HeatmapTarget:
         return storage.join(self.prefix, heatmap_key(image_id))
 
 
-def score_rows(batch: dict, info: RunInfo, *, score, threshold, status, error, heatmap_uri=None,
-               heatmap_scale=None) -> dict:
-    """The SCORE_SCHEMA columns of a batch (numpy). An error row is never anomalous."""
-    n = len(batch["image_id"])
-    now = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")  # UTC
-    score = np.asarray(score, dtype=np.float64)
-    threshold = np.asarray(threshold, dtype=np.float64)
-    status = np.asarray(status, dtype=object)
-    return {
-        "image_id": batch["image_id"], "product": batch["product"],
-        "source_uri": batch["source_uri"] if "source_uri" in batch else np.full(n, None, dtype=object),
-        "score": score, "is_anomalous": (score > threshold) & (status == "ok"),
-        "threshold": threshold,
-        "model_name": np.array([info.model_name] * n, dtype=object),
-        "model_version": np.array([info.model_version] * n, dtype=object),
-        "heatmap_uri": np.asarray([None] * n if heatmap_uri is None else heatmap_uri, dtype=object),
-        "heatmap_scale": np.full(n, np.nan) if heatmap_scale is None else np.asarray(heatmap_scale, dtype=np.float64),
-        "height": np.asarray(batch["height"] if "height" in batch else np.zeros(n), dtype=np.int32),
-        "width": np.asarray(batch["width"] if "width" in batch else np.zeros(n), dtype=np.int32),
-        "status": status, "error": np.asarray(error, dtype=object),
-        "run_id": np.array([info.run_id] * n, dtype=object), "scored_at": np.full(n, now),
-    }
-
-
 def unknown_product_rows(batch: dict, info: RunInfo, known: list[str]) -> dict:
     """Rows whose product has no bank in this model: error rows in the actors' schema, never dropped."""
     n = len(batch["image_id"])
-    nan = np.full(n, np.nan)
     errors = [f"unknown product {p!r}: model {info.model_name} v{info.model_version} knows {', '.join(known)}"
               for p in batch["product"]]
-    out = score_rows(batch, info, score=nan, threshold=nan, status=["error"] * n, error=errors)
+    out = error_rows(batch, info, errors)
     out.update(map=np.zeros((n, 1, 1), dtype=np.float32), height=np.zeros(n, np.int32), width=np.zeros(n, np.int32))
     if "label" in batch:
         out.update(mask=np.zeros((n, 1, 1), dtype=bool), label=labels(batch["label"]))

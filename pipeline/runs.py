@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import archive, artifact, evidence, nights, registry, report, serving, storage
-from pipeline.batch import INFRA_ERRORS, InjectedFault, HeatmapTarget, RunInfo, isolating, score_partition, score_rows
+from pipeline.batch import INFRA_ERRORS, InjectedFault, HeatmapTarget, isolating, score_partition
 from pipeline.cluster import cluster_gpus, has_gpus
 from pipeline.decoding import decode_where
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.progress import Progress
-from pipeline.score_table import SCORE_SCHEMA, to_table
+from pipeline.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
 from pipeline.training import TrainConfig, fit_deployment
 from pipeline.validation import verdict
 
@@ -157,9 +157,8 @@ def score_night(deployment: str, archive_uri: str, date: str, output: str, alias
                                      columns=["image_id", "product", "source_uri"]).to_pydict()
             n = len(row["image_id"])  # one row, or more where the archive repeats the image_id
             thr = [spec.products[p].threshold if p in spec.products else np.nan for p in row["product"]]
-            return to_table(score_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info,
-                                       score=np.full(n, np.nan), threshold=thr, status=["error"] * n,
-                                       error=[reason] * n))
+            return to_table(error_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info, [reason] * n,
+                                       threshold=thr))
 
         def all_ids():
             return archive.read_table(archive_uri, deployment, date, columns=["image_id"])["image_id"].to_pylist()

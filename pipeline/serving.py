@@ -23,16 +23,24 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
+from pipeline.score_table import SCORE_SCHEMA, RunInfo, score_rows
+
 ARTIFACT = "anople"  # the pipeline's artifact inside the MLflow model: artifacts/anople/
+# The score row's columns serving answers with (pipeline.score_table), in this order; the nullable ones may be
+# missing (image_id) or null (no score and no threshold on an error row).
+SERVED = ("image_id", "product", "score", "is_anomalous", "threshold", "status", "error")
+NULLABLE = ("image_id", "score", "threshold")
+_MLFLOW_TYPE = {"string": "string", "double": "double", "bool": "boolean"}  # Arrow type -> MLflow column type
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "product"),
                    ColSpec("string", "image_id", required=False)]),
-    outputs=Schema([ColSpec("string", "image_id", required=False), ColSpec("string", "product"),
-                    ColSpec("double", "score", required=False), ColSpec("boolean", "is_anomalous"),
-                    ColSpec("double", "threshold", required=False), ColSpec("string", "status"),
-                    ColSpec("string", "error")]))
+    outputs=Schema([ColSpec(_MLFLOW_TYPE[str(SCORE_SCHEMA.field(c).type)], c, required=c not in NULLABLE)
+                    for c in SERVED]))
 _REQUIREMENTS = ("torch", "open_clip_torch", "faiss-cpu", "numpy", "pillow", "safetensors", "pyarrow", "s3fs",
                  "pyyaml", "scipy", "mlflow")
+
+
+SERVING = RunInfo("", "", "", "")  # serving's rows carry none of the run columns (not in SERVED)
 
 
 class AnoPLePyfunc(mlflow.pyfunc.PythonModel):
@@ -67,10 +75,9 @@ class AnoPLePyfunc(mlflow.pyfunc.PythonModel):
             s, _ = self.scorer.score(np.stack([pixels[i] for i in rows]), [products[i] for i in rows])
             score[rows] = s
         threshold = np.array([self.scorer.thresholds.get(p, np.nan) for p in products], dtype=np.float64)
-        ok = np.array(status) == "ok"
-        return pd.DataFrame({"image_id": ids, "product": products, "score": _or_null(np.where(ok, score, np.nan)),
-                             "is_anomalous": ok & (score > threshold), "threshold": _or_null(threshold),
-                             "status": status, "error": error})
+        rows = score_rows({"image_id": np.array(ids, dtype=object), "product": np.array(products, dtype=object)},
+                          SERVING, score=score, threshold=threshold, status=status, error=error)
+        return pd.DataFrame({c: _or_null(rows[c]) if c in ("score", "threshold") else rows[c] for c in SERVED})
 
 
 def _or_null(values: np.ndarray) -> pd.Series:

@@ -4,7 +4,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from pipeline.batch import HeatmapTarget, RunInfo, score_rows, write_heatmaps
+from pipeline.batch import HeatmapTarget, write_heatmaps
+from pipeline.score_table import RunInfo, score_rows
 from pipeline.images import decode_heatmap
 
 INFO = RunInfo("d", "anople-d", "1", "run")
