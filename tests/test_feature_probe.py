@@ -1,7 +1,7 @@
 """The feature probe behind issue 9's diagnosis: a linear probe that finds a linear signal and not a random one."""
 import torch
 
-from jobs.feature_probe import linear_probe_auroc
+from jobs.bench.feature_probe import linear_probe_auroc
 
 
 def test_the_probe_finds_a_linearly_encoded_label_and_not_a_random_one():

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.night_bench import steady_state
+from jobs.bench.night_bench import steady_state
 
 
 def _scores(path, stamps):
@@ -36,7 +36,7 @@ def test_batches_share_a_stamp_and_a_night_of_few_batches_has_no_tenths(tmp_path
 
 
 def test_cores_busy_are_the_change_of_cpu_seconds_over_the_steady_window():
-    from jobs.night_bench import cores_used
+    from jobs.bench.night_bench import cores_used
     # an actor burning 2 cores and a decode worker 0.5 from t=10 s; a process that started later counts from 0
     samples = [(t, {"ray::ScoreActor": 2.0 * t, "ray::MapBatches(decode_batch)": 0.5 * t,
                     **({"late": 0.25 * (t - 50)} if t >= 50 else {})}) for t in np.arange(0, 100, 0.5)]
@@ -50,7 +50,7 @@ def test_each_process_of_the_tree_is_named_and_charged_the_cpu_it_used_between_s
     import sys
     import time
 
-    from jobs.night_bench import tree_memory_mb
+    from jobs.bench.night_bench import tree_memory_mb
     (tmp_path / "spin.py").write_text("import time\nt = time.time()\nwhile time.time() - t < 3: pass\n")
     spin = subprocess.Popen([sys.executable, str(tmp_path / "spin.py")])
     try:
@@ -74,7 +74,7 @@ def test_the_rows_of_the_batch_that_opens_the_steady_window_are_not_counted_in_i
 
 
 def test_gpu_use_is_averaged_over_each_nights_steady_window_and_broken_lines_are_skipped(tmp_path):
-    from jobs.night_bench import gpu_in_windows
+    from jobs.bench.night_bench import gpu_in_windows
     log = tmp_path / "gpu.csv"
     log.write_text("10.0,50,100\n10.5,70,200\n11.0,90,300\nNo devices were found\n12.5,7\n20.0,1,1\n")
     use = gpu_in_windows(str(log), [("night", (10.2, 11.0)), ("later", (30.0, 40.0))])
@@ -82,7 +82,7 @@ def test_gpu_use_is_averaged_over_each_nights_steady_window_and_broken_lines_are
 
 
 def test_the_in_process_profile_times_every_stage_of_the_night_through_the_real_code(tmp_path):
-    from jobs.night_bench import actor_profile
+    from jobs.bench.night_bench import actor_profile
     prof = actor_profile("anople-tiny-vit", "random", 96, 2, batch=4, batches=2, workdir=str(tmp_path))
     stages = prof["per_image_s"]
     assert set(stages) == {"decode (CPU task)", "header check (CPU task, --decode device)", "bare visual forward",

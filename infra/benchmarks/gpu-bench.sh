@@ -55,7 +55,7 @@ step() {
 said() { echo "WARNING: step $1 failed or ran out of time: read the figures with that in mind"; }
 
 if [[ $steps == *" profile "* ]]; then
-  step "${PROFILE_TIMEOUT:-0}" $python -m jobs.night_bench --in-process "${PROFILE_BATCHES:-6}" --size "$size" \
+  step "${PROFILE_TIMEOUT:-0}" $python -m jobs.bench.night_bench --in-process "${PROFILE_BATCHES:-6}" --size "$size" \
     --backbone "$backbone" --batch-size "$batch" --json "$out/in-process.json" 2>&1 | tee "$out/in-process.log" \
     || said profile
 fi
@@ -68,13 +68,13 @@ if [[ $steps == *" night "* ]]; then
   [ -z "${smi:-}" ] || extra+=(--gpu-log "$out/gpu-utilisation.csv")
   IFS=';' read -ra vs <<< "$variants"
   for v in "${vs[@]}"; do [ -z "$v" ] || extra+=(--variant "$v"); done
-  step "${NIGHT_TIMEOUT:-0}" $python -m jobs.night_bench --images "$images" --scale 0 --size "$size" --format jpeg \
+  step "${NIGHT_TIMEOUT:-0}" $python -m jobs.bench.night_bench --images "$images" --scale 0 --size "$size" --format jpeg \
     --backbone "$backbone" --batch-size "$batch" --sample "$sample" "${extra[@]}" --json "$out/night.json" 2>&1 \
     | tee "$out/night.log" || said night
 fi
 if [[ $steps == *" fit "* ]]; then
   t0=$(date +%s.%N)
-  step "${FIT_TIMEOUT:-0}" $python -m jobs.throughput --products "$products" --shots 4 --epochs "$epochs" --night 20 \
+  step "${FIT_TIMEOUT:-0}" $python -m jobs.bench.throughput --products "$products" --shots 4 --epochs "$epochs" --night 20 \
     --backbone "$backbone" --batch-size "$batch" 2>&1 | tee "$out/fit-${products}x4.log" || said fit
   echo "fit benchmark wall (generate, ingest, train, promote, score, scorer loop): $($python -c "import time; print(round(time.time() - $t0, 1))") s" \
     | tee -a "$out/fit-${products}x4.log"

@@ -1,4 +1,4 @@
-"""python -m jobs.deployment_sizes: does the default recipe learn at every deployment size?
+"""python -m jobs.bench.deployment_sizes: does the default recipe learn at every deployment size?
 
 Benchmark, not a test. For each deployment size (products x shots) and seed it generates synthetic
 products, fits the full model and the memory bank alone (the real trainer, validation, bank fitting and
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from jobs.ablations import cell, load_data, parse_sets, run_row
+from jobs.bench.common import cell, load_data, parse_sets, run_row
 from pipeline.fitting import shot_batch
 from pipeline.metrics import PAPER_METRICS
 from pipeline.model.config import AnoPLeConfig
@@ -62,7 +62,7 @@ def validation_gain(clip_args, overrides, data, products, seed, device) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="jobs.deployment_sizes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="jobs.bench.deployment_sizes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="anople-small-vit")
     ap.add_argument("--weights", default="random")
     ap.add_argument("--sizes", default="3x1,3x2,3x4,15x1,15x2,15x4", help="products x shots, comma-separated")

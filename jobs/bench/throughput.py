@@ -1,4 +1,4 @@
-"""python -m jobs.throughput: one deployment end to end through the jobs, timed (a benchmark; asserts nothing).
+"""python -m jobs.bench.throughput: one deployment end to end through the jobs, timed (a benchmark; asserts nothing).
 
 Generates P synthetic products (the base patterns and their colour/scale variants), ingests K normal
 shots per product plus held-out normals (for thresholds) and a night of images, then runs the real
@@ -62,7 +62,7 @@ def scorer_rate(deployment: str, batch: int, batches: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="jobs.throughput", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="jobs.bench.throughput", description=__doc__.split("\n\n")[1])
     ap.add_argument("--products", type=int, default=15)
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=20)

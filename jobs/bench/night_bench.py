@@ -1,4 +1,4 @@
-"""python -m jobs.night_bench: a night at archive scale through the real `jobs.score`, measured (a benchmark;
+"""python -m jobs.bench.night_bench: a night at archive scale through the real `jobs.score`, measured (a benchmark;
 asserts nothing).
 
 Builds a deployment (synthetic products, a model fitted with a short budget and promoted with --force),
@@ -454,7 +454,7 @@ def gpu_in_windows(log: str, windows: list[tuple[str, tuple[float, float]]]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="jobs.night_bench", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="jobs.bench.night_bench", description=__doc__.split("\n\n")[1])
     ap.add_argument("--images", type=int, default=200, help="images in the night")
     ap.add_argument("--scale", type=int, default=5, help="also run a night this many times larger (RSS ratio); 0: no")
     ap.add_argument("--size", type=int, default=1024, help="image side, pixels")

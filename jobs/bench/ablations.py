@@ -1,4 +1,4 @@
-"""python -m jobs.ablations: the paper's ablation table on the project's synthetic products.
+"""python -m jobs.bench.ablations: the paper's ablation table on the project's synthetic products.
 
 Benchmark, not a test: for each seed it generates products with exact defect masks, then for each row
 trains AnoPLe (the real model, trainer, bank fitting and scorer, in-process without Ray) on K normal
@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
-import yaml
 
-from pipeline import archive
-from pipeline.fitting import fit_products, load_shots, shot_batch
-from pipeline.images import decode_image, decode_mask, resize_mask, to_model_input
-from pipeline.ingest import ingest
-from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
+from jobs.bench.common import cell, load_data, parse_sets, run_row
+from pipeline.metrics import PAPER_METRICS
 from pipeline.model.config import AnoPLeConfig
-from pipeline.prompt_training import train_prompts
-from pipeline.scorer import Scorer
 from pipeline.synthetic import make_mvtec_folder
-from pipeline.validation import build_validation, gain, validate
-from pipeline.weights import build_model
 
 ROWS = [  # (row name, AnoPLeConfig overrides, train?); the full model is the config's defaults
     ("untrained (T<->I, 0 steps)", {}, False),
@@ -47,63 +37,6 @@ ROWS = [  # (row name, AnoPLeConfig overrides, train?); the full model is the co
     ("untrained, text/decoder map only", {"fusion": "text"}, False),
     ("memory bank only", {"prompt_mode": "none", "fusion": "bank"}, False),
 ]
-
-
-def run_row(clip_args, overrides, train, data, test, products, seed, device):
-    """Train (or not) one row's model on the shots (validated on pseudo-anomalies of held-out normals,
-    as jobs.train does), fit every product, score the test images. -> (metrics, train seconds, the
-    validation gain in points or NaN)."""
-    cfg = AnoPLeConfig(**{"seed": seed, **overrides})
-    model = build_model(*clip_args, cfg, device)
-    S = model.image_size
-    t0 = time.time()
-    val_gain = float("nan")
-    if train and cfg.trains:
-        check = None
-        if cfg.validate:
-            vs = build_validation(data, products, S, cfg.val_kinds, cfg.val_images, seed)
-            check = lambda: validate(model, vs, device)  # noqa: E731
-        log = train_prompts(model, shot_batch(data, products, S), device, validate=check)
-        if check is not None:
-            val_gain = gain(log.val)["val_gain_pixel_auroc"]
-    train_s = time.time() - t0
-    scorer = Scorer.from_fits(model, fit_products(model, data, products, device), device)
-    per = {}
-    for p in products:
-        m = ProductMetrics()
-        for img, label, mask in test[p]:
-            rgb = decode_image(img)
-            s, amap = scorer.score(to_model_input(rgb, S)[None], [p])
-            m.update(s[0], label, amap[0], resize_mask(decode_mask(mask, rgb.shape[:2]), S))
-        per[p] = m.compute()
-    return summarize(per), train_s, val_gain
-
-
-def load_data(root, products, shots, seed):
-    """Ingest the generated products; -> (shots and held-out normals per product, test rows per product)."""
-    arch = os.path.join(root, "archive")
-    ingest(root + "/src", arch, "bench", "2026-01-01")
-    data = load_shots(arch, "bench", list(products), shots, seed)
-    t = archive.read_table(arch, "bench", "2026-01-01", archive.Rows(split="test"),
-                           columns=["product", "image", "label", "mask"]).to_pylist()
-    test = {p: [(r["image"], r["label"], r["mask"]) for r in t if r["product"] == p] for p in products}
-    return data, test
-
-
-def parse_sets(ap, sets: list[str]) -> dict:
-    """--set KEY=VALUE ... -> AnoPLe config overrides (values read as YAML)."""
-    out = {}
-    for kv in sets:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            ap.error(f"--set wants KEY=VALUE, got {kv!r}")
-        out[k] = yaml.safe_load(v)
-    return out
-
-
-def cell(values) -> str:
-    """mean +- std in %, for a metric over seeds."""
-    return f"{100 * np.mean(values):>11.1f} +-{100 * np.std(values):4.1f}"
 
 
 def print_table(rows, results: dict, times: dict, gains: dict) -> None:
@@ -136,7 +69,7 @@ def merge(paths: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="jobs.ablations", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="jobs.bench.ablations", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="anople-small-vit")
     ap.add_argument("--weights", default="random")
     ap.add_argument("--seeds", default="0,1,2")

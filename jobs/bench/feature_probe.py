@@ -1,4 +1,4 @@
-"""python -m jobs.feature_probe [--backbone ARCH] [--weights W]: can this backbone's patch features teach
+"""python -m jobs.bench.feature_probe [--backbone ARCH] [--weights W]: can this backbone's patch features teach
 AnoPLe's decoder at all?
 
 Diagnostic, not a test. AnoPLe's decoder reads a patch's anomaly from patch-text similarities: a linear
@@ -18,7 +18,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from jobs.ablations import load_data
+from jobs.bench.common import load_data
 from pipeline.fitting import shot_batch
 from pipeline.metrics import auroc
 from pipeline.model.config import AnoPLeConfig
@@ -52,7 +52,7 @@ def linear_probe_auroc(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="jobs.feature_probe", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="jobs.bench.feature_probe", description=__doc__.split("\n\n")[1])
     ap.add_argument("--backbone", default="anople-small-vit")
     ap.add_argument("--weights", default="random")
     ap.add_argument("--products", type=int, default=3)
