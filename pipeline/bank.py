@@ -3,8 +3,8 @@
 A test patch's visual anomaly score is its cosine distance to the nearest bank patch, halved into
 [0, 1] ((1 - cos) / 2, as PromptAD), averaged over the bank layers.
 Backends: FAISS on the GPU where the installed faiss has GPU support and a GPU is present; otherwise an
-exact torch matmul on the GPU (faiss-gpu is a CUDA 12 build, our torch is CUDA 13; measured, it is
-also ~700x faster than faiss-cpu there); FAISS on the CPU everywhere else.
+exact torch matmul on the GPU (where no faiss GPU build matches torch's CUDA; it keeps the queries on the
+device and is far faster than faiss-cpu there); FAISS on the CPU everywhere else.
 """
 from __future__ import annotations
 

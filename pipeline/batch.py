@@ -203,10 +203,10 @@ SHARDS_PER_FOOTER_READER = 50
 
 @contextlib.contextmanager
 def footer_readers(n_files: int):
-    """Ray Data (2.60) lists parquet files by reading their footers on a pool of FooterReader actors, 32 of
-    them per read whatever the file count (its env knob, read when read_parquet is called): 32 worker
-    processes started and killed for a night of a few shards, ~1.5 s of CPU each. Sized to the shards here
-    (one reader per 50 files, at most Ray's 32), unless the operator set the knob."""
+    """Ray Data lists parquet files by reading their footers on a pool of FooterReader actors of a fixed size
+    per read whatever the file count (its env knob, read when read_parquet is called), so a night of a few
+    shards would start and kill dozens of worker processes, each costing start-up CPU. Sized to the shards
+    here (one reader per 50 files, at most Ray's 32), unless the operator set the knob."""
     if FOOTER_ENV in os.environ:
         yield
         return
@@ -218,8 +218,8 @@ def footer_readers(n_files: int):
 
 
 # Ray Data fills a map task's output block up to DataContext.target_max_block_size (128 MB by default) before
-# handing it on: ~28 decoded batches of 32 at 224 px held in every decode worker (measured: 23 arrays of 4.6 MB
-# in its private memory at the peak), and the actor's first batch waits for them. Decoded blocks of a couple of
+# handing it on: dozens of decoded batches held in every decode worker's private memory, and the actor's first
+# batch waits for them. Decoded blocks of a couple of
 # the actor's batches keep that buffer small and the actors fed from the first batches.
 DECODED_BATCHES_PER_BLOCK = 2
 

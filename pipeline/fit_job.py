@@ -2,9 +2,9 @@
 worker runs.
 
 Light on purpose (dataclasses, pipeline.storage, pipeline.model.config): Ray Train's controller process
-unpickles the train function and its config. While they lived in pipeline.training, the controller imported
-torch, open_clip, faiss and MLflow (~12 s on 2 cores, ~1 GB resident) before it could start a single
-worker; the workers import the training code when they run it."""
+unpickles the train function and its config, and should start the workers without first importing torch,
+open_clip, faiss and MLflow (seconds of CPU and about a gigabyte resident); the workers import the training
+code when they run it."""
 from __future__ import annotations
 
 import hashlib
