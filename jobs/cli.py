@@ -4,7 +4,7 @@ and returns its exit code; anything else is a bug and propagates with its traceb
 Exit codes: 0 ok, 1 failure, 2 usage (argparse's own errors included), 3 refused.
 SIGTERM (a scheduler stopping the job) unwinds like an exception (Ray's driver installs the same), so open
 MLflow runs end FAILED and unpublished outputs are removed when Python gets to run; a SIGKILL, or Ray's
-native handler aborting first, leaves that to the next run of the same night (runs.score_night).
+native handler aborting first, leaves that to the next run of the same night (nightly.score_night).
 """
 from __future__ import annotations
 

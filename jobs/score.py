@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from jobs.cli import entrypoint, new_parser, summary
@@ -41,18 +42,15 @@ def parser() -> argparse.ArgumentParser:
 
 @entrypoint("score")
 def main(argv: list[str] | None = None) -> int:
-    ap = parser()
-    args = ap.parse_args(argv)
-    if args.heatmap_side is not None and args.heatmap_side < 1:
-        ap.error("--heatmap-side must be a positive number of pixels")
+    args = parser().parse_args(argv)
     from pipeline import archive, registry
     from pipeline.cluster import init_ray
-    from pipeline.runs import score_night
+    from pipeline.nightly import ScoreOptions, score_night
+    # the options travel whole: each ScoreOptions field is the flag of the same name (checked there)
+    options = ScoreOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreOptions)})
     args.date = archive.resolve_date(args.date, args.timezone)
     init_ray()
-    s = score_night(args.deployment, args.archive, args.date, args.output, args.model_alias,
-                    args.bank_budget_mb, args.actors_per_shard, args.batch_size, args.max_error_rate,
-                    heatmap_side=args.heatmap_side, heatmap_full_res=args.heatmap_full_res, decode=args.decode)
+    s = score_night(archive.Partition(args.archive, args.deployment, args.date), args.output, options)
     if s["random_weights"]:
         print(registry.RANDOM_WEIGHTS_BANNER)
     print(f"scored {s['rows_out']} of {s['rows_in']} rows with model version {s['model_version']} "

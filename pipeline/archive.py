@@ -199,31 +199,64 @@ class Rows:
         return functools.reduce(operator.and_, terms) if terms else None
 
 
+@dataclass(frozen=True)
+class Partition:
+    """One deployment's rows in the archive, of one date (a night) or of every date (None). Its shards are
+    listed once, on first use, and every read takes them from that list."""
+    archive: str
+    deployment: str
+    date: str | None = None
+
+    @functools.cached_property
+    def shards(self) -> tuple[pafs.FileSystem, list[str]]:
+        """(Arrow filesystem, shard paths inside it), listed on first use (shard_paths)."""
+        return shard_paths(self.archive, self.deployment, self.date)
+
+    def __getstate__(self) -> dict:  # the listed shards (and their filesystem's credentials) never travel
+        return {"archive": self.archive, "deployment": self.deployment, "date": self.date}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def read_table(self, rows: Rows = Rows(), columns: list[str] | None = None) -> pa.Table:
+        """Its rows as one Arrow table (for the few-shot train split, routing and small evaluations; nightly
+        scoring streams through Ray Data instead)."""
+        fs, paths = self.shards
+        ds = pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs)
+        return storage.retrying(ds.to_table, columns=columns, filter=rows.predicate())
+
+    def read_images(self, image_ids: list[str]) -> dict[str, bytes]:
+        """{image_id: image bytes} for a few rows, e.g. the report's top-N, reading the image column only of
+        the row groups that hold them: a filter on the dataset would read every image of the partition."""
+        want, out = set(image_ids), {}
+        fs, paths = self.shards
+        for path in paths:
+            pf = pq.ParquetFile(fs.open_input_file(path))
+            for g in range(pf.num_row_groups):
+                ids = pf.read_row_group(g, columns=["image_id"])["image_id"].to_pylist()
+                if want.intersection(ids):
+                    t = pf.read_row_group(g, columns=["image_id", "image"])
+                    out.update((i, b) for i, b in zip(ids, t["image"].to_pylist()) if i in want)
+            if len(out) == len(want):
+                break
+        return out
+
+    def image_ids(self, rows: Rows = Rows()) -> list[str]:
+        return self.read_table(rows, columns=["image_id"])["image_id"].to_pylist()
+
+    def count_rows(self) -> int:
+        return self.read_table(columns=["image_id"]).num_rows
+
+
 def read_table(archive: str, deployment: str, date: str | None = None, rows: Rows = Rows(),
                columns: list[str] | None = None) -> pa.Table:
-    """Rows of a deployment as one Arrow table (for the few-shot train split and small evaluations;
-    nightly scoring streams through Ray Data instead)."""
-    fs, paths = shard_paths(archive, deployment, date)
-    ds = pads.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs)
-    return storage.retrying(ds.to_table, columns=columns, filter=rows.predicate())
+    """Partition.read_table of a partition read once."""
+    return Partition(archive, deployment, date).read_table(rows, columns)
 
 
 def read_images(archive: str, deployment: str, date: str | None, image_ids: list[str]) -> dict[str, bytes]:
-    """{image_id: image bytes} for a few rows of a night (or of every date: None), e.g. the report's top-N,
-    reading the image column only of the row groups that hold them: a filter on the dataset would read every
-    image of the night."""
-    want, out = set(image_ids), {}
-    fs, paths = shard_paths(archive, deployment, date)
-    for path in paths:
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        for g in range(pf.num_row_groups):
-            ids = pf.read_row_group(g, columns=["image_id"])["image_id"].to_pylist()
-            if want.intersection(ids):
-                t = pf.read_row_group(g, columns=["image_id", "image"])
-                out.update((i, b) for i, b in zip(ids, t["image"].to_pylist()) if i in want)
-        if len(out) == len(want):
-            break
-    return out
+    """Partition.read_images of a partition read once."""
+    return Partition(archive, deployment, date).read_images(image_ids)
 
 
 def products_in(archive: str, deployment: str) -> list[str]:
@@ -248,7 +281,3 @@ def repeated(ids: pa.ChunkedArray) -> frozenset[str]:
     tools can)."""
     counts = pa.table({"image_id": ids}).group_by("image_id").aggregate([("image_id", "count")])
     return frozenset(counts.filter(pc.field("image_id_count") > 1)["image_id"].to_pylist()) - {None}
-
-
-def count_rows(archive: str, deployment: str, date: str | None) -> int:
-    return read_table(archive, deployment, date, columns=["image_id"]).num_rows

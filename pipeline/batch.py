@@ -38,7 +38,7 @@ from pipeline.scorer import Scorer
 
 EVAL_COLUMNS = ("mask", "label")  # decoded ground truth, carried past the actors when evaluating
 # Bounded: Ray Data's defaults restart actors and retry tasks without end, so one image that kills its
-# process would keep a night running forever. Past these, the night isolates the rows (runs.score_night).
+# process would keep a night running forever. Past these, the night isolates the rows (nightly.score_night).
 TASK_RETRIES = 3     # decode, unknown-product and heatmap-writer tasks
 ACTOR_RESTARTS = 2   # a scoring actor's process dying (and each task's retries on it)
 CRASHES = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)  # a process died, retries spent
@@ -48,7 +48,7 @@ CRASHES = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)  # a
 class InjectedFault:
     """Test-only fault on the rows with these image_ids: "crash" kills the scoring process (os._exit) as a
     native crash would; "raise" makes scoring raise, as a failing device would. Only the Python API takes it
-    (runs.score_night's `fault`): no job flag, nothing in the data can trigger it."""
+    (nightly.score_night's `fault`): no job flag, nothing in the data can trigger it."""
     image_ids: frozenset[str]
     kind: str = "crash"  # crash | raise
 
@@ -243,22 +243,22 @@ def block_target(nbytes: int):
         ctx.target_max_block_size = before
 
 
-def decoded_rows(archive_uri: str, deployment: str, date: str | None, products: list[str], image_size: int, *,
+def decoded_rows(partition: archive.Partition, products: list[str], image_size: int, *,
                  split: str | None = None, image_ids: tuple[str, ...] | None = None, with_masks: bool = False,
                  duplicates: frozenset = frozenset(), batch_size: int = 16, on_device: bool = False):
     """The rows of `products` as a Dataset of model-ready uint8 pixels (decoding.decode_batch in CPU tasks),
     in blocks of a few `batch_size` batches; with `on_device`, JPEGs the actor decodes stay bytes."""
     cols = ["image_id", "product", "source_uri", "image"] + (list(EVAL_COLUMNS) if with_masks else [])
     with block_target(decoded_block_bytes(batch_size, image_size, with_masks)):
-        rows = read_rows(archive_uri, deployment, date, cols, archive.Rows(split, tuple(products), image_ids=image_ids))
+        rows = read_rows(partition, cols, archive.Rows(split, tuple(products), image_ids=image_ids))
     return rows.map_batches(decode_batch, batch_format="numpy", batch_size=batch_size, max_retries=TASK_RETRIES,
                             fn_kwargs={"image_size": image_size, "with_masks": with_masks, "duplicates": duplicates,
                                        "on_device": on_device})
 
 
-def read_rows(archive_uri: str, deployment: str, date: str | None, columns: list[str], rows: archive.Rows):
+def read_rows(partition: archive.Partition, columns: list[str], rows: archive.Rows):
     """The partition's shards as a Ray Dataset of `columns`, filtered by `rows` at read time."""
-    fs, paths = archive.shard_paths(archive_uri, deployment, date)
+    fs, paths = partition.shards
     extra = ["split"] if rows.split is not None and "split" not in columns else []
     with footer_readers(len(paths)):
         ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns + extra)
@@ -274,8 +274,8 @@ def gpus_per_actor(gpus: float, actors: int) -> float:
     return min(1.0, gpus / max(1, actors))
 
 
-def score_partition(archive_uri: str, deployment: str, date: str | None, artifact_uri: str,
-                    spec: artifact.ModelSpec, info: RunInfo, *, split: str | None = None,
+def score_partition(partition: archive.Partition, artifact_uri: str, spec: artifact.ModelSpec, info: RunInfo, *,
+                    split: str | None = None,
                     heatmaps: HeatmapTarget | None = None, with_masks: bool = False, only: list[str] | None = None,
                     image_ids: tuple[str, ...] | None = None, budget_mb: float | None = None,
                     actors_per_shard: int = 1, batch_size: int = 16, use_gpu: bool = False,
@@ -295,16 +295,15 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
     cluster and only one shard's banks are in memory per actor.
     """
     known = sorted(spec.products)
-    index = archive.read_table(archive_uri, deployment, date, archive.Rows(split=split, image_ids=image_ids),
-                               columns=["image_id", "product"])  # one read for routing and the duplicate check
+    index = partition.read_table(archive.Rows(split=split, image_ids=image_ids),
+                                 columns=["image_id", "product"])  # one read for routing and the duplicate check
     present = set(index["product"].to_pylist())
     # an image_id is unique within a night; across dates (an evaluation of every date) it may recur
-    duplicates = archive.repeated(index["image_id"]) if date is not None else frozenset()
+    duplicates = archive.repeated(index["image_id"]) if partition.date is not None else frozenset()
     branches = []
     if only is None and any(p not in spec.products for p in present):
         cols = ["image_id", "product", "source_uri"] + (["label"] if with_masks else [])
-        branches.append(read_rows(archive_uri, deployment, date, cols,
-                                  archive.Rows(split, tuple(known), exclude=True, image_ids=image_ids))
+        branches.append(read_rows(partition, cols, archive.Rows(split, tuple(known), exclude=True, image_ids=image_ids))
                         .map_batches(unknown_product_rows, batch_format="numpy", max_retries=TASK_RETRIES,
                                      fn_kwargs={"info": info, "known": known}))
     for products in artifact.plan_shards(spec, budget_mb):
@@ -312,7 +311,7 @@ def score_partition(archive_uri: str, deployment: str, date: str | None, artifac
             products = [p for p in products if p in only]
         if not any(p in present for p in products):
             continue  # no rows tonight for this shard: start no actor for it
-        decoded = decoded_rows(archive_uri, deployment, date, products, spec.image_size, split=split,
+        decoded = decoded_rows(partition, products, spec.image_size, split=split,
                                image_ids=image_ids, with_masks=with_masks, duplicates=duplicates, batch_size=batch_size,
                                on_device=decode_on_device)
         # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score

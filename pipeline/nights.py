@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -31,23 +32,8 @@ from pipeline import storage
 
 SCORES_FILE = "scores.parquet"
 MARKER = "_SUCCESS"
+REPORT_FILE = "report.html"
 _MAX_KEY = 180  # heatmap file name budget (most filesystems allow 255 bytes)
-
-
-def night_uri(output: str, deployment: str, date: str) -> str:
-    return storage.join(output, "scores", f"deployment={deployment}", f"date={date}")
-
-
-def staging_uri(output: str, deployment: str, date: str, run_id: str) -> str:
-    return storage.join(output, "_staging", "scores", f"deployment={deployment}", f"date={date}", f"{run_id}.parquet")
-
-
-def heatmap_root(output: str, deployment: str, date: str) -> str:
-    return storage.join(output, "heatmaps", f"deployment={deployment}", f"date={date}")
-
-
-def heatmap_prefix(output: str, deployment: str, date: str, run_id: str) -> str:
-    return storage.join(heatmap_root(output, deployment, date), f"run={run_id}")
 
 
 def heatmap_key(image_id: str) -> str:
@@ -60,15 +46,80 @@ def heatmap_key(image_id: str) -> str:
     return key + ".png"
 
 
+@dataclass(frozen=True)
+class Night:
+    """One night's outputs under an output root (local or s3://), normalised once: where its rows are
+    staged and published, where each run's heatmaps and the night's report go, and which runs left files."""
+    output: str
+    deployment: str
+    date: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "output", storage.normalize(self.output))
+
+    def _under(self, tree: str) -> str:
+        return storage.join(self.output, tree, f"deployment={self.deployment}", f"date={self.date}")
+
+    @property
+    def uri(self) -> str:
+        """The published night: scores/deployment=D/date=X/."""
+        return self._under("scores")
+
+    @property
+    def heatmap_root(self) -> str:
+        return self._under("heatmaps")
+
+    @property
+    def report_uri(self) -> str:
+        """reports/deployment=D/date=X/report.html: beside the scores/ tree, not in it (no reader of the
+        scores tree meets a file that is not scores)."""
+        return storage.join(self._under("reports"), REPORT_FILE)
+
+    def staging(self, run_id: str) -> str:
+        return storage.join(self._under(storage.join("_staging", "scores")), f"{run_id}.parquet")
+
+    def heatmap_prefix(self, run_id: str) -> str:
+        return storage.join(self.heatmap_root, f"run={run_id}")
+
+    def writer(self, run_id: str, schema: pa.Schema) -> "NightWriter":
+        return NightWriter(self, run_id, schema)
+
+    def published(self) -> dict | None:
+        """The marker of the night's current publish (which run, how many rows), or None if never published."""
+        uri = storage.join(self.uri, MARKER)
+        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+    def runs_with_files(self) -> set[str]:
+        """Run ids that left heatmaps or staging rows for the night."""
+        found = set()
+        staging = self.staging("x").rsplit("/", 1)[0]
+        for root, tag in ((self.heatmap_root, "run="), (staging, "")):
+            try:
+                files = storage.list_files(root)
+            except FileNotFoundError:
+                continue
+            for uri in files:
+                first = uri[len(root):].lstrip("/").split("/")[0]
+                if tag and first.startswith(tag):
+                    found.add(first[len(tag):])
+                elif not tag and first.endswith(".parquet"):
+                    found.add(first[:-len(".parquet")])
+        return found
+
+    def remove_run_files(self, run_id: str) -> None:
+        """Delete a run's heatmaps and staging rows (never the published night)."""
+        storage.remove_tree(self.heatmap_prefix(run_id))
+        storage.remove_tree(self.staging(run_id))
+
+
 class NightWriter:
     """Streams one run's score rows (Arrow tables of one schema) to its staging file; `publish` makes them
     the night, `abort` leaves the night as it was."""
 
-    def __init__(self, output: str, deployment: str, date: str, run_id: str, schema: pa.Schema):
-        output = storage.normalize(output)
-        self.night = night_uri(output, deployment, date)
+    def __init__(self, night: Night, run_id: str, schema: pa.Schema):
+        self.night = night.uri
         self.run_id = run_id
-        self.staging = staging_uri(output, deployment, date, run_id)
+        self.staging = night.staging(run_id)
         self.final = storage.join(self.night, SCORES_FILE)
         self.fs, path = storage.arrow_filesystem(self.staging)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -100,35 +151,3 @@ class NightWriter:
             self._writer.close()
         finally:
             storage.remove_tree(self.staging)
-
-
-def published(output: str, deployment: str, date: str) -> dict | None:
-    """The marker of the night's current publish (which run, how many rows), or None if never published."""
-    uri = storage.join(night_uri(storage.normalize(output), deployment, date), MARKER)
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
-
-
-def runs_with_files(output: str, deployment: str, date: str) -> set[str]:
-    """Run ids that left heatmaps or staging rows for the night."""
-    output = storage.normalize(output)
-    found = set()
-    staging = staging_uri(output, deployment, date, "x").rsplit("/", 1)[0]
-    for root, tag in ((heatmap_root(output, deployment, date), "run="), (staging, "")):
-        try:
-            files = storage.list_files(root)
-        except FileNotFoundError:
-            continue
-        for uri in files:
-            first = uri[len(root):].lstrip("/").split("/")[0]
-            if tag and first.startswith(tag):
-                found.add(first[len(tag):])
-            elif not tag and first.endswith(".parquet"):
-                found.add(first[:-len(".parquet")])
-    return found
-
-
-def remove_run_files(output: str, deployment: str, date: str, run_id: str) -> None:
-    """Delete a run's heatmaps and staging rows (never the published night)."""
-    output = storage.normalize(output)
-    storage.remove_tree(heatmap_prefix(output, deployment, date, run_id))
-    storage.remove_tree(staging_uri(output, deployment, date, run_id))

@@ -22,7 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline import storage
+from pipeline import artifact, storage
 from pipeline.errors import NotFoundError, RefusedError
 from pipeline.model.config import AnoPLeConfig
 
@@ -279,3 +279,15 @@ def materialize(uri: str) -> str:
 def artifact_uri(mv) -> str:
     """A version's artifact folder, readable here (fetched into this process's node if need be)."""
     return materialize(model_source(mv))
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric keys allow alphanumerics, _ - . / and space; anything else becomes '_'."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+def resolve(deployment: str, alias: str):
+    """(version, its model source for the actors, its spec): actors fetch the source on their own node."""
+    mv = get_version(deployment, alias=alias)
+    uri = model_source(mv)
+    return mv, uri, artifact.load_spec(materialize(uri))

@@ -28,19 +28,12 @@ from pipeline import archive, nights, storage
 from pipeline.errors import NotFoundError
 from pipeline.images import decode_heatmap, decode_image
 
-REPORT_FILE = "report.html"
 TOP_N = 6          # overlays per product
 MAX_ERRORS = 50    # error rows listed per product (the rest counted)
 THUMB = 224        # overlay thumbnail long side, pixels
 BINS = 40          # histogram bins
 # colour map anchors (black -> purple -> red -> orange -> pale yellow; an inferno-like ramp), linearly interpolated
 _ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
-
-
-def report_uri(output: str, deployment: str, date: str) -> str:
-    """<output>/reports/deployment=D/date=X/report.html (beside the scores/ tree, not in it: no reader of the
-    scores globs it)."""
-    return storage.join(storage.normalize(output), "reports", f"deployment={deployment}", f"date={date}", REPORT_FILE)
 
 
 def colormap(v: np.ndarray) -> np.ndarray:
@@ -136,12 +129,13 @@ def _read_rows(pf: pq.ParquetFile, indices: list[int], columns: list[str]) -> pa
     return t.take(pa.array([pos[i] for i in indices], type=pa.int64()))
 
 
-def build(output: str, deployment: str, date: str, top_n: int = TOP_N) -> tuple[str, dict]:
+def build(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:
     """-> (the night's HTML report, a summary {products: {p: counts}, totals}). Raises NotFoundError when the
     night was never published."""
-    marker = nights.published(output, deployment, date)
+    marker = night.published()
+    deployment, date = night.deployment, night.date
     if marker is None:
-        raise NotFoundError(f"no published night for deployment {deployment!r} on {date} under {output}")
+        raise NotFoundError(f"no published night for deployment {deployment!r} on {date} under {night.output}")
     scores_uri = marker["scores"]
     fs, path = storage.arrow_filesystem(scores_uri)
     pf = pq.ParquetFile(fs.open_input_file(path))
@@ -205,12 +199,11 @@ def build(output: str, deployment: str, date: str, top_n: int = TOP_N) -> tuple[
     return _html(summary, sections, marker, top_n), summary
 
 
-def write(output: str, deployment: str, date: str, top_n: int = TOP_N) -> tuple[str, dict]:
-    """Build the report and write it beside the night. -> (its URI, summary)."""
-    page, summary = build(output, deployment, date, top_n)
-    uri = report_uri(output, deployment, date)
-    storage.write_bytes(uri, page.encode())
-    return uri, summary
+def write(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:
+    """Build the report and write it beside the night (Night.report_uri). -> (its URI, summary)."""
+    page, summary = build(night, top_n)
+    storage.write_bytes(night.report_uri, page.encode())
+    return night.report_uri, summary
 
 
 def _histogram_svg(scores: np.ndarray, threshold: float, width: int = 360, height: int = 110) -> str:

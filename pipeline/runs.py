@@ -1,24 +1,20 @@
-"""The jobs' bodies: what one training, evaluation or scoring run does end to end (Ray + MLflow glue)."""
+"""The jobs' bodies: what one training or evaluation run does end to end (Ray + MLflow glue); a night's
+scoring is pipeline.nightly."""
 from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import sys
 import tempfile
 import time
 
 import numpy as np
-import pyarrow.compute as pc
 
-from pipeline import archive, artifact, evidence, nights, registry, report, serving, storage
-from pipeline.batch import INFRA_ERRORS, InjectedFault, HeatmapTarget, isolating, score_partition
-from pipeline.cluster import cluster_gpus, has_gpus
-from pipeline.decoding import decode_where
+from pipeline import archive, artifact, evidence, registry, serving, storage
+from pipeline.batch import score_partition
+from pipeline.cluster import has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
-from pipeline.progress import Progress
-from pipeline.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
+from pipeline.score_table import RunInfo
 from pipeline.training import TrainConfig, fit_deployment
 from pipeline.validation import verdict
 
@@ -72,7 +68,7 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
                            "resolved.prompt_depth": spec.anople["prompt_depth"]})
         metrics = {"fit_seconds": time.time() - t0, "n_products": len(spec.products)}
         for p, ps in spec.products.items():
-            key = _metric_key(p)
+            key = registry.metric_key(p)
             metrics[f"threshold.{key}"] = ps.threshold
             metrics[f"calibration_n.{key}"] = ps.n_calibration
             metrics[f"skipped_undecodable.{key}"] = len(summary["skipped"].get(p, []))
@@ -86,144 +82,10 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
     return mv, spec, summary
 
 
-def _metric_key(name: str) -> str:
-    """MLflow metric keys allow alphanumerics, _ - . / and space; anything else becomes '_'."""
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
-
-
-def _resolve(deployment: str, alias: str):
-    """(version, its model source for the actors, its spec): actors fetch the source on their own node."""
-    mv = registry.get_version(deployment, alias=alias)
-    uri = registry.model_source(mv)
-    return mv, uri, artifact.load_spec(registry.materialize(uri))
-
-
-class TooManyErrors(PipelineError):
-    """More rows failed for infrastructure reasons than the night may lose; nothing was published."""
-
-
-def score_night(deployment: str, archive_uri: str, date: str, output: str, alias: str = "production",
-                budget_mb: float | None = None, actors_per_shard: int | None = None, batch_size: int = 16,
-                max_error_rate: float = 0.05, fault: InjectedFault | None = None, heatmap_side: int | None = None,
-                heatmap_full_res: bool = False, decode: str = "auto") -> dict:
-    """Score one night's partition and publish its score rows and heatmaps under `output` atomically
-    (pipeline.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
-    its scoring process again and again is isolated into an error row (batch.isolating). More than
-    `max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
-    Heatmaps are stored with the long side at most `heatmap_side` (default: the model's input size, what
-    the map carries) or, with `heatmap_full_res`, at each image's own resolution. `decode`: where JPEGs are
-    decoded, "cpu" (Ray's CPU tasks), "device" (the scoring actors, nvJPEG on a GPU: device_decode) or "auto"
-    (device where the actors hold GPUs, else cpu: decoding.decode_where). `fault`
-    is a test's injected crash. Returns a summary."""
-    archive.check_date(date)
-    decode_where(decode, False)  # a wrong value fails before any run starts
-    mlflow = registry.connect()
-    mv, uri, spec = _resolve(deployment, alias)
-    output = storage.normalize(output)
-    exp = registry.experiment_id(deployment)
-    with mlflow.start_run(experiment_id=exp, run_name=f"score-{date}") as run:
-        run_id = run.info.run_id
-        mlflow.set_tags({"job": "score", "model_version": mv.version, "model_alias": alias,
-                         "weights_kind": spec.weights_kind, "deployment": deployment, "date": date,
-                         "host": socket.gethostname(), "pid": str(os.getpid())})
-        if spec.is_random:
-            mlflow.set_tag("warning", registry.RANDOM_WEIGHTS_BANNER)
-        stale = registry.fail_dead_runs(exp, {"job": "score", "deployment": deployment, "date": date}, run_id)
-        shards = artifact.plan_shards(spec, budget_mb)
-        mlflow.log_params({"date": date, "archive": storage.normalize(archive_uri), "output": output,
-                           "bank_budget_mb": budget_mb or 0, "bank_shards": len(shards)})
-        info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run_id)
-        heatmaps = nights.heatmap_prefix(output, deployment, date, run_id)
-        target = HeatmapTarget(heatmaps, None if heatmap_full_res else heatmap_side or spec.image_size)
-        use_gpu = has_gpus()
-        # one scoring actor per GPU (the pool sized to the cluster, not one); on CPUs one actor, whose torch
-        # threads already use the node's cores while decode tasks take the rest
-        actors = actors_per_shard or (max(1, int(cluster_gpus())) if use_gpu else 1)
-        where = decode_where(decode, use_gpu)
-        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": where})
-        mlflow.log_params({"heatmap_side": target.side or "full"})
-        t0 = time.time()
-
-        def night(image_ids, actor_restarts):  # the whole night (None), or some of its rows again
-            for ds in score_partition(archive_uri, deployment, date, uri, spec, info, heatmaps=target,
-                                      image_ids=image_ids, budget_mb=budget_mb, actors_per_shard=actors,
-                                      batch_size=batch_size, use_gpu=use_gpu, actor_restarts=actor_restarts,
-                                      fault=fault, decode_on_device=where == "device"):
-                yield from ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
-                                                                                       batch_size=None)
-
-        def crashed_row(image_id, reason):
-            row = archive.read_table(archive_uri, deployment, date, archive.Rows(image_ids=(image_id,)),
-                                     columns=["image_id", "product", "source_uri"]).to_pydict()
-            n = len(row["image_id"])  # one row, or more where the archive repeats the image_id
-            thr = [spec.products[p].threshold if p in spec.products else np.nan for p in row["product"]]
-            return to_table(error_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info, [reason] * n,
-                                       threshold=thr))
-
-        def all_ids():
-            return archive.read_table(archive_uri, deployment, date, columns=["image_id"])["image_id"].to_pylist()
-
-        writer = nights.NightWriter(output, deployment, date, run_id, SCORE_SCHEMA)
-        counts = {"ok": 0, "error": 0, "anomalous": 0, "infra_errors": 0}
-        n_in = archive.count_rows(archive_uri, deployment, date)  # read once: progress total and the invariant
-        progress = Progress(f"score {deployment} {date}", n_in)
-        try:
-            for table in isolating(night, all_ids, crashed_row):
-                writer.write(table)
-                progress.update(table.num_rows)
-                counts["ok"] += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-                counts["anomalous"] += pc.sum(table["is_anomalous"]).as_py() or 0
-                counts["infra_errors"] += sum(1 for e in table["error"].to_pylist() if e and e.startswith(INFRA_ERRORS))
-            counts["error"] = writer.rows - counts["ok"]
-            if writer.rows != n_in:  # an invariant: a bug if it breaks, never an input problem
-                raise RuntimeError(f"scored {writer.rows} rows for {n_in} input rows; nothing published")
-            if counts["infra_errors"] > max_error_rate * n_in:
-                raise TooManyErrors(f"{counts['infra_errors']} of {n_in} rows failed for infrastructure reasons "
-                                    f"(over --max-error-rate {max_error_rate:g}); nothing published, the previous "
-                                    "night stands")
-            progress.finish()
-            marker = writer.publish({"model_version": str(mv.version), "heatmaps": heatmaps,
-                                     "archive": storage.normalize(archive_uri), **counts})
-        except BaseException:
-            writer.abort()
-            raise
-        seconds = time.time() - t0
-        # the night now names this run: files of runs that ended (killed, failed, replaced) go
-        alive = registry.running_runs(exp, {"job": "score", "deployment": deployment, "date": date})
-        for other in nights.runs_with_files(output, deployment, date) - alive - {run_id}:
-            nights.remove_run_files(output, deployment, date, other)
-        summary = {"rows_in": n_in, "rows_out": writer.rows, **counts, "seconds": seconds,
-                   "images_per_s": n_in / seconds if seconds else 0.0, "bank_shards": len(shards),
-                   "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
-                   "heatmaps_uri": heatmaps, "random_weights": spec.is_random, "stale_runs_failed": stale}
-        mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
-                                                           "infra_errors", "seconds", "images_per_s")})
-        summary.update(_night_report(mlflow, output, deployment, date))
-    return summary
-
-
-def _night_report(mlflow, output: str, deployment: str, date: str) -> dict:
-    """Write the published night's report beside it and log it, with per-product counts, to the run. The night
-    is already published: a report that fails is a warning (stderr, tag `report_error`), not a failed night;
-    `jobs.report` rebuilds it."""
-    try:
-        uri, rep = report.write(output, deployment, date)
-    except Exception as e:
-        msg = f"{type(e).__name__}: {e}"
-        print(f"WARNING: the night is published but its report failed ({msg}); rebuild it with "
-              f"python -m jobs.report --deployment {deployment} --date {date} --output {output}", file=sys.stderr)
-        mlflow.set_tag("report_error", msg[:5000])
-        return {"report_uri": None, "report_error": msg}
-    mlflow.log_metrics({f"{k}.{_metric_key(p)}": float(v) for p, c in rep["products"].items() for k, v in c.items()})
-    mlflow.log_text(storage.read_bytes(uri).decode(), "report/report.html")
-    mlflow.set_tag("report", uri)
-    return {"report_uri": uri, "products": rep["products"]}
-
-
 def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_size: int = 16) -> dict:
     """Score the labelled test split, stream the metrics, log them to the version's run. Returns
     {"per_product": {...}, "mean": {...}, "errors": n, "model_version": v}."""
-    mv, uri, spec = _resolve(deployment, alias)
+    mv, uri, spec = registry.resolve(deployment, alias)
     info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=mv.run_id or "")
     examples = evidence.Examples()
     per, errors, unlabelled = _stream_metrics(archive_uri, deployment, uri, spec, info, None, batch_size, examples)
@@ -233,7 +95,7 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
     mean = summarize(results)
     mlflow = registry.connect()
     with mlflow.start_run(run_id=mv.run_id):
-        flat = {f"eval.{k}.{_metric_key(p)}": v for p, r in results.items() for k, v in r.items() if np.isfinite(v)}
+        flat = {f"eval.{k}.{registry.metric_key(p)}": v for p, r in results.items() for k, v in r.items() if np.isfinite(v)}
         flat.update({f"eval.{k}.mean": v for k, v in mean.items() if np.isfinite(v)})
         flat["eval.errors"] = len(errors)
         mlflow.log_metrics(flat)
@@ -257,7 +119,7 @@ def _stream_metrics(archive_uri: str, deployment: str, uri: str, spec: artifact.
     """Score the labelled test split through Ray Data and fold each image into its product's streaming
     metrics (and offer it to `examples`). Returns ({product: ProductMetrics}, error lines of labelled rows, count
     of unlabelled rows)."""
-    parts = score_partition(archive_uri, deployment, None, uri, spec, info, split="test", with_masks=True,
+    parts = score_partition(archive.Partition(archive_uri, deployment), uri, spec, info, split="test", with_masks=True,
                             only=only, batch_size=batch_size, use_gpu=has_gpus())
     per: dict[str, ProductMetrics] = {}
     errors, unlabelled = [], 0
@@ -316,7 +178,7 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
                             table.setdefault(k, {}).setdefault(p, {}).setdefault(m, []).append(r[m])
             for m in PAPER_METRICS:
                 for p, r in table[k].items():
-                    mlflow.log_metric(f"k{k}.{m}.{_metric_key(p)}", float(np.mean(r[m])))
+                    mlflow.log_metric(f"k{k}.{m}.{registry.metric_key(p)}", float(np.mean(r[m])))
                 mlflow.log_metric(f"k{k}.{m}.mean", float(np.mean([np.mean(r[m]) for r in table[k].values()])))
         mlflow.log_dict({str(k): v for k, v in table.items()}, "protocol.json")
     return table

@@ -40,16 +40,16 @@ def test_read_table_filters_by_split_and_exact_products(arch, rows, ids):
 def test_ray_data_reads_the_same_rows_with_the_same_filter(arch, ray_local):
     from pipeline.batch import read_rows
     for rows, ids in CASES:
-        got = read_rows(arch, "d", "2026-11-22", ["image_id"], rows).take_all()
+        got = read_rows(archive.Partition(arch, "d", "2026-11-22"), ["image_id"], rows).take_all()
         assert sorted(r["image_id"] for r in got) == ids, rows
 
 
 def test_partition_queries(arch):
     assert archive.products_in(arch, "d") == ["tile"]  # the products with reference (train) images
     assert archive.product_counts(arch, "d", "2026-11-22") == {"tile": 2, "tile-2": 1, "washer": 1, None: 1}
-    assert archive.count_rows(arch, "d", "2026-11-22") == 5
+    assert archive.Partition(arch, "d", "2026-11-22").count_rows() == 5
     with pytest.raises(NotFoundError, match="no archive shards"):
-        archive.count_rows(arch, "d", "2026-11-23")
+        archive.Partition(arch, "d", "2026-11-23").count_rows()
     with pytest.raises(UsageError):
         archive.partition_uri(arch, "d", "2026-11-31")
 
@@ -69,3 +69,19 @@ def test_a_scheduled_job_names_yesterday_in_its_time_zone():
         resolve_date("yesterday", "Mars/Olympus")
     with pytest.raises(UsageError, match="calendar date"):
         resolve_date("last tuesday")
+
+
+def test_a_partition_lists_its_shards_once_whatever_it_reads_and_never_ships_them(arch, monkeypatch):
+    import pickle
+
+    from pipeline import storage
+    listed = []
+    real = storage.list_files
+    monkeypatch.setattr(storage, "list_files", lambda uri: listed.append(uri) or real(uri))
+    night = archive.Partition(arch, "d", "2026-11-22")
+    assert night.count_rows() == 5 and len(night.image_ids()) == 5
+    assert night.read_table(archive.Rows(products=("washer",)), columns=["image_id"]).num_rows == 1
+    assert sorted(night.read_images(["x/0"])) == ["x/0"]
+    assert len(listed) == 1  # one listing for the whole walk
+    copy = pickle.loads(pickle.dumps(night))  # the filesystem (and its credentials) stays behind
+    assert copy == night and "shards" not in copy.__dict__ and copy.count_rows() == 5

@@ -110,7 +110,8 @@ def test_decoded_rows_come_in_blocks_of_a_few_actor_batches_not_of_rays_128_mb(r
                  "source_uri": None})
     w.close()
     before = ray.data.DataContext.get_current().target_max_block_size
-    ds = decoded_rows(str(tmp_path / "archive"), "d", "2026-11-22", ["p"], image_size=32, batch_size=4)
+    from pipeline.archive import Partition
+    ds = decoded_rows(Partition(str(tmp_path / "archive"), "d", "2026-11-22"), ["p"], image_size=32, batch_size=4)
     assert ray.data.DataContext.get_current().target_max_block_size == before
     sizes = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
     # a block closes once it is over its target: one batch past DECODED_BATCHES_PER_BLOCK batches at most

@@ -44,9 +44,9 @@ def test_a_library_invariant_is_not_reported_as_a_bad_argument(monkeypatch):
         raise RuntimeError("wrote 3 score rows for 5 input rows")
 
     import pipeline.cluster
-    import pipeline.runs
+    import pipeline.nightly
     monkeypatch.setattr(pipeline.cluster, "init_ray", lambda: None)
-    monkeypatch.setattr(pipeline.runs, "score_night", broken)
+    monkeypatch.setattr(pipeline.nightly, "score_night", broken)
     with pytest.raises(RuntimeError, match="3 score rows for 5"):
         score_job.main(["--deployment", "d", "--archive", "a", "--date", "2026-11-22", "--output", "o"])
 

@@ -27,7 +27,7 @@ def _rows(prefix, n):
 def _visible(output):
     """The night as a standard reader sees it: pyarrow.dataset on the folder (pandas and DuckDB skip the
     same '_'/'.' names)."""
-    fs, path = storage.arrow_filesystem(nights.night_uri(output, "d", "2026-11-22"))
+    fs, path = storage.arrow_filesystem(nights.Night(output, "d", "2026-11-22").uri)
     try:
         return sorted(pads.dataset(path, filesystem=fs, format="parquet").to_table()["image_id"].to_pylist())
     except FileNotFoundError:
@@ -35,7 +35,7 @@ def _visible(output):
 
 
 def _publish(output, run, n):
-    w = nights.NightWriter(output, "d", "2026-11-22", run, SCHEMA)
+    w = nights.Night(output, "d", "2026-11-22").writer(run, SCHEMA)
     w.write(_rows(run, n))
     return w, w.publish({"heatmaps": "h"})
 
@@ -43,28 +43,28 @@ def _publish(output, run, n):
 def test_a_publish_switches_the_whole_night_and_names_its_run(output):
     _, marker = _publish(output, "run1", 3)
     assert _visible(output) == ["run1/0", "run1/1", "run1/2"]
-    assert nights.published(output, "d", "2026-11-22")["run_id"] == "run1" and marker["rows"] == 3
-    w = nights.NightWriter(output, "d", "2026-11-22", "run2", SCHEMA)
+    assert nights.Night(output, "d", "2026-11-22").published()["run_id"] == "run1" and marker["rows"] == 3
+    w = nights.Night(output, "d", "2026-11-22").writer("run2", SCHEMA)
     w.write(_rows("run2", 2))
     assert _visible(output) == ["run1/0", "run1/1", "run1/2"]  # during a run: the previous night, whole
     w.write(_rows("run2b", 1))
     w.publish({})
     assert _visible(output) == ["run2/0", "run2/1", "run2b/0"]  # after: the new night, whole
-    assert nights.published(output, "d", "2026-11-22")["run_id"] == "run2"
+    assert nights.Night(output, "d", "2026-11-22").published()["run_id"] == "run2"
 
 
 def test_an_aborted_run_leaves_the_previous_night(output):
     _publish(output, "run1", 2)
-    w = nights.NightWriter(output, "d", "2026-11-22", "run2", SCHEMA)
+    w = nights.Night(output, "d", "2026-11-22").writer("run2", SCHEMA)
     w.write(_rows("run2", 5))
     w.abort()
-    assert _visible(output) == ["run1/0", "run1/1"] and nights.runs_with_files(output, "d", "2026-11-22") == set()
+    assert _visible(output) == ["run1/0", "run1/1"] and nights.Night(output, "d", "2026-11-22").runs_with_files() == set()
 
 
 def test_pandas_reads_the_scores_tree(tmp_path):
     out = str(tmp_path / "out")
     _publish(out, "run1", 2)
-    w = nights.NightWriter(out, "d", "2026-11-22", "run2", SCHEMA)  # a run in flight: its staging file exists
+    w = nights.Night(out, "d", "2026-11-22").writer("run2", SCHEMA)  # a run in flight: its staging file exists
     w.write(_rows("run2", 4))
     df = pd.read_parquet(storage.join(out, "scores"))
     assert sorted(df["image_id"]) == ["run1/0", "run1/1"]
@@ -81,12 +81,12 @@ def test_a_publish_replaces_the_part_files_of_the_old_layout(tmp_path):
 
 
 def test_run_files_are_found_and_removed_per_run(output):
-    storage.write_bytes(storage.join(nights.heatmap_prefix(output, "d", "2026-11-22", "r1"), "a.png"), b"png")
-    storage.write_bytes(storage.join(nights.heatmap_prefix(output, "d", "2026-11-22", "r2"), "a.png"), b"png")
-    nights.NightWriter(output, "d", "2026-11-22", "r3", SCHEMA).write(_rows("r3", 1))
-    assert nights.runs_with_files(output, "d", "2026-11-22") == {"r1", "r2", "r3"}
-    nights.remove_run_files(output, "d", "2026-11-22", "r1")
-    assert nights.runs_with_files(output, "d", "2026-11-22") == {"r2", "r3"}
+    storage.write_bytes(storage.join(nights.Night(output, "d", "2026-11-22").heatmap_prefix("r1"), "a.png"), b"png")
+    storage.write_bytes(storage.join(nights.Night(output, "d", "2026-11-22").heatmap_prefix("r2"), "a.png"), b"png")
+    nights.Night(output, "d", "2026-11-22").writer("r3", SCHEMA).write(_rows("r3", 1))
+    assert nights.Night(output, "d", "2026-11-22").runs_with_files() == {"r1", "r2", "r3"}
+    nights.Night(output, "d", "2026-11-22").remove_run_files("r1")
+    assert nights.Night(output, "d", "2026-11-22").runs_with_files() == {"r2", "r3"}
 
 
 @pytest.mark.parametrize("image_id", ["a/b", "x" * 300, "é/" * 200, "%41", "../../etc/passwd"])
@@ -105,10 +105,10 @@ def test_every_reader_sees_the_whole_tree_with_one_type_per_column(tmp_path):
 
     out = str(tmp_path / "out")
     _publish(out, "run1", 2)
-    w = nights.NightWriter(out, "e", "2026-11-23", "run2", SCHEMA)
+    w = nights.Night(out, "e", "2026-11-23").writer("run2", SCHEMA)
     w.write(_rows("run2", 3))
     w.publish({"heatmaps": "h"})
-    inflight = nights.NightWriter(out, "d", "2026-11-22", "run3", SCHEMA)
+    inflight = nights.Night(out, "d", "2026-11-22").writer("run3", SCHEMA)
     inflight.write(_rows("run3", 5))
     inflight._writer.close()  # a whole staging file on disk, not yet published
     tree = storage.join(out, "scores")

@@ -67,7 +67,7 @@ def _night(tmp_path, n_rows):
         "status": status, "error": np.where(ok, None, error), "run_id": ["r1"] * n_rows,
         "scored_at": pa.array([dt.datetime(2026, 11, 22, 3, tzinfo=dt.timezone.utc)] * n_rows,
                               type=pa.timestamp("us", tz="UTC"))}, schema=SCORE_SCHEMA)
-    writer = nights.NightWriter(out, "d", DATE, "r1", SCORE_SCHEMA)
+    writer = nights.Night(out, "d", DATE).writer("r1", SCORE_SCHEMA)
     for b in table.to_batches(max_chunksize=4096):  # row groups, as a streamed night writes them
         writer.write(pa.Table.from_batches([b]))
     writer.publish({"model_version": "3", "heatmaps": f"{out}/heatmaps/run=r1", "archive": arch})
@@ -87,7 +87,7 @@ def _summary_counts(dom):
 def test_a_100k_row_night_renders_in_chromium_with_counts_overlays_and_errors(tmp_path, capsys):
     out, expect = _night(tmp_path, 100_000)
     assert report_job.main(["--deployment", "d", "--date", DATE, "--output", out, "--top", str(TOP)]) == 0
-    uri = report.report_uri(out, "d", DATE)
+    uri = nights.Night(out, "d", DATE).report_uri
     assert f"report: {uri}" in capsys.readouterr().out
     assert os.path.getsize(uri) < 1_000_000  # overlays of the top rows only, not 100k rows
     dom = dump_dom(uri)

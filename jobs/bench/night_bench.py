@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                "--batch-size", str(args.batch_size), "--decode", decode, *extra] + (["--heatmap-side", str(args.heatmap_side)] if args.heatmap_side else []) \
             + (["--heatmap-full-res"] if args.heatmap_full_res else [])
         job = run_job(cmd, job_env)
-        return job, steady_state(nights_mod.published(output, DEPLOYMENT, date)["scores"], job["start"])
+        return job, steady_state(nights_mod.Night(output, DEPLOYMENT, date).published()["scores"], job["start"])
 
     for n, date in nights:
         write_night(archive_uri, date, n, images)

@@ -14,7 +14,7 @@ from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import nights, registry, storage
+from pipeline import archive, nights, registry, storage
 from pipeline.model.backbone import create_clip
 from pipeline.synthetic import make_mvtec_folder
 from tests.conftest import SECRET_MARKER, TINY
@@ -54,7 +54,7 @@ def plant(ray_local, synthetic_src, tmp_path_factory):
 
 
 def _night(out, date=DATE):
-    fs, path = storage.arrow_filesystem(nights.night_uri(out, "an", date))
+    fs, path = storage.arrow_filesystem(nights.Night(out, "an", date).uri)
     t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "score", "run_id",
                                                                             "heatmap_uri", "status"])
     return sorted(zip(t["image_id"].to_pylist(), t["score"].to_pylist(), t["run_id"].to_pylist(),
@@ -86,14 +86,14 @@ def _start_and_kill(plant, sig, first_run):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     def heatmaps_of(run):
         try:
-            return storage.list_files(nights.heatmap_prefix(plant["out"], "an", DATE, run))
+            return storage.list_files(nights.Night(plant["out"], "an", DATE).heatmap_prefix(run))
         except FileNotFoundError:
             return []
 
     seen = set()
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        seen = nights.runs_with_files(plant["out"], "an", DATE) - {first_run}
+        seen = nights.Night(plant["out"], "an", DATE).runs_with_files() - {first_run}
         if any(heatmaps_of(r) for r in seen):
             break
         time.sleep(0.2)
@@ -122,7 +122,7 @@ def test_killed_runs_leave_the_previous_night_and_a_rerun_completes_it(plant):
 
     termed, _ = _start_and_kill(plant, signal.SIGTERM, run1)  # a scheduler's stop
     assert _night(plant["out"]) == first
-    assert nights.runs_with_files(plant["out"], "an", DATE) >= {killed}
+    assert nights.Night(plant["out"], "an", DATE).runs_with_files() >= {killed}
 
     assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", DATE,
                            "--output", plant["out"]]) == 0
@@ -132,10 +132,10 @@ def test_killed_runs_leave_the_previous_night_and_a_rerun_completes_it(plant):
     assert [r[0] for r in after] == [r[0] for r in first]  # every row once: 0 missing, 0 duplicated
     assert c.get_run(killed).info.status == "FAILED" and "killed" in c.get_run(killed).data.tags["failure"]
     assert c.get_run(termed).info.status == "FAILED"  # by itself at exit, or by the rerun
-    assert nights.runs_with_files(plant["out"], "an", DATE) == {run3}  # ended runs' heatmaps and staging are gone
+    assert nights.Night(plant["out"], "an", DATE).runs_with_files() == {run3}  # ended runs' heatmaps and staging are gone
     for _, _, _, uri, status in after:
         assert status != "ok" or storage.exists(uri)
-    assert nights.published(plant["out"], "an", DATE)["run_id"] == run3
+    assert nights.Night(plant["out"], "an", DATE).published()["run_id"] == run3
 
 
 def test_no_credential_reaches_a_log_a_store_or_the_output(plant, capfd):
@@ -165,11 +165,11 @@ def test_no_credential_reaches_a_log_a_store_or_the_output(plant, capfd):
 
 def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_completes(plant):
     from pipeline.batch import InjectedFault
-    from pipeline.runs import score_night
+    from pipeline.nightly import ScoreOptions, score_night
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
     poison = ids[len(ids) // 2]
-    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.25,
+    s = score_night(archive.Partition(plant["arch"], "an", SMALL), plant["out"], ScoreOptions(max_error_rate=0.25),
                     fault=InjectedFault(frozenset({poison})))
     rows = {r[0]: r for r in _night(plant["out"], SMALL)}
     assert sorted(rows) == ids and s["rows_out"] == len(ids)  # every row once
@@ -178,7 +178,7 @@ def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_complet
     assert all(r[4] == "ok" for i, r in rows.items() if i != poison) and s["infra_errors"] == 1
     err = registry.client().get_run(s["run_id"]).data.metrics["infra_errors"]
     assert err == 1
-    fs, path = storage.arrow_filesystem(nights.night_uri(plant["out"], "an", SMALL))
+    fs, path = storage.arrow_filesystem(nights.Night(plant["out"], "an", SMALL).uri)
     errors = dict(zip(*pads.dataset(path, filesystem=fs, format="parquet").to_table(
         columns=["image_id", "error"]).to_pydict().values()))
     assert errors[poison].startswith("scoring process crashed on this image")
@@ -186,16 +186,18 @@ def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_complet
 
 def test_more_infrastructure_errors_than_allowed_fail_the_run_and_publish_nothing(plant):
     from pipeline.batch import InjectedFault
-    from pipeline.runs import TooManyErrors, score_night
+    from pipeline.nightly import ScoreOptions, TooManyErrors, score_night
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
-    before = score_night("an", plant["arch"], SMALL, plant["out"])
+    before = score_night(archive.Partition(plant["arch"], "an", SMALL), plant["out"])
     published = _night(plant["out"], SMALL)
     failing = InjectedFault(frozenset(ids[:2]), kind="raise")  # scoring raises on 2 of 4 rows
     with pytest.raises(TooManyErrors, match="2 of 4 rows failed for infrastructure reasons"):
-        score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.2, fault=failing)
-    assert _night(plant["out"], SMALL) == published and nights.published(plant["out"], "an", SMALL)["run_id"] == before["run_id"]
-    s = score_night("an", plant["arch"], SMALL, plant["out"], max_error_rate=0.5, fault=failing)  # within budget
+        score_night(archive.Partition(plant["arch"], "an", SMALL), plant["out"], ScoreOptions(max_error_rate=0.2),
+                    fault=failing)
+    assert _night(plant["out"], SMALL) == published and nights.Night(plant["out"], "an", SMALL).published()["run_id"] == before["run_id"]
+    s = score_night(archive.Partition(plant["arch"], "an", SMALL), plant["out"], ScoreOptions(max_error_rate=0.5),
+                    fault=failing)  # within budget
     rows = {r[0]: r for r in _night(plant["out"], SMALL)}
     assert s["infra_errors"] == 2 and [rows[i][4] for i in ids[:2]] == ["error", "error"]
 
@@ -267,16 +269,16 @@ def _jpeg_night(arch):
 def test_jpegs_decoded_on_the_scoring_actor_score_as_the_cpu_tasks_decode_them(plant):
     """--decode device (nvJPEG on a GPU; the same code on libjpeg here): every row once, the same statuses as
     the CPU tasks' decode, scores within the resampling difference, heatmaps written."""
-    from pipeline.runs import score_night
+    from pipeline.nightly import ScoreOptions, score_night
 
     ids = _jpeg_night(plant["arch"])
     nights_ = {}
     # auto, the default, decodes in the CPU tasks where the actors hold no GPU (here): logged as what it chose
     for decode, chosen in (("cpu", "cpu"), ("device", "device"), ("auto", "cpu")):
         out = os.path.join(plant["root"], f"out-{decode}")
-        s = score_night("an", plant["arch"], JPEGS, out, decode=decode, max_error_rate=0.5)
+        s = score_night(archive.Partition(plant["arch"], "an", JPEGS), out, ScoreOptions(decode=decode, max_error_rate=0.5))
         assert registry.client().get_run(s["run_id"]).data.params["decode"] == chosen
-        fs, path = storage.arrow_filesystem(nights.night_uri(out, "an", JPEGS))
+        fs, path = storage.arrow_filesystem(nights.Night(out, "an", JPEGS).uri)
         t = pads.dataset(path, filesystem=fs, format="parquet").to_table(
             columns=["image_id", "score", "status", "error", "height", "width", "heatmap_uri"]).to_pylist()
         nights_[decode] = {r["image_id"]: r for r in t}

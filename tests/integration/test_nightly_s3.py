@@ -17,7 +17,7 @@ from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import archive, nights, registry, report, storage
+from pipeline import archive, nights, registry, storage
 from pipeline.images import HEATMAP_RANGE, decode_heatmap
 from tests.browser import dump_dom
 from tests.conftest import TINY
@@ -168,7 +168,7 @@ def test_one_score_row_per_input_row_with_errors_reported(nightly):
 
 
 def test_the_night_has_a_report_in_s3_and_in_mlflow_that_a_browser_renders(nightly, tmp_path):
-    uri = report.report_uri(nightly["out"], "line1", "2026-11-21")
+    uri = nights.Night(nightly["out"], "line1", "2026-11-21").report_uri
     assert uri.startswith(f"s3://{nightly['bucket']}/results/reports/")
     local = tmp_path / "report.html"
     local.write_bytes(storage.read_bytes(uri))  # as a user downloads it: self-contained, no links back to S3
@@ -183,7 +183,7 @@ def test_the_night_has_a_report_in_s3_and_in_mlflow_that_a_browser_renders(night
 
 
 def nightly_published_run(nightly) -> str:
-    return nights.published(nightly["out"], "line1", "2026-11-21")["run_id"]
+    return nights.Night(nightly["out"], "line1", "2026-11-21").published()["run_id"]
 
 
 def test_rerun_overwrites_instead_of_duplicating(nightly):

@@ -53,7 +53,7 @@ def test_every_job_completes_through_storage_faults(bucket, s3_server, tmp_path)
         counts = dict(proxy.counts)
     assert counts["slowdown"] + counts["error"] + counts["reset"] >= 10, counts  # the faults were real
     ids = archive.read_table(arch, "flaky", "2026-11-20", columns=["image_id"])["image_id"].to_pylist()
-    fs, path = storage.arrow_filesystem(nights.night_uri(out, "flaky", "2026-11-20"))
+    fs, path = storage.arrow_filesystem(nights.Night(out, "flaky", "2026-11-20").uri)
     rows = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "status"]).to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(ids) and len(ids) == 20  # 0 lost, 0 duplicated
     assert all(r["status"] == "ok" for r in rows)  # no fault became an error row

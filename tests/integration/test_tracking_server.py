@@ -98,7 +98,7 @@ def test_a_night_scored_against_an_authenticated_tracking_server(server, night):
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME")
     # every row of the night, scored, from a model fetched once into this node's cache (whole, no partial left)
-    fs, path = storage.arrow_filesystem(nights.night_uri(night["out"], "srv", night["date"]))
+    fs, path = storage.arrow_filesystem(nights.Night(night["out"], "srv", night["date"]).uri)
     rows = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "status"]).to_pylist()
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows), rows  # 3 good + 1 of each defect type
     cached = sorted(os.listdir(night["cache"]))

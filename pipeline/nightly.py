@@ -1,0 +1,167 @@
+"""Scoring one night, top to bottom: the archive partition's rows through the scoring actors (pipeline.batch),
+published atomically under the output night (pipeline.nights), its report written beside it, one MLflow run.
+
+A night travels as three values: the input `archive.Partition` (its shards listed once), the output
+`nights.Night` (its locations normalised once) and the run's `ScoreOptions` (parsed once by jobs.score).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline import archive, artifact, nights, registry, report, storage
+from pipeline.batch import INFRA_ERRORS, HeatmapTarget, InjectedFault, isolating, score_partition
+from pipeline.cluster import cluster_gpus, has_gpus
+from pipeline.decoding import decode_where
+from pipeline.errors import PipelineError, UsageError
+from pipeline.progress import Progress
+from pipeline.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOptions:
+    """How a night is scored: what `jobs.score` parses (its flags have these names), checked here once."""
+    model_alias: str = "production"
+    bank_budget_mb: float | None = None   # per-actor bank budget; banks above it are sharded by product
+    actors_per_shard: int | None = None   # scoring actors per bank shard; default one per GPU, 1 without GPUs
+    batch_size: int = 16
+    max_error_rate: float = 0.05          # infrastructure failures the night may lose before nothing is published
+    heatmap_side: int | None = None       # stored heatmaps' long side; default the model's input size
+    heatmap_full_res: bool = False        # store each heatmap at its image's own resolution instead
+    decode: str = "auto"                  # where JPEGs are decoded: decoding.DECODE_CHOICES
+
+    def __post_init__(self):
+        decode_where(self.decode, False)  # a wrong value fails before any run starts
+        if self.heatmap_side is not None and self.heatmap_side < 1:
+            raise UsageError("--heatmap-side must be a positive number of pixels")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.actors_per_shard is not None and self.actors_per_shard < 1:
+            raise UsageError("--actors-per-shard must be at least 1")
+        if not 0 <= self.max_error_rate <= 1:
+            raise UsageError("--max-error-rate is a fraction between 0 and 1")
+
+    def heatmaps(self, night: nights.Night, run_id: str, image_size: int) -> HeatmapTarget:
+        """Where this run's heatmaps go and at what size."""
+        return HeatmapTarget(night.heatmap_prefix(run_id), None if self.heatmap_full_res
+                             else self.heatmap_side or image_size)
+
+
+class TooManyErrors(PipelineError):
+    """More rows failed for infrastructure reasons than the night may lose; nothing was published."""
+
+
+def score_night(partition: archive.Partition, output: str, options: ScoreOptions = ScoreOptions(),
+                fault: InjectedFault | None = None) -> dict:
+    """Score one night's partition and publish its score rows and heatmaps under `output` atomically
+    (pipeline.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
+    its scoring process again and again is isolated into an error row (batch.isolating). More than
+    `options.max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
+    `fault` is a test's injected crash. Returns a summary."""
+    deployment, date = partition.deployment, partition.date
+    archive.check_date(date)
+    night = nights.Night(output, deployment, date)
+    mlflow = registry.connect()
+    mv, uri, spec = registry.resolve(deployment, options.model_alias)
+    exp = registry.experiment_id(deployment)
+    with mlflow.start_run(experiment_id=exp, run_name=f"score-{date}") as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({"job": "score", "model_version": mv.version, "model_alias": options.model_alias,
+                         "weights_kind": spec.weights_kind, "deployment": deployment, "date": date,
+                         "host": socket.gethostname(), "pid": str(os.getpid())})
+        if spec.is_random:
+            mlflow.set_tag("warning", registry.RANDOM_WEIGHTS_BANNER)
+        stale = registry.fail_dead_runs(exp, {"job": "score", "deployment": deployment, "date": date}, run_id)
+        shards = artifact.plan_shards(spec, options.bank_budget_mb)
+        mlflow.log_params({"date": date, "archive": storage.normalize(partition.archive), "output": night.output,
+                           "bank_budget_mb": options.bank_budget_mb or 0, "bank_shards": len(shards)})
+        info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run_id)
+        target = options.heatmaps(night, run_id, spec.image_size)
+        use_gpu = has_gpus()
+        # one scoring actor per GPU (the pool sized to the cluster, not one); on CPUs one actor, whose torch
+        # threads already use the node's cores while decode tasks take the rest
+        actors = options.actors_per_shard or (max(1, int(cluster_gpus())) if use_gpu else 1)
+        where = decode_where(options.decode, use_gpu)
+        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": where,
+                           "heatmap_side": target.side or "full"})
+        t0 = time.time()
+
+        def rows(image_ids, actor_restarts):  # the whole night (None), or some of its rows again
+            for ds in score_partition(partition, uri, spec, info, heatmaps=target, image_ids=image_ids,
+                                      budget_mb=options.bank_budget_mb, actors_per_shard=actors,
+                                      batch_size=options.batch_size, use_gpu=use_gpu, actor_restarts=actor_restarts,
+                                      fault=fault, decode_on_device=where == "device"):
+                yield from ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
+                                                                                       batch_size=None)
+
+        def crashed_row(image_id, reason):
+            row = partition.read_table(archive.Rows(image_ids=(image_id,)),
+                                       columns=["image_id", "product", "source_uri"]).to_pydict()
+            n = len(row["image_id"])  # one row, or more where the archive repeats the image_id
+            thr = [spec.products[p].threshold if p in spec.products else np.nan for p in row["product"]]
+            return to_table(error_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info, [reason] * n,
+                                       threshold=thr))
+
+        writer = night.writer(run_id, SCORE_SCHEMA)
+        counts = {"ok": 0, "error": 0, "anomalous": 0, "infra_errors": 0}
+        n_in = partition.count_rows()  # read once: progress total and the invariant
+        progress = Progress(f"score {deployment} {date}", n_in)
+        try:
+            for table in isolating(rows, partition.image_ids, crashed_row):
+                writer.write(table)
+                progress.update(table.num_rows)
+                counts["ok"] += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+                counts["anomalous"] += pc.sum(table["is_anomalous"]).as_py() or 0
+                counts["infra_errors"] += sum(1 for e in table["error"].to_pylist() if e and e.startswith(INFRA_ERRORS))
+            counts["error"] = writer.rows - counts["ok"]
+            if writer.rows != n_in:  # an invariant: a bug if it breaks, never an input problem
+                raise RuntimeError(f"scored {writer.rows} rows for {n_in} input rows; nothing published")
+            if counts["infra_errors"] > options.max_error_rate * n_in:
+                raise TooManyErrors(f"{counts['infra_errors']} of {n_in} rows failed for infrastructure reasons "
+                                    f"(over --max-error-rate {options.max_error_rate:g}); nothing published, the "
+                                    "previous night stands")
+            progress.finish()
+            marker = writer.publish({"model_version": str(mv.version), "heatmaps": target.prefix,
+                                     "archive": storage.normalize(partition.archive), **counts})
+        except BaseException:
+            writer.abort()
+            raise
+        seconds = time.time() - t0
+        # the night now names this run: files of runs that ended (killed, failed, replaced) go
+        alive = registry.running_runs(exp, {"job": "score", "deployment": deployment, "date": date})
+        for other in night.runs_with_files() - alive - {run_id}:
+            night.remove_run_files(other)
+        summary = {"rows_in": n_in, "rows_out": writer.rows, **counts, "seconds": seconds,
+                   "images_per_s": n_in / seconds if seconds else 0.0, "bank_shards": len(shards),
+                   "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
+                   "heatmaps_uri": target.prefix, "random_weights": spec.is_random, "stale_runs_failed": stale}
+        mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
+                                                           "infra_errors", "seconds", "images_per_s")})
+        summary.update(_night_report(mlflow, night))
+    return summary
+
+
+def _night_report(mlflow, night: nights.Night) -> dict:
+    """Write the published night's report beside it and log it, with per-product counts, to the run. The night
+    is already published: a report that fails is a warning (stderr, tag `report_error`), not a failed night;
+    `jobs.report` rebuilds it."""
+    try:
+        uri, rep = report.write(night)
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        print(f"WARNING: the night is published but its report failed ({msg}); rebuild it with "
+              f"python -m jobs.report --deployment {night.deployment} --date {night.date} --output {night.output}",
+              file=sys.stderr)
+        mlflow.set_tag("report_error", msg[:5000])
+        return {"report_uri": None, "report_error": msg}
+    mlflow.log_metrics({f"{k}.{registry.metric_key(p)}": float(v) for p, c in rep["products"].items()
+                        for k, v in c.items()})
+    mlflow.log_text(storage.read_bytes(uri).decode(), "report/report.html")
+    mlflow.set_tag("report", uri)
+    return {"report_uri": uri, "products": rep["products"]}
