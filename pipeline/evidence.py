@@ -1,5 +1,5 @@
 """What an evaluation leaves in its MLflow run, so the UI shows at a glance why a version is good or bad:
-per-product ROC / PRO curves (figures), the per-product table (mlflow.log_table), and example overlays of
+per-product ROC / PRO curves (figures), the per-product table (the run's table artifact), and example overlays of
 the most anomalous defective image and the most anomalous normal one (the hardest false positive)."""
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def curves_figure(product: str, m: ProductMetrics, fpr_limit: float = 0.3):
 
 
 def table(results: dict[str, dict[str, float]], version: str) -> dict[str, list]:
-    """The per-product table as columns (mlflow.log_table), metrics in %."""
+    """The per-product table as columns (the run's table artifact), metrics in %."""
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     products = sorted(results)
     cols = {"product": products, "model_version": [version] * len(products), "evaluated_at": [when] * len(products)}
@@ -60,16 +60,16 @@ def table(results: dict[str, dict[str, float]], version: str) -> dict[str, list]
     return cols
 
 
-def log_evaluation(mlflow, per: dict[str, ProductMetrics], results: dict, examples: Examples, images: dict[str, bytes],
+def log_evaluation(log, per: dict[str, ProductMetrics], results: dict, examples: Examples, images: dict[str, bytes],
                    thresholds: dict[str, float], version: str) -> None:
-    """Curves, table and example overlays into the active run (artifact folder `evaluation/`)."""
+    """Curves, table and example overlays into the run `log` (a registry.RunLog; artifact folder `evaluation/`)."""
     import matplotlib.pyplot as plt
 
     for p, m in sorted(per.items()):
         fig = curves_figure(p, m)
-        mlflow.log_figure(fig, f"evaluation/curves/{p}.png")
+        log.figure(fig, f"evaluation/curves/{p}.png")
         plt.close(fig)
-    mlflow.log_table(table(results, version), "evaluation/per_product.json")
+    log.table(table(results, version), "evaluation/per_product.json")
     for (p, label), (score, image_id, amap, mask) in sorted(examples.best.items()):
         thr = thresholds.get(p, float("nan"))
         size = amap.shape
@@ -83,4 +83,4 @@ def log_evaluation(mlflow, per: dict[str, ProductMetrics], results: dict, exampl
             pair = Image.fromarray(arr)
         kind = "defective-top" if label else "normal-top"
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in image_id)[-80:]
-        mlflow.log_image(pair, f"evaluation/examples/{p}/{kind}-{name}-score{score:.4f}.png")
+        log.image(pair, f"evaluation/examples/{p}/{kind}-{name}-score{score:.4f}.png")

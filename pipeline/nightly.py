@@ -67,19 +67,18 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
     deployment, date = partition.deployment, partition.date
     archive.check_date(date)
     night = nights.Night(output, deployment, date)
-    mlflow = registry.connect()
     mv, uri, spec = registry.resolve(deployment, options.model_alias)
     exp = registry.experiment_id(deployment)
-    with mlflow.start_run(experiment_id=exp, run_name=f"score-{date}") as run:
-        run_id = run.info.run_id
-        mlflow.set_tags({"job": "score", "model_version": mv.version, "model_alias": options.model_alias,
+    with registry.run(deployment, f"score-{date}") as log:
+        run_id = log.id
+        log.tags({"job": "score", "model_version": mv.version, "model_alias": options.model_alias,
                          "weights_kind": spec.weights_kind, "deployment": deployment, "date": date,
                          "host": socket.gethostname(), "pid": str(os.getpid())})
         if spec.is_random:
-            mlflow.set_tag("warning", registry.RANDOM_WEIGHTS_BANNER)
+            log.tags({"warning": registry.RANDOM_WEIGHTS_BANNER})
         stale = registry.fail_dead_runs(exp, {"job": "score", "deployment": deployment, "date": date}, run_id)
         shards = artifact.plan_shards(spec, options.bank_budget_mb)
-        mlflow.log_params({"date": date, "archive": storage.normalize(partition.archive), "output": night.output,
+        log.params({"date": date, "archive": storage.normalize(partition.archive), "output": night.output,
                            "bank_budget_mb": options.bank_budget_mb or 0, "bank_shards": len(shards)})
         info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=run_id)
         target = options.heatmaps(night, run_id, spec.image_size)
@@ -88,7 +87,7 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
         # threads already use the node's cores while decode tasks take the rest
         actors = options.actors_per_shard or (max(1, int(cluster_gpus())) if use_gpu else 1)
         where = decode_where(options.decode, use_gpu)
-        mlflow.log_params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": where,
+        log.params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": where,
                            "heatmap_side": target.side or "full"})
         t0 = time.time()
 
@@ -141,13 +140,13 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
                    "images_per_s": n_in / seconds if seconds else 0.0, "bank_shards": len(shards),
                    "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
                    "heatmaps_uri": target.prefix, "random_weights": spec.is_random, "stale_runs_failed": stale}
-        mlflow.log_metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
+        log.metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
                                                            "infra_errors", "seconds", "images_per_s")})
-        summary.update(_night_report(mlflow, night))
+        summary.update(_night_report(log, night))
     return summary
 
 
-def _night_report(mlflow, night: nights.Night) -> dict:
+def _night_report(log: registry.RunLog, night: nights.Night) -> dict:
     """Write the published night's report beside it and log it, with per-product counts, to the run. The night
     is already published: a report that fails is a warning (stderr, tag `report_error`), not a failed night;
     `jobs.report` rebuilds it."""
@@ -158,10 +157,10 @@ def _night_report(mlflow, night: nights.Night) -> dict:
         print(f"WARNING: the night is published but its report failed ({msg}); rebuild it with "
               f"python -m jobs.report --deployment {night.deployment} --date {night.date} --output {night.output}",
               file=sys.stderr)
-        mlflow.set_tag("report_error", msg[:5000])
+        log.tags({"report_error": msg[:5000]})
         return {"report_uri": None, "report_error": msg}
-    mlflow.log_metrics({f"{k}.{registry.metric_key(p)}": float(v) for p, c in rep["products"].items()
+    log.metrics({f"{k}.{registry.metric_key(p)}": float(v) for p, c in rep["products"].items()
                         for k, v in c.items()})
-    mlflow.log_text(storage.read_bytes(uri).decode(), "report/report.html")
-    mlflow.set_tag("report", uri)
+    log.text(storage.read_bytes(uri).decode(), "report/report.html")
+    log.tags({"report": uri})
     return {"report_uri": uri, "products": rep["products"]}

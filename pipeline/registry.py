@@ -8,6 +8,7 @@ artifact store, else <root>/mlartifacts).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,9 +18,11 @@ import shutil
 import socket
 import tempfile
 import time
+from typing import Iterator
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from pipeline import artifact, storage
@@ -49,6 +52,55 @@ def connect():
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow
+
+
+class RunLog:
+    """A job's MLflow run, the one way the pipeline writes to one: params, metrics, tags and artifacts."""
+
+    def __init__(self, run_id: str):
+        self.id = run_id
+
+    def params(self, values: dict) -> None:
+        mlflow.log_params(values)
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        mlflow.log_metrics(values, step=step)
+
+    def tags(self, values: dict) -> None:
+        mlflow.set_tags(values)
+
+    def json(self, value, path: str) -> None:
+        """A dict or list as a JSON artifact at `path`."""
+        mlflow.log_dict(value, path)
+
+    def text(self, value: str, path: str) -> None:
+        mlflow.log_text(value, path)
+
+    def figure(self, fig, path: str) -> None:
+        mlflow.log_figure(fig, path)
+
+    def image(self, image, path: str) -> None:
+        mlflow.log_image(image, path)
+
+    def table(self, columns: dict, path: str) -> None:
+        """Columns as a table artifact the MLflow UI shows (it appends when the path exists)."""
+        mlflow.log_table(columns, path)
+
+
+@contextlib.contextmanager
+def run(deployment: str | None = None, name: str | None = None, run_id: str | None = None) -> Iterator[RunLog]:
+    """A new run named `name` in the deployment's experiment, or the run `run_id` reopened; ended (FINISHED, or
+    FAILED when the block raises) on leaving the block."""
+    connect()
+    where = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(deployment), "run_name": name}
+    with mlflow.start_run(**where) as active:
+        yield RunLog(active.info.run_id)
+
+
+def log_epoch(tracking_uri: str, run_id: str, metrics: dict, step: int) -> None:
+    """Metrics into a run from another process (a training worker) while the run is open in the driver."""
+    MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=[
+        Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()])
 
 
 def client() -> MlflowClient:

@@ -33,37 +33,35 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
     """Fit with Ray Train, log params/metrics/artifact to MLflow, register a version, alias 'candidate'.
     Returns (model version, spec, fit summary: device, k-NN backend, per-epoch metrics)."""
     cfg = _with_storage(cfg)
-    mlflow = registry.connect()
-    exp = registry.experiment_id(cfg.deployment)
-    with tempfile.TemporaryDirectory() as out, mlflow.start_run(experiment_id=exp, run_name=f"train-k{cfg.shots}-s{cfg.seed}") as run:
-        mlflow.log_params({"deployment": cfg.deployment, "archive": storage.normalize(cfg.archive),
+    with tempfile.TemporaryDirectory() as out, registry.run(cfg.deployment, f"train-k{cfg.shots}-s{cfg.seed}") as log:
+        log.params({"deployment": cfg.deployment, "archive": storage.normalize(cfg.archive),
                            "shots": cfg.shots, "seed": cfg.seed, "backbone": cfg.backbone, "weights": cfg.weights,
                            "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "run_key": cfg.run_key()})
-        mlflow.log_params(registry.config_params(cfg.anople))
+        log.params(registry.config_params(cfg.anople))
         t0 = time.time()
-        spec, summary = fit_deployment(cfg, out, mlflow_run_id=run.info.run_id)
+        spec, summary = fit_deployment(cfg, out, mlflow_run_id=log.id)
         kind = spec.weights_kind
-        mlflow.set_tags({"weights_kind": kind, "random_weights": str(spec.is_random).lower(),
+        log.tags({"weights_kind": kind, "random_weights": str(spec.is_random).lower(),
                          "job": "train", "device": summary["device"], "knn_backend": summary["knn_backend"]})
         if spec.is_random:
-            mlflow.set_tag("warning", registry.RANDOM_WEIGHTS_BANNER)
-        mlflow.log_params({"bank_layers": ",".join(map(str, spec.bank_layers)), "image_size": spec.image_size,
+            log.tags({"warning": registry.RANDOM_WEIGHTS_BANNER})
+        log.params({"bank_layers": ",".join(map(str, spec.bank_layers)), "image_size": spec.image_size,
                            "weights_kind": kind, "weights_fingerprint": spec.weights_fingerprint,
                            "products": ",".join(sorted(spec.products))})
         for e in summary["epochs"]:  # the epochs the worker could not log as they ended (losses, validation curve)
             if not e.get("mlflow_logged"):
-                mlflow.log_metrics({k: v for k, v in e.items() if k not in ("epoch", "mlflow_logged")},
+                log.metrics({k: v for k, v in e.items() if k not in ("epoch", "mlflow_logged")},
                                    step=int(e["epoch"]))
         if summary["validation"]:
             v = summary["validation"]
-            mlflow.log_metrics({k: v[k] for k in ("val_gain_pixel_auroc", "val_best_fused_pixel_auroc",
+            log.metrics({k: v[k] for k in ("val_gain_pixel_auroc", "val_best_fused_pixel_auroc",
                                                   "val_bank_pixel_auroc_untrained", "val_best_epoch")})
-            mlflow.log_dict(v, "validation.json")
+            log.json(v, "validation.json")
             line, warning = verdict(v)
-            mlflow.set_tag("validation", line)
+            log.tags({"validation": line})
             if warning:
-                mlflow.set_tag("validation_warning", warning)
-        mlflow.log_params({"resolved.bank_layers": ",".join(map(str, spec.anople["bank_layers"])),
+                log.tags({"validation_warning": warning})
+        log.params({"resolved.bank_layers": ",".join(map(str, spec.anople["bank_layers"])),
                            "resolved.decoder_layers": ",".join(map(str, spec.anople["decoder_layers"])),
                            "resolved.prompt_depth": spec.anople["prompt_depth"]})
         metrics = {"fit_seconds": time.time() - t0, "n_products": len(spec.products)}
@@ -72,12 +70,12 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
             metrics[f"threshold.{key}"] = ps.threshold
             metrics[f"calibration_n.{key}"] = ps.n_calibration
             metrics[f"skipped_undecodable.{key}"] = len(summary["skipped"].get(p, []))
-            mlflow.log_param(f"threshold_source.{key}", ps.calibration)
-        mlflow.log_metrics(metrics)
+            log.params({f"threshold_source.{key}": ps.calibration})
+        log.metrics(metrics)
         if any(summary["skipped"].values()):
-            mlflow.log_dict(summary["skipped"], "skipped_undecodable.json")
+            log.json(summary["skipped"], "skipped_undecodable.json")
         logged = serving.log_model(out)  # an MLflow pyfunc model holding the artifact (pipeline.serving)
-        mv = registry.register(cfg.deployment, run.info.run_id, logged.model_id, tags={
+        mv = registry.register(cfg.deployment, log.id, logged.model_id, tags={
             "weights_kind": kind, "backbone": spec.backbone, "weights": spec.weights, "shots": str(spec.shots)})
     return mv, spec, summary
 
@@ -93,16 +91,15 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
         raise UsageError(f"no labelled, scorable test images for deployment {deployment!r} in {archive_uri}")
     results = {p: m.compute() for p, m in sorted(per.items())}
     mean = summarize(results)
-    mlflow = registry.connect()
-    with mlflow.start_run(run_id=mv.run_id):
+    with registry.run(run_id=mv.run_id) as log:
         flat = {f"eval.{k}.{registry.metric_key(p)}": v for p, r in results.items() for k, v in r.items() if np.isfinite(v)}
         flat.update({f"eval.{k}.mean": v for k, v in mean.items() if np.isfinite(v)})
         flat["eval.errors"] = len(errors)
-        mlflow.log_metrics(flat)
-        mlflow.log_dict({"per_product": results, "mean": mean, "errors": errors}, "evaluation.json")
+        log.metrics(flat)
+        log.json({"per_product": results, "mean": mean, "errors": errors}, "evaluation.json")
         ids = [e[1] for e in examples.best.values()]
         images = archive.read_images(archive_uri, deployment, None, ids) if ids else {}
-        evidence.log_evaluation(mlflow, per, results, examples, images,
+        evidence.log_evaluation(log, per, results, examples, images,
                                 {p: ps.threshold for p, ps in spec.products.items()}, str(mv.version))
     if errors:  # an evaluation that could not use every labelled image is not one the gate accepts
         raise EvaluationIncomplete(
@@ -147,16 +144,15 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
     if setting not in ("multi-class", "unseen"):
         raise UsageError(f"setting {setting!r} is 'multi-class' or 'unseen'")
     base = _with_storage(base)
-    mlflow = registry.connect()
     products = archive.products_in(base.archive, base.deployment)
     if setting == "unseen" and len(products) < 2:
         raise UsageError("leave-one-product-out needs at least two products")
     table: dict = {}
-    with mlflow.start_run(experiment_id=registry.experiment_id(base.deployment), run_name=f"protocol-{setting}") as run:
-        mlflow.set_tags({"job": "evaluate-protocol", "setting": setting})
-        mlflow.log_params({"shots": ",".join(map(str, shots_list)), "seeds": ",".join(map(str, seeds)),
+    with registry.run(base.deployment, f"protocol-{setting}") as log:
+        log.tags({"job": "evaluate-protocol", "setting": setting})
+        log.params({"shots": ",".join(map(str, shots_list)), "seeds": ",".join(map(str, seeds)),
                            "backbone": base.backbone, "weights": base.weights})
-        mlflow.log_params(registry.config_params(base.anople))
+        log.params(registry.config_params(base.anople))
         for k in shots_list:
             for seed in seeds:
                 groups = [(None, ())] if setting == "multi-class" else [
@@ -171,14 +167,14 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
                         storage.upload_tree(out, uri)  # where every actor can read it
                     # a protocol model is never registered: it is named by its run key
                     info = RunInfo(deployment=base.deployment, model_name=f"{registry.model_name(base.deployment)}-protocol",
-                                   model_version=cfg.run_key(), run_id=run.info.run_id)
+                                   model_version=cfg.run_key(), run_id=log.id)
                     per, _, _ = _stream_metrics(base.archive, base.deployment, uri, spec, info, only, batch_size)
                     for p, r in ((p, m.compute()) for p, m in per.items()):
                         for m in PAPER_METRICS:
                             table.setdefault(k, {}).setdefault(p, {}).setdefault(m, []).append(r[m])
             for m in PAPER_METRICS:
                 for p, r in table[k].items():
-                    mlflow.log_metric(f"k{k}.{m}.{registry.metric_key(p)}", float(np.mean(r[m])))
-                mlflow.log_metric(f"k{k}.{m}.mean", float(np.mean([np.mean(r[m]) for r in table[k].values()])))
-        mlflow.log_dict({str(k): v for k, v in table.items()}, "protocol.json")
+                    log.metrics({f"k{k}.{m}.{registry.metric_key(p)}": float(np.mean(r[m]))})
+                log.metrics({f"k{k}.{m}.mean": float(np.mean([np.mean(r[m]) for r in table[k].values()]))})
+        log.json({str(k): v for k, v in table.items()}, "protocol.json")
     return table

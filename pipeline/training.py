@@ -12,12 +12,9 @@ import dataclasses
 import json
 import os
 import tempfile
-import time
 
 import ray.train
 import torch
-from mlflow import MlflowClient
-from mlflow.entities import Metric
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
@@ -155,9 +152,8 @@ def _log_epoch(tracking_uri: str, run_id: str, metrics: dict) -> bool:
     if not run_id:
         return False
     try:
-        MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=[
-            Metric(k, float(v), int(time.time() * 1000), int(metrics["epoch"]))
-            for k, v in metrics.items() if k not in ("epoch", "mlflow_logged")])
+        registry.log_epoch(tracking_uri, run_id, {k: v for k, v in metrics.items() if k not in ("epoch", "mlflow_logged")},
+                           int(metrics["epoch"]))
         return True
     except Exception as e:
         emit(f"WARNING: epoch {metrics['epoch']} not logged to MLflow run {run_id} while training "
