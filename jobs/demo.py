@@ -14,7 +14,7 @@ import time
 
 from pipeline.model import DEFAULT_BACKBONE as BACKBONE
 from pipeline.model import DEFAULT_WEIGHTS as TAG
-from pipeline.synthetic import DEFECTS, make_mvtec_folder
+from pipeline.sources.synthetic import DEFECTS, make_mvtec_folder
 
 PRODUCTS = ("tile", "washer", "fabric")
 

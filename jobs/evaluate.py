@@ -16,7 +16,7 @@ from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 
 
 def format_table(per_product: dict, mean: dict) -> str:
-    from pipeline.metrics import METRICS
+    from pipeline.evaluation.metrics import METRICS
     head = f"{'product':<20}" + "".join(f"{c:>14}" for c in METRICS)
     lines = [head, "-" * len(head)]
     for p, r in per_product.items():
@@ -30,7 +30,7 @@ def format_protocol(table: dict, setting: str) -> str:
     """Paper layout: one row per product (+ mean), per k a group of I-AUROC / P-AUROC / PRO (mean+-std %)."""
     import numpy as np
 
-    from pipeline.metrics import PAPER_METRICS
+    from pipeline.evaluation.metrics import PAPER_METRICS
     ks = sorted(table)
     products = sorted({p for k in ks for p in table[k]})
     head1 = f"{'':<20}" + "".join(f"{f'{k}-shot ({setting})':^45}" for k in ks)
@@ -56,10 +56,9 @@ def format_protocol(table: dict, setting: str) -> str:
 def _protocol(args) -> int:
     from pipeline import registry
     from pipeline.cluster import has_gpus, init_ray
-    from pipeline.config import load_config
-    from pipeline.runs import evaluate_protocol
-    from pipeline.training import TrainConfig
-    from pipeline.weights import check_weights
+    from pipeline.evaluation.run import evaluate_protocol
+    from pipeline.fitting.config import TrainConfig, load_config
+    from pipeline.fitting.weights import check_weights
     check_weights(args.backbone, args.weights)
     anople = load_config(args.config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
     shots = [int(x) for x in args.shots.split(",")]
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return _protocol(args)
     from pipeline import registry
     from pipeline.cluster import init_ray
-    from pipeline.runs import evaluate
+    from pipeline.evaluation.run import evaluate
     init_ray()
     r = evaluate(args.deployment, args.archive, args.model_alias, args.batch_size)
     if r["random_weights"]:

@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
 @entrypoint("ingest")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from pipeline.ingest import ingest
+    from pipeline.sources.ingest import ingest
     r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard)
     print(f"ingested {r.rows} images ({r.layout} layout) into {len(r.shards)} shard(s) under "
           f"{r.shards[0].rsplit('/', 1)[0]}; {len(r.undecodable)} undecodable (archived), {len(r.skipped)} skipped")

@@ -38,7 +38,7 @@ def _compare(deployment: str, mv, to_alias: str) -> None:
     """The version's evaluation beside the one now holding `to_alias` (mean metrics, %)."""
     from pipeline import registry
     from pipeline.errors import NotFoundError
-    from pipeline.metrics import METRICS
+    from pipeline.evaluation.metrics import METRICS
     try:
         current = registry.get_version(deployment, alias=to_alias)
     except NotFoundError:

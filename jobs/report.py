@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.top < 0:
         ap.error("--top must be >= 0")
-    from pipeline import archive, nights, report  # after parsing: --help stays fast
+    from pipeline.nightly import nights, report  # after parsing: --help stays fast
+    from pipeline.sources import archive
     args.date = archive.resolve_date(args.date, args.timezone)
     uri, summary_ = report.write(nights.Night(args.output, args.deployment, args.date), args.top)
     for p, c in summary_["products"].items():

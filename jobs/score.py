@@ -6,7 +6,7 @@ import dataclasses
 import sys
 
 from jobs.cli import entrypoint, new_parser, summary
-from pipeline.decoding import DECODE_CHOICES  # numpy and PIL only: --help stays light
+from pipeline.sources.decoding import DECODE_CHOICES  # numpy and PIL only: --help stays light
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,9 +43,11 @@ def parser() -> argparse.ArgumentParser:
 @entrypoint("score")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from pipeline import archive, registry
+    from pipeline import registry
     from pipeline.cluster import init_ray
-    from pipeline.nightly import ScoreOptions, score_night
+    from pipeline.nightly.run import ScoreOptions, score_night
+    from pipeline.sources import archive
+
     # the options travel whole: each ScoreOptions field is the flag of the same name (checked there)
     options = ScoreOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreOptions)})
     args.date = archive.resolve_date(args.date, args.timezone)

@@ -49,11 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import registry
     from pipeline.cluster import has_gpus, init_ray
-    from pipeline.config import load_config
-    from pipeline.runs import train_and_register
-    from pipeline.training import TrainConfig
-    from pipeline.validation import verdict
-    from pipeline.weights import check_weights
+    from pipeline.fitting.config import TrainConfig, load_config
+    from pipeline.fitting.run import train_and_register
+    from pipeline.fitting.validation import verdict
+    from pipeline.fitting.weights import check_weights
     check_weights(args.backbone, args.weights)  # before any cluster work: a typo fails in a second
     anople = load_config(args.config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, prompt_mode=args.prompt_mode, seed=args.seed,
                          bank_layers=bank_layers, fusion="bank" if args.prompt_mode == "none" else None)

@@ -23,10 +23,10 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-from pipeline.score_table import SCORE_SCHEMA, RunInfo, score_rows
+from pipeline.nightly.score_table import SCORE_SCHEMA, RunInfo, score_rows
 
 ARTIFACT = "anople"  # the pipeline's artifact inside the MLflow model: artifacts/anople/
-# The score row's columns serving answers with (pipeline.score_table), in this order; the nullable ones may be
+# The score row's columns serving answers with (pipeline.nightly.score_table), in this order; the nullable ones may be
 # missing (image_id) or null (no score and no threshold on an error row).
 SERVED = ("image_id", "product", "score", "is_anomalous", "threshold", "status", "error")
 NULLABLE = ("image_id", "score", "threshold")
@@ -49,11 +49,11 @@ class AnoPLePyfunc(mlflow.pyfunc.PythonModel):
     batch_size = 16
 
     def load_context(self, context) -> None:
-        from pipeline.scorer import Scorer
+        from pipeline.nightly.scorer import Scorer
         self.scorer = Scorer.load(context.artifacts[ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from pipeline.images import ImageDecodeError, decode_scaled, to_model_input
+        from pipeline.sources.images import ImageDecodeError, decode_scaled, to_model_input
 
         n = len(model_input)
         products = [None if p is None else str(p) for p in model_input["product"]]

@@ -52,8 +52,9 @@ def bucket(s3_server):
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One in-process Ray for the session, started after the S3 variables are set (workers inherit them)."""
-    from pipeline.cluster import init_ray
     import ray
+
+    from pipeline.cluster import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -62,7 +63,7 @@ def ray_local(s3_server):
 
 @pytest.fixture(scope="session")
 def synthetic_src(tmp_path_factory):
-    from pipeline.synthetic import make_mvtec_folder
+    from pipeline.sources.synthetic import make_mvtec_folder
     return make_mvtec_folder(str(tmp_path_factory.mktemp("src")), products=("tile", "washer", "fabric"),
                              n_train=4, n_test_good=3, n_test_defect=1, size=64, seed=0)
 

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import archive
 from pipeline.errors import NotFoundError, UsageError
+from pipeline.sources import archive
 
 ROWS = [("t/0", "tile", "train"), ("t/1", "tile", "test"), ("t2/0", "tile-2", "test"), ("w/0", "washer", "test"),
         ("x/0", None, "test")]
@@ -38,7 +38,7 @@ def test_read_table_filters_by_split_and_exact_products(arch, rows, ids):
 
 @pytest.mark.integration
 def test_ray_data_reads_the_same_rows_with_the_same_filter(arch, ray_local):
-    from pipeline.batch import read_rows
+    from pipeline.nightly.batch import read_rows
     for rows, ids in CASES:
         got = read_rows(archive.Partition(arch, "d", "2026-11-22"), ["image_id"], rows).take_all()
         assert sorted(r["image_id"] for r in got) == ids, rows
@@ -58,8 +58,8 @@ def test_a_scheduled_job_names_yesterday_in_its_time_zone():
     import datetime as dt
     from zoneinfo import ZoneInfo
 
-    from pipeline.archive import resolve_date
     from pipeline.errors import UsageError
+    from pipeline.sources.archive import resolve_date
     for tz in ("UTC", "Pacific/Kiritimati", "Etc/GMT+12"):  # UTC+14 and UTC-12: the day differs across zones
         today = dt.datetime.now(ZoneInfo(tz)).date()
         assert resolve_date("yesterday", tz) in {(today - dt.timedelta(days=1)).isoformat(), today.isoformat()}

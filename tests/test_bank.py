@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.artifact import ModelSpec, ProductSpec, plan_shards
-from pipeline.bank import MemoryBank
+from pipeline.fitting.bank import MemoryBank
 
 
 def _unit(rng, n, c):

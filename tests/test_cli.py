@@ -10,7 +10,8 @@ import pytest
 from jobs import ingest as ingest_job
 from jobs import score as score_job
 from jobs.cli import entrypoint
-from pipeline.errors import EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, NotFoundError, PipelineError, RefusedError, UsageError
+from pipeline.errors import (EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE, NotFoundError, PipelineError, RefusedError,
+                             UsageError)
 
 
 @pytest.mark.parametrize("error,code,label", [
@@ -44,9 +45,9 @@ def test_a_library_invariant_is_not_reported_as_a_bad_argument(monkeypatch):
         raise RuntimeError("wrote 3 score rows for 5 input rows")
 
     import pipeline.cluster
-    import pipeline.nightly
+    import pipeline.nightly.run
     monkeypatch.setattr(pipeline.cluster, "init_ray", lambda: None)
-    monkeypatch.setattr(pipeline.nightly, "score_night", broken)
+    monkeypatch.setattr(pipeline.nightly.run, "score_night", broken)
     with pytest.raises(RuntimeError, match="3 score rows for 5"):
         score_job.main(["--deployment", "d", "--archive", "a", "--date", "2026-11-22", "--output", "o"])
 

@@ -1,4 +1,4 @@
-"""JPEG decode on the scoring actor's device (pipeline.device_decode), run here on the CPU: the same code that
+"""JPEG decode on the scoring actor's device (pipeline.sources.device_decode), run here on the CPU: the same code that
 runs nvJPEG on a GPU (tests/gpu covers CUDA). What the decode task passes on, what the actor makes of it, and
 that every row still gets one honest status."""
 import io
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decoding import decode_batch
-from pipeline.device_decode import DeviceDecoder
-from pipeline import images
-from pipeline.images import DEVICE_DECODE_MAX_PIXELS, decode_scaled, device_jpeg, to_model_pixels
+from pipeline.sources import images
+from pipeline.sources.decoding import decode_batch
+from pipeline.sources.device_decode import DeviceDecoder
+from pipeline.sources.images import DEVICE_DECODE_MAX_PIXELS, decode_scaled, device_jpeg, to_model_pixels
 
 S = 48
 
@@ -110,7 +110,7 @@ def test_the_decode_task_passes_jpegs_on_as_bytes_and_decodes_the_rest_itself():
 
 
 def test_a_jpeg_the_device_rejects_is_decoded_by_pil_and_one_nothing_decodes_is_an_error(monkeypatch):
-    import pipeline.device_decode as dd
+    import pipeline.sources.device_decode as dd
     good, bad = _jpeg(_product(64, 64)), _jpeg(_product(64, 64, seed=1))
     real = dd._decode_jpeg
 
@@ -138,7 +138,7 @@ def test_a_jpeg_the_device_rejects_is_decoded_by_pil_and_one_nothing_decodes_is_
 
 
 def test_chunks_bound_the_decoded_bytes_held_at_once(monkeypatch):
-    import pipeline.device_decode as dd
+    import pipeline.sources.device_decode as dd
     monkeypatch.setattr(dd, "CHUNK_BYTES", 3 * 64 * 64 * 2)  # two 64 x 64 images a chunk
     monkeypatch.setattr(dd, "RESIZE_GROUP", 1)  # and each resized alone
     seen = []
@@ -154,7 +154,7 @@ def test_chunks_bound_the_decoded_bytes_held_at_once(monkeypatch):
 def test_a_device_that_decodes_nothing_is_given_up_once_and_pil_decodes_every_row(monkeypatch):
     import logging
 
-    import pipeline.device_decode as dd
+    import pipeline.sources.device_decode as dd
     calls, records = [], []
     handler = logging.Handler()
     handler.emit = records.append
@@ -181,7 +181,7 @@ def test_a_device_that_decodes_nothing_is_given_up_once_and_pil_decodes_every_ro
 
 
 def test_auto_decodes_on_the_actors_gpu_and_in_the_cpu_tasks_for_cpu_actors():
-    from pipeline.decoding import decode_where
+    from pipeline.sources.decoding import decode_where
     assert decode_where("auto", on_gpu=True) == "device"
     assert decode_where("auto", on_gpu=False) == "cpu"
     for explicit in ("cpu", "device"):  # an operator's choice stands on both kinds of node

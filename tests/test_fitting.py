@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.errors import UsageError
-from pipeline.fitting import choose_shots, threshold_from
+from pipeline.fitting.shots import choose_shots, threshold_from
 
 
 def test_shots_are_deterministic_per_seed_and_disjoint_from_calibration():
@@ -28,8 +28,8 @@ def _shots(n=4, product="tile"):
 
     from PIL import Image
 
-    from pipeline.fitting import ProductShots
-    from pipeline.synthetic import normal_image
+    from pipeline.fitting.shots import ProductShots
+    from pipeline.sources.synthetic import normal_image
 
     rng = np.random.default_rng(0)
     images = {}
@@ -43,13 +43,13 @@ def _shots(n=4, product="tile"):
 
 def _fitted(model):
     """A tiny model fitted on one synthetic product (1 shot, 3 held-out normals) through fit_products."""
-    from pipeline.fitting import fit_products
+    from pipeline.fitting.shots import fit_products
     data = {"tile": _shots()}
     return fit_products(model, data, ["tile"], "cpu")["tile"], data["tile"]
 
 
 def _pixels(data, ids):
-    from pipeline.images import decode_image, to_model_input
+    from pipeline.sources.images import decode_image, to_model_input
     return np.stack([to_model_input(decode_image(data.images[i]), 64) for i in ids])
 
 
@@ -87,7 +87,7 @@ def test_raw_harmonic_fusion_ignores_the_levels(tiny_model):
 
 def test_the_scorer_built_from_fits_scores_like_calibration(tiny_model):
     """Calibration and scoring are one computation: the held-out normals score exactly their calibration scores."""
-    from pipeline.scorer import Scorer
+    from pipeline.nightly.scorer import Scorer
 
     model = tiny_model()
     fit, data = _fitted(model)
@@ -95,14 +95,14 @@ def test_the_scorer_built_from_fits_scores_like_calibration(tiny_model):
     assert scorer.thresholds == {"tile": fit.threshold} and set(scorer.text) == {"tile"}
     scores, maps = scorer.score(_pixels(data, data.heldout), ["tile"] * 3)
     assert scores == pytest.approx(fit.calibration_scores, rel=1e-5) and maps.shape == (3, 64, 64)
-    from pipeline.scorer import UnknownProductError
+    from pipeline.nightly.scorer import UnknownProductError
     with pytest.raises(UnknownProductError, match="washer"):
         scorer.score(_pixels(data, data.heldout[:1]), ["washer"])
 
 
 @pytest.mark.parametrize("n,how,n_cal", [(1, "shots_augmented", 4), (3, "shots_leave_one_out", 3)])
 def test_without_held_out_normals_the_shots_calibrate(tiny_model, n, how, n_cal):
-    from pipeline.fitting import ProductShots, fit_products
+    from pipeline.fitting.shots import ProductShots, fit_products
 
     data = _shots(n)
     only_shots = ProductShots(data.images, sorted(data.images), [])
@@ -129,9 +129,9 @@ def test_map_levels_survive_the_artifact_round_trip(tmp_path, tiny_model):
 
 
 def test_undecodable_normals_are_left_out_of_the_shots_and_counted(tmp_path):
-    from pipeline.fitting import load_shots
-    from pipeline.ingest import ingest
-    from pipeline.synthetic import make_mvtec_folder
+    from pipeline.fitting.shots import load_shots
+    from pipeline.sources.ingest import ingest
+    from pipeline.sources.synthetic import make_mvtec_folder
 
     src = make_mvtec_folder(str(tmp_path / "src"), ("tile", "pill"), n_train=4, n_test_good=0, n_test_defect=0, size=32)
     (tmp_path / "src" / "tile" / "train" / "good" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")

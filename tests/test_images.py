@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import (HEATMAP_RANGE, ImageDecodeError, decode_heatmap, decode_image, decode_mask,
-                             encode_heatmap, heatmap_scale, heatmap_size, png16, resize_mask, to_model_input,
-                             to_model_pixels)
+from pipeline.sources.images import (HEATMAP_RANGE, ImageDecodeError, decode_heatmap, decode_image, decode_mask,
+                                     encode_heatmap, heatmap_scale, heatmap_size, png16, resize_mask, to_model_input,
+                                     to_model_pixels)
 
 
 def _png(arr, mode=None, fmt="PNG"):
@@ -170,7 +170,7 @@ BAD = {  # kind -> (bytes, words the error row must carry)
 
 
 def test_every_input_kind_gets_one_honest_row_from_the_decode_task(monkeypatch):
-    from pipeline.decoding import decode_batch
+    from pipeline.sources.decoding import decode_batch
 
     def decode(kinds, data):
         return decode_batch({"image_id": np.array(kinds, dtype=object), "product": np.array(["p"] * len(kinds), dtype=object),

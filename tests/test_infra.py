@@ -41,7 +41,7 @@ def _accepts(entrypoint: str) -> None:
         module, rest = argv[2], argv[3:]
     args = importlib.import_module(module).parser().parse_args(rest)  # SystemExit (argparse) fails the test
     if hasattr(args, "date"):
-        from pipeline.archive import resolve_date
+        from pipeline.sources.archive import resolve_date
         resolve_date(args.date, getattr(args, "timezone", "UTC"))
 
 

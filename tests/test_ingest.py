@@ -3,9 +3,9 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
-from pipeline import archive
-from pipeline.images import decode_mask
-from pipeline.ingest import ingest
+from pipeline.sources import archive
+from pipeline.sources.images import decode_mask
+from pipeline.sources.ingest import ingest
 
 
 def test_mvtec_layout_becomes_partitioned_shards(synthetic_src, tmp_path):
@@ -167,7 +167,8 @@ def test_a_failed_ingest_changes_nothing(tmp_path, capsys):
 def test_shards_of_older_ingests_are_replaced_by_exact_product(tmp_path):
     """Shards named before write ids existed (part-<product>-NNNNN.parquet) still belong to their product."""
     import pyarrow.parquet as pq
-    from pipeline.archive import shard_product
+
+    from pipeline.sources.archive import shard_product
 
     assert [shard_product(n) for n in ("part-tile-00000.parquet", "part-tile-2-00003.parquet",
                                        "part-tile-2-w0123456789ab-00000.parquet", "part-a%2Fb-00001.parquet",

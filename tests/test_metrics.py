@@ -4,7 +4,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from pipeline.metrics import PixelMetrics, auroc, f1_max
+from pipeline.evaluation.metrics import PixelMetrics, auroc, f1_max
 
 BINS = 1024
 
@@ -129,7 +129,7 @@ def test_pixel_metrics_state_does_not_grow_with_images_or_their_size():
 def test_curves_for_figures_match_sklearn_and_end_at_the_corners():
     from sklearn.metrics import roc_curve
 
-    from pipeline.metrics import ProductMetrics, image_roc
+    from pipeline.evaluation.metrics import ProductMetrics, image_roc
     rng = np.random.default_rng(5)
     s, y = rng.normal(size=60).round(1), rng.integers(0, 2, 60)
     fpr, tpr = image_roc(s, y)

@@ -37,6 +37,7 @@ def test_batches_share_a_stamp_and_a_night_of_few_batches_has_no_tenths(tmp_path
 
 def test_cores_busy_are_the_change_of_cpu_seconds_over_the_steady_window():
     from jobs.bench.night_bench import cores_used
+
     # an actor burning 2 cores and a decode worker 0.5 from t=10 s; a process that started later counts from 0
     samples = [(t, {"ray::ScoreActor": 2.0 * t, "ray::MapBatches(decode_batch)": 0.5 * t,
                     **({"late": 0.25 * (t - 50)} if t >= 50 else {})}) for t in np.arange(0, 100, 0.5)]

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import nights, storage
+from pipeline import storage
+from pipeline.nightly import nights
 
 SCHEMA = pa.schema([("image_id", pa.string()), ("score", pa.float64())])
 

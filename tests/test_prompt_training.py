@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from pipeline.config import load_config
 from pipeline.errors import UsageError
+from pipeline.fitting.config import load_config
+from pipeline.fitting.prompts import PromptTrainer, ShotBatch, cosine_lr, make_views, step_losses, train_prompts
+from pipeline.fitting.weights import load_clip
 from pipeline.model.anople import AnoPLe, build_tokenizer
 from pipeline.model.backbone import create_clip, fingerprint
 from pipeline.model.config import AnoPLeConfig
-from pipeline.prompt_training import PromptTrainer, ShotBatch, cosine_lr, make_views, step_losses, train_prompts
-from pipeline.weights import load_clip
 
 PRODUCTS = ["tile", "washer"]
 

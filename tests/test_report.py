@@ -10,10 +10,12 @@ import pyarrow as pa
 from PIL import Image
 
 from jobs import report as report_job
-from pipeline import archive, nights, report, storage
-from pipeline.score_table import SCORE_SCHEMA
-from pipeline.images import encode_heatmap, heatmap_scale
-from pipeline.synthetic import add_defect, normal_image
+from pipeline import storage
+from pipeline.nightly import nights, report
+from pipeline.nightly.score_table import SCORE_SCHEMA
+from pipeline.sources import archive
+from pipeline.sources.images import encode_heatmap, heatmap_scale
+from pipeline.sources.synthetic import add_defect, normal_image
 from tests.browser import dump_dom, screenshot
 
 DATE = "2026-11-22"

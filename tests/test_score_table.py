@@ -2,7 +2,7 @@
 import numpy as np
 import pyarrow as pa
 
-from pipeline.score_table import SCORE_SCHEMA, RunInfo, error_rows, score_rows, to_table
+from pipeline.nightly.score_table import SCORE_SCHEMA, RunInfo, error_rows, score_rows, to_table
 
 INFO = RunInfo("d", "anople-d", "3", "run-1")
 BATCH = {"image_id": np.array(["a", "b", "c"], dtype=object), "product": np.array(["tile"] * 3, dtype=object)}

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.synthetic import DEFECTS, PRODUCTS, add_defect, make_mvtec_folder, normal_image, product_names
+from pipeline.sources.synthetic import DEFECTS, PRODUCTS, add_defect, make_mvtec_folder, normal_image, product_names
 
 
 def test_product_names_are_distinct_base_patterns_first():

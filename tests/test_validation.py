@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.fitting import ProductShots, load_shots
-from pipeline.ingest import ingest
+from pipeline.fitting.prompts import ValRecord, train_kinds
+from pipeline.fitting.shots import ProductShots, load_shots
+from pipeline.fitting.validation import build_validation, gain, on_rank0, validate, verdict
 from pipeline.model.anomaly_map import blur
 from pipeline.model.config import FUSION_WEIGHTS, AnoPLeConfig
-from pipeline.prompt_training import ValRecord, train_kinds
 from pipeline.model.scoring import fuse
-from pipeline.synthetic import make_mvtec_folder
-from pipeline.validation import build_validation, gain, on_rank0, validate, verdict
+from pipeline.sources.ingest import ingest
+from pipeline.sources.synthetic import make_mvtec_folder
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from jobs import train as train_job
+from pipeline.fitting.weights import (WeightsUnavailable, check_weights, hub_weights_cached, load_clip, local_weights,
+                                      weights_kind)
 from pipeline.model.backbone import create_clip, fingerprint
-from pipeline.weights import (WeightsUnavailable, check_weights, hub_weights_cached, load_clip, local_weights,
-                              weights_kind)
 from tests.conftest import TINY
 
 
@@ -25,7 +25,7 @@ def test_s3_checkpoint_is_fetched_once_and_loaded(bucket, tmp_path):
 
 
 def test_train_refuses_an_unknown_tag_before_starting_workers(mlflow_root, tmp_path, synthetic_src, capsys):
-    from pipeline.ingest import ingest
+    from pipeline.sources.ingest import ingest
     arch = str(tmp_path / "a")
     ingest(synthetic_src, arch, "w", "2026-01-01")
     rc = train_job.main(["--deployment", "w", "--archive", arch, "--shots", "1", "--backbone", TINY,
@@ -53,7 +53,7 @@ def test_an_offline_tag_missing_from_the_hf_cache_fails_on_the_driver_and_a_cach
 @pytest.mark.integration
 def test_train_with_an_unfetchable_tag_fails_loudly(ray_local, mlflow_root, tmp_path, synthetic_src, capsys):
     """Offline, a real tag cannot be fetched: the job fails with the reason, it never falls back."""
-    from pipeline.ingest import ingest
+    from pipeline.sources.ingest import ingest
     arch = str(tmp_path / "a")
     ingest(synthetic_src, arch, "w", "2026-01-01")
     rc = train_job.main(["--deployment", "w", "--archive", arch, "--shots", "1", "--backbone", "ViT-B-16",

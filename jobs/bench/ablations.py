@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from jobs.bench.common import cell, load_data, parse_sets, run_row
-from pipeline.metrics import PAPER_METRICS
+from pipeline.evaluation.metrics import PAPER_METRICS
 from pipeline.model.config import AnoPLeConfig
-from pipeline.synthetic import make_mvtec_folder
+from pipeline.sources.synthetic import make_mvtec_folder
 
 ROWS = [  # (row name, AnoPLeConfig overrides, train?); the full model is the config's defaults
     ("untrained (T<->I, 0 steps)", {}, False),

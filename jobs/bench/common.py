@@ -8,16 +8,16 @@ import time
 import numpy as np
 import yaml
 
-from pipeline import archive
-from pipeline.fitting import fit_products, load_shots, shot_batch
-from pipeline.images import decode_image, decode_mask, resize_mask, to_model_input
-from pipeline.ingest import ingest
-from pipeline.metrics import ProductMetrics, summarize
+from pipeline.evaluation.metrics import ProductMetrics, summarize
+from pipeline.fitting.prompts import train_prompts
+from pipeline.fitting.shots import fit_products, load_shots, shot_batch
+from pipeline.fitting.validation import build_validation, gain, validate
+from pipeline.fitting.weights import build_model
 from pipeline.model.config import AnoPLeConfig
-from pipeline.prompt_training import train_prompts
-from pipeline.scorer import Scorer
-from pipeline.validation import build_validation, gain, validate
-from pipeline.weights import build_model
+from pipeline.nightly.scorer import Scorer
+from pipeline.sources import archive
+from pipeline.sources.images import decode_image, decode_mask, resize_mask, to_model_input
+from pipeline.sources.ingest import ingest
 
 
 def run_row(clip_args, overrides, train, data, test, products, seed, device):

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from jobs.bench.common import cell, load_data, parse_sets, run_row
-from pipeline.fitting import shot_batch
-from pipeline.metrics import PAPER_METRICS
+from pipeline.evaluation.metrics import PAPER_METRICS
+from pipeline.fitting.prompts import train_prompts
+from pipeline.fitting.shots import shot_batch
+from pipeline.fitting.validation import build_validation, gain, validate
+from pipeline.fitting.weights import build_model
 from pipeline.model.config import AnoPLeConfig
-from pipeline.prompt_training import train_prompts
-from pipeline.synthetic import make_mvtec_folder, product_names
-from pipeline.validation import build_validation, gain, validate
-from pipeline.weights import build_model
+from pipeline.sources.synthetic import make_mvtec_folder, product_names
 
 # candidates for --sweep: PromptAD's recipe and the ones the validation signal was asked about
 SWEEP = {

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from jobs.bench.common import load_data
-from pipeline.fitting import shot_batch
-from pipeline.metrics import auroc
+from pipeline.evaluation.metrics import auroc
+from pipeline.fitting.prompts import make_views
+from pipeline.fitting.shots import shot_batch
+from pipeline.fitting.weights import build_model
 from pipeline.model.config import AnoPLeConfig
-from pipeline.prompt_training import make_views
-from pipeline.synthetic import make_mvtec_folder, product_names
-from pipeline.weights import build_model
+from pipeline.sources.synthetic import make_mvtec_folder, product_names
 
 
 def linear_probe_auroc(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> float:

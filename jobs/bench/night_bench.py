@@ -33,8 +33,8 @@ import time
 
 import numpy as np
 
-from pipeline.decoding import DECODE_CHOICES, decode_where
 from pipeline.model import DEFAULT_BACKBONE
+from pipeline.sources.decoding import DECODE_CHOICES, decode_where
 
 DEPLOYMENT, REF_DATE = "bench", "2026-11-21"
 
@@ -173,7 +173,7 @@ def encoded_images(n_distinct: int, size: int, fmt: str, products: list[str], se
     """A few distinct product images (with defects in some), encoded once; the night cycles through them."""
     from PIL import Image
 
-    from pipeline.synthetic import add_defect, normal_image
+    from pipeline.sources.synthetic import add_defect, normal_image
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_distinct):
@@ -191,7 +191,7 @@ def write_night(archive_uri: str, date: str, n: int, images: list[tuple[str, byt
     """n archive rows of the night (unique image_ids), through the archive's own shard writer."""
     import datetime as dt
 
-    from pipeline import archive
+    from pipeline.sources import archive
     w = archive.ShardWriter(archive_uri, DEPLOYMENT, date)
     at = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
     for i in range(n):
@@ -237,9 +237,9 @@ class BareForward:
         import torch
 
         from pipeline import registry
-        from pipeline.images import decode_scaled, to_model_pixels
         from pipeline.model.scoring import model_input
-        from pipeline.scorer import Scorer
+        from pipeline.nightly.scorer import Scorer
+        from pipeline.sources.images import decode_scaled, to_model_pixels
 
         mv = registry.get_version(deployment, alias="production")
         self.scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
@@ -269,10 +269,11 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
     as the scoring actor does it with --decode device (device_decode: nvJPEG on a GPU, in batches)."""
     import torch
 
-    from pipeline import archive, registry, storage
-    from pipeline.images import decode_scaled, encode_heatmap, heatmap_scale, to_model_pixels
+    from pipeline import registry, storage
     from pipeline.model.scoring import component_maps, fuse, model_input
-    from pipeline.scorer import Scorer
+    from pipeline.nightly.scorer import Scorer
+    from pipeline.sources import archive
+    from pipeline.sources.images import decode_scaled, encode_heatmap, heatmap_scale, to_model_pixels
 
     mv = registry.get_version(deployment, alias="production")
     scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
@@ -338,8 +339,8 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
 def device_decode_seconds(data: list[bytes], size: int, device: str, batch: int, sync) -> float:
     """Seconds per image of the scoring actor's own decode (device_decode) of these JPEGs, in batches, after a
     warm-up batch; nan when none of them is a JPEG the actor would decode."""
-    from pipeline.device_decode import DeviceDecoder
-    from pipeline.images import device_jpeg
+    from pipeline.sources.device_decode import DeviceDecoder
+    from pipeline.sources.images import device_jpeg
 
     mine = [(d, info) for d in data if (info := device_jpeg(d)) is not None]
     if not mine:
@@ -368,15 +369,15 @@ def actor_profile(backbone: str, weights: str, size: int, n_products: int, batch
     process does per image, so: cores / decode = what the CPU tasks can feed, 1 / actor = what one actor takes."""
     import torch
 
-    from pipeline.batch import HeatmapTarget, ScoreActor, write_heatmaps
-    from pipeline.decoding import decode_batch
-    from pipeline.fitting import ProductShots, fit_products
-    from pipeline.score_table import RunInfo
+    from pipeline.fitting.shots import ProductShots, fit_products
+    from pipeline.fitting.weights import build_model
     from pipeline.model.config import AnoPLeConfig
     from pipeline.model.scoring import model_input
-    from pipeline.scorer import Scorer, pick_device
-    from pipeline.synthetic import product_names
-    from pipeline.weights import build_model
+    from pipeline.nightly.batch import HeatmapTarget, ScoreActor, write_heatmaps
+    from pipeline.nightly.score_table import RunInfo
+    from pipeline.nightly.scorer import Scorer, pick_device
+    from pipeline.sources.decoding import decode_batch
+    from pipeline.sources.synthetic import product_names
 
     device = pick_device()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
         print("NOTE: RANDOM-INIT BACKBONE: timings are real, any score is meaningless.")
     os.environ["ANOPLE_ROOT"] = root
-    from pipeline.synthetic import make_mvtec_folder, product_names
+    from pipeline.sources.synthetic import make_mvtec_folder, product_names
 
     products = list(product_names(args.products))
     archive_uri, output = os.path.join(root, "archive"), os.path.join(root, "results")
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.heap import keep_large_blocks_on_heap
     keep_large_blocks_on_heap()
     bare = BareForward(DEPLOYMENT, images, args.sample, args.batch_size)
-    from pipeline import nights as nights_mod
+    from pipeline.nightly import nights as nights_mod
 
     def score(date: str, job_env: dict, decode: str = args.decode, extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
         cmd = ["jobs.score", "--deployment", DEPLOYMENT, "--archive", archive_uri, "--date", date, "--output", output,

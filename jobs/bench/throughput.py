@@ -31,7 +31,7 @@ def scorer_rate(deployment: str, batch: int, batches: int) -> dict:
     """Steady-state images/s of Scorer.score on the candidate model, per product round-robin."""
     from pipeline import registry  # (after main() settled HF_HUB_OFFLINE, like the jobs)
     from pipeline.heap import keep_large_blocks_on_heap
-    from pipeline.scorer import Scorer
+    from pipeline.nightly.scorer import Scorer
 
     keep_large_blocks_on_heap()  # as the scoring actors do
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
         print("NOTE: RANDOM-INIT BACKBONE: timings are real, any score is meaningless.")
     from jobs import ingest, promote, score, train  # after HF_HUB_OFFLINE: huggingface_hub reads it on import
-    from pipeline.synthetic import make_mvtec_folder, product_names
+    from pipeline.sources.synthetic import make_mvtec_folder, product_names
 
     products = product_names(args.products)
     t = {}

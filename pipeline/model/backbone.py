@@ -2,7 +2,7 @@
 
 A run is named by (architecture, weights) as in open_clip. `weights` is a hub tag (``laion400m_e32``),
 a local checkpoint file, or ``random`` for an explicitly random-init backbone (tests, offline demos).
-Remote URIs (s3://) are fetched to a local file by the caller (pipeline.weights); this module does no I/O
+Remote URIs (s3://) are fetched to a local file by the caller (pipeline.fitting.weights); this module does no I/O
 beyond what open_clip itself does.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """AnoPLe's knobs, one typed config. The numbers the paper leaves open default to PromptAD's, its closest
 peer (bank layers 3 and 8, blur sigma 4, lr 0.002 with cosine decay, 4 context tokens); the optimiser and
-step budget were chosen on the validation signal (pipeline.validation), not on test defects."""
+step budget were chosen on the validation signal (pipeline.fitting.validation), not on test defects."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -10,7 +10,7 @@ PSEUDO_KINDS = ("paste", "noise", "texture", "perlin")  # pixel pseudo-anomalies
 FUSIONS = ("harmonic", "weighted", "text", "bank")
 FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # grid the validation chooses from
 # CLIP's input normalisation per RGB channel (open_clip OPENAI_DATASET_MEAN / STD): the backbone's, so here;
-# plain tuples, so the decode tasks (pipeline.images, numpy) read them without importing torch
+# plain tuples, so the decode tasks (pipeline.sources.images, numpy) read them without importing torch
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,11 +1,11 @@
-"""The paper's scoring math on one batch (Sec. 3.5), pure torch: shared by the scorer (pipeline.scorer),
-threshold calibration (pipeline.fitting), validation and the benchmarks.
+"""The paper's scoring math on one batch (Sec. 3.5), pure torch: shared by the scorer (pipeline.nightly.scorer),
+threshold calibration (pipeline.fitting.shots), validation and the benchmarks.
 
 One visual forward per image (global view, prefix c_0 only). Then:
 - `component_maps`: the decoder's text map and the memory-bank map, at model resolution;
 - `fuse`: their harmonic mean (optionally each first scaled by its level on the product's normal images, or
   either map alone, per the config's fusion), Gaussian-smoothed; the image score is its maximum.
-A product's memory bank is seen through `PatchBank` (pipeline.bank.MemoryBank is one), so this package never
+A product's memory bank is seen through `PatchBank` (pipeline.fitting.bank.MemoryBank is one), so this package never
 imports faiss.
 """
 from __future__ import annotations

@@ -11,13 +11,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.bank import MemoryBank, pick_backend  # noqa: E402
+from pipeline.fitting.bank import MemoryBank, pick_backend  # noqa: E402
+from pipeline.fitting.prompts import PromptTrainer, ShotBatch  # noqa: E402
 from pipeline.model.anople import AnoPLe, build_tokenizer  # noqa: E402
 from pipeline.model.backbone import create_clip  # noqa: E402
 from pipeline.model.config import AnoPLeConfig  # noqa: E402
-from pipeline.prompt_training import PromptTrainer, ShotBatch  # noqa: E402
 from pipeline.model.scoring import encode  # noqa: E402
-from pipeline.scorer import Scorer  # noqa: E402
+from pipeline.nightly.scorer import Scorer  # noqa: E402
 
 TINY = "anople-tiny-vit"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,8 +84,8 @@ def test_nvjpeg_decode_on_the_gpu_gives_the_cpu_decoders_pixels():
 
     from PIL import Image
 
-    from pipeline.device_decode import DeviceDecoder
-    from pipeline.images import decode_scaled, device_jpeg, to_model_pixels
+    from pipeline.sources.device_decode import DeviceDecoder
+    from pipeline.sources.images import decode_scaled, device_jpeg, to_model_pixels
 
     rng = np.random.default_rng(2)
     data = []

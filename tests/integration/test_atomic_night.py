@@ -14,9 +14,11 @@ from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import archive, nights, registry, storage
+from pipeline import registry, storage
 from pipeline.model.backbone import create_clip
-from pipeline.synthetic import make_mvtec_folder
+from pipeline.nightly import nights
+from pipeline.sources import archive
+from pipeline.sources.synthetic import make_mvtec_folder
 from tests.conftest import SECRET_MARKER, TINY
 
 pytestmark = pytest.mark.integration
@@ -164,8 +166,8 @@ def test_no_credential_reaches_a_log_a_store_or_the_output(plant, capfd):
 
 
 def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_completes(plant):
-    from pipeline.batch import InjectedFault
-    from pipeline.nightly import ScoreOptions, score_night
+    from pipeline.nightly.batch import InjectedFault
+    from pipeline.nightly.run import ScoreOptions, score_night
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
     poison = ids[len(ids) // 2]
@@ -185,8 +187,8 @@ def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_complet
 
 
 def test_more_infrastructure_errors_than_allowed_fail_the_run_and_publish_nothing(plant):
-    from pipeline.batch import InjectedFault
-    from pipeline.nightly import ScoreOptions, TooManyErrors, score_night
+    from pipeline.nightly.batch import InjectedFault
+    from pipeline.nightly.run import ScoreOptions, TooManyErrors, score_night
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
     before = score_night(archive.Partition(plant["arch"], "an", SMALL), plant["out"])
@@ -203,7 +205,7 @@ def test_more_infrastructure_errors_than_allowed_fail_the_run_and_publish_nothin
 
 
 def archive_ids(arch, date):
-    from pipeline import archive
+    from pipeline.sources import archive
     return archive.read_table(arch, "an", date, columns=["image_id"])["image_id"].to_pylist()
 
 
@@ -233,8 +235,8 @@ def _jpeg_night(arch):
     import numpy as np
     from PIL import Image
 
-    from pipeline import archive
-    from pipeline.synthetic import add_defect, normal_image
+    from pipeline.sources import archive
+    from pipeline.sources.synthetic import add_defect, normal_image
 
     rng = np.random.default_rng(3)
 
@@ -269,7 +271,7 @@ def _jpeg_night(arch):
 def test_jpegs_decoded_on_the_scoring_actor_score_as_the_cpu_tasks_decode_them(plant):
     """--decode device (nvJPEG on a GPU; the same code on libjpeg here): every row once, the same statuses as
     the CPU tasks' decode, scores within the resampling difference, heatmaps written."""
-    from pipeline.nightly import ScoreOptions, score_night
+    from pipeline.nightly.run import ScoreOptions, score_night
 
     ids = _jpeg_night(plant["arch"])
     nights_ = {}

@@ -17,8 +17,10 @@ from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import archive, nights, registry, storage
-from pipeline.images import HEATMAP_RANGE, decode_heatmap
+from pipeline import registry, storage
+from pipeline.nightly import nights
+from pipeline.sources import archive
+from pipeline.sources.images import HEATMAP_RANGE, decode_heatmap
 from tests.browser import dump_dom
 from tests.conftest import TINY
 

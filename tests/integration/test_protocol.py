@@ -3,7 +3,7 @@ import pytest
 
 from jobs import evaluate as evaluate_job
 from pipeline import registry
-from pipeline.ingest import ingest
+from pipeline.sources.ingest import ingest
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def test_multi_class_for_each_k(ray_local, archive, capsys):
 
 def test_leave_one_product_out(ray_local, tmp_path, mlflow_root, capsys):
     """Two products: each is scored by a model whose prompts never saw it (its bank still holds its shots)."""
-    from pipeline.synthetic import make_mvtec_folder
+    from pipeline.sources.synthetic import make_mvtec_folder
     src = make_mvtec_folder(str(tmp_path / "src2"), ("pill", "grid"), n_train=2, n_test_good=2, n_test_defect=1,
                             size=64, seed=3)
     arch = str(tmp_path / "archive2")

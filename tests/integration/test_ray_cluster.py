@@ -75,7 +75,7 @@ def test_train_job_through_ray_job_submit(cluster, synthetic_src, tmp_path):
     address, env = cluster
     root = tmp_path / "root"
     arch = str(tmp_path / "archive")
-    from pipeline.ingest import ingest
+    from pipeline.sources.ingest import ingest
     ingest(synthetic_src, arch, "line2", "2026-11-20")
     runtime_env = {"env_vars": {"ANOPLE_ROOT": str(root), "HF_HUB_OFFLINE": "1"}}
     cmd = [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={json.dumps(runtime_env)}",

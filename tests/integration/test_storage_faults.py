@@ -10,8 +10,10 @@ import boto3
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import archive, nights, storage
-from pipeline.synthetic import make_mvtec_folder
+from pipeline import storage
+from pipeline.nightly import nights
+from pipeline.sources import archive
+from pipeline.sources.synthetic import make_mvtec_folder
 from tests.conftest import TINY
 from tests.faultproxy import FaultProxy
 

@@ -13,8 +13,9 @@ import urllib.request
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import nights, storage
-from pipeline.synthetic import make_mvtec_folder
+from pipeline import storage
+from pipeline.nightly import nights
+from pipeline.sources.synthetic import make_mvtec_folder
 from tests.conftest import SECRET_MARKER, TINY, free_port
 
 pytestmark = pytest.mark.integration

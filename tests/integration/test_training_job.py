@@ -55,9 +55,11 @@ def test_a_killed_training_worker_resumes_from_its_last_epoch(ray_local, synthet
     with the prompts of an uninterrupted run."""
     import dataclasses
 
-    from pipeline.ingest import ingest
+    from pipeline.fitting.config import TrainConfig
+    from pipeline.fitting.job import WorkerCrash
+    from pipeline.fitting.ray_train import fit_deployment
     from pipeline.model.config import AnoPLeConfig
-    from pipeline.training import TrainConfig, WorkerCrash, fit_deployment
+    from pipeline.sources.ingest import ingest
 
     arch = str(tmp_path / "archive")
     ingest(synthetic_src, arch, "kill", "2026-11-20")

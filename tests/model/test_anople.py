@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.fitting.prompts import ShotBatch, make_views, step_losses
 from pipeline.model.anomaly_map import pixel_map
 from pipeline.model.anople import Encoded, quadrant_views
 from pipeline.model.losses import align_loss, dice_loss, focal_loss, image_loss
 from pipeline.model.pseudo import KINDS, latent_mask_pixels, latent_region, pixel_anomaly
-from pipeline.prompt_training import ShotBatch, make_views, step_losses
 
 PRODUCTS = ["tile", "metal_nut"]
 

@@ -38,8 +38,9 @@ def test_importing_the_model_loads_none_of_them():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-CORE = ("storage", "archive", "ingest", "images", "bank", "fitting", "scorer", "prompt_training", "artifact",
-        "metrics", "weights", "config", "synthetic", "errors", "nights", "validation", "heap", "device_decode")
+CORE = ("storage", "sources.archive", "sources.ingest", "sources.images", "fitting.bank", "fitting.shots",
+        "nightly.scorer", "fitting.prompts", "artifact", "evaluation.metrics", "fitting.weights", "fitting.config",
+        "sources.synthetic", "errors", "nightly.nights", "fitting.validation", "heap", "sources.device_decode")
 
 
 def test_core_modules_import_neither_ray_nor_mlflow():
@@ -51,32 +52,32 @@ def test_core_modules_import_neither_ray_nor_mlflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     pipeline_dir = MODEL_DIR.parent
-    assert all((pipeline_dir / f"{m}.py").exists() for m in CORE)  # the list names real modules
+    assert all((pipeline_dir / f"{m.replace('.', '/')}.py").exists() for m in CORE)  # the list names real modules
 
 
 def test_the_decode_and_table_tasks_load_no_torch_mlflow_or_faiss():
-    """Ray Data's CPU workers import the tasks' modules (pipeline.decoding, pipeline.score_table) and stay light."""
-    code = ("import sys, pipeline.decoding, pipeline.score_table\n"
-            "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.batch') if x in sys.modules))")
+    """Ray Data's CPU workers import the tasks' modules (pipeline.sources.decoding, pipeline.nightly.score_table) and stay light."""
+    code = ("import sys, pipeline.sources.decoding, pipeline.nightly.score_table\n"
+            "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.nightly.batch') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_fit_entry_ray_trains_controller_unpickles_loads_no_torch_mlflow_or_faiss():
-    """Ray Train's controller unpickles the train function and its config (pipeline.fit_job): light, so the
+    """Ray Train's controller unpickles the train function and its config (pipeline.fitting.job): light, so the
     controller starts the workers without first importing the training stack."""
-    code = ("import sys, pickle, pipeline.fit_job as f\n"
+    code = ("import sys, pickle, pipeline.fitting.job as f\n"
             "job = f.FitJob(f.TrainConfig('d', '/tmp/a'), ('p',))\n"
             "pickle.loads(pickle.dumps((f.fit_worker, {'job': job})))\n"
-            "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.training') if x in sys.modules))")
+            "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.fitting.ray_train', 'pipeline.fitting.worker') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_scoring_actors_module_loads_no_mlflow():
-    """A scoring actor imports pipeline.batch: MLflow (~2 s of CPU per actor start) only when its model is
+    """A scoring actor imports pipeline.nightly.batch: MLflow (~2 s of CPU per actor start) only when its model is
     behind a tracking server (pipeline.registry, imported then)."""
-    code = ("import sys, pipeline.batch\n"
+    code = ("import sys, pipeline.nightly.batch\n"
             "print(sorted(x for x in ('mlflow', 'pipeline.registry') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

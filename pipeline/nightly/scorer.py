@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load as st_load
 
 from pipeline import artifact, storage
-from pipeline.bank import MemoryBank, pick_backend
 from pipeline.errors import NotFoundError
+from pipeline.fitting.bank import MemoryBank, pick_backend
+from pipeline.fitting.weights import build_model
 from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.model.config import AnoPLeConfig
 from pipeline.model.scoring import component_maps, encode, fuse, text_features
-from pipeline.weights import build_model
 
 
 class UnknownProductError(NotFoundError):

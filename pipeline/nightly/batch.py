@@ -26,15 +26,16 @@ import torch
 from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
 from ray.data.expressions import col
 
-from pipeline import archive, artifact, storage
+from pipeline import artifact, storage
 from pipeline.cluster import cluster_gpus
-from pipeline.nights import heatmap_key
-from pipeline.decoding import decode_batch, labels
-from pipeline.device_decode import DeviceDecoder, raw_pixels
 from pipeline.heap import keep_large_blocks_on_heap, release_freed_memory
-from pipeline.images import encode_heatmap, heatmap_scale
-from pipeline.score_table import RunInfo, error_rows, score_rows
-from pipeline.scorer import Scorer
+from pipeline.nightly.nights import heatmap_key
+from pipeline.nightly.score_table import RunInfo, error_rows, score_rows
+from pipeline.nightly.scorer import Scorer
+from pipeline.sources import archive
+from pipeline.sources.decoding import decode_batch, labels
+from pipeline.sources.device_decode import DeviceDecoder, raw_pixels
+from pipeline.sources.images import encode_heatmap, heatmap_scale
 
 EVAL_COLUMNS = ("mask", "label")  # decoded ground truth, carried past the actors when evaluating
 # Bounded: Ray Data's defaults restart actors and retry tasks without end, so one image that kills its

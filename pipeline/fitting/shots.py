@@ -16,13 +16,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline import archive, artifact
-from pipeline.bank import MemoryBank, pick_backend
+from pipeline import artifact
 from pipeline.errors import UsageError
-from pipeline.images import ImageDecodeError, decode_image, to_model_input
+from pipeline.fitting.bank import MemoryBank, pick_backend
+from pipeline.fitting.prompts import ShotBatch, shots_batch
 from pipeline.model.anople import AnoPLe, Encoded
-from pipeline.prompt_training import ShotBatch, shots_batch
 from pipeline.model.scoring import component_maps, encode, fuse, text_features
+from pipeline.sources import archive
+from pipeline.sources.images import ImageDecodeError, decode_image, to_model_input
 
 MAX_CALIBRATION = 64  # held-out normals scored per product; more adds time, not much precision
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.decoding import error_text
-from pipeline.images import decode_scaled, to_model_pixels
+from pipeline.sources.decoding import error_text
+from pipeline.sources.images import decode_scaled, to_model_pixels
 
 log = logging.getLogger(__name__)
 

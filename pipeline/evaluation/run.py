@@ -1,83 +1,28 @@
-"""The jobs' bodies: what one training or evaluation run does end to end (Ray + MLflow glue); a night's
-scoring is pipeline.nightly."""
+"""Evaluating a version, top to bottom: score the labelled test split through the scoring actors, stream the
+paper's metrics, log them with curves, a table and example overlays to the version's run (the promote gate
+reads them); and the paper's few-shot protocol (fit and evaluate per shots and seed, multi-class or unseen)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
-import time
 
 import numpy as np
 
-from pipeline import archive, artifact, evidence, registry, serving, storage
-from pipeline.batch import score_partition
+from pipeline import artifact, registry, storage
 from pipeline.cluster import has_gpus
 from pipeline.errors import PipelineError, UsageError
-from pipeline.metrics import PAPER_METRICS, ProductMetrics, summarize
-from pipeline.score_table import RunInfo
-from pipeline.training import TrainConfig, fit_deployment
-from pipeline.validation import verdict
+from pipeline.evaluation import evidence
+from pipeline.evaluation.metrics import PAPER_METRICS, ProductMetrics, summarize
+from pipeline.fitting.config import TrainConfig
+from pipeline.fitting.ray_train import fit_deployment
+from pipeline.fitting.run import with_storage
+from pipeline.nightly.batch import score_partition
+from pipeline.nightly.score_table import RunInfo
+from pipeline.sources import archive
 
 
 class EvaluationIncomplete(PipelineError):
     """Some labelled test rows (image or mask) could not be scored; the metrics leave them out."""
-
-
-def _with_storage(cfg: TrainConfig) -> TrainConfig:
-    """The config with Ray Train storage resolved (default <ANOPLE_ROOT>/ray_results); the caller's is untouched."""
-    return cfg if cfg.storage_path else dataclasses.replace(
-        cfg, storage_path=os.path.join(registry.local_root(), "ray_results"))
-
-
-def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, dict]:
-    """Fit with Ray Train, log params/metrics/artifact to MLflow, register a version, alias 'candidate'.
-    Returns (model version, spec, fit summary: device, k-NN backend, per-epoch metrics)."""
-    cfg = _with_storage(cfg)
-    with tempfile.TemporaryDirectory() as out, registry.run(cfg.deployment, f"train-k{cfg.shots}-s{cfg.seed}") as log:
-        log.params({"deployment": cfg.deployment, "archive": storage.normalize(cfg.archive),
-                           "shots": cfg.shots, "seed": cfg.seed, "backbone": cfg.backbone, "weights": cfg.weights,
-                           "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "run_key": cfg.run_key()})
-        log.params(registry.config_params(cfg.anople))
-        t0 = time.time()
-        spec, summary = fit_deployment(cfg, out, mlflow_run_id=log.id)
-        kind = spec.weights_kind
-        log.tags({"weights_kind": kind, "random_weights": str(spec.is_random).lower(),
-                         "job": "train", "device": summary["device"], "knn_backend": summary["knn_backend"]})
-        if spec.is_random:
-            log.tags({"warning": registry.RANDOM_WEIGHTS_BANNER})
-        log.params({"bank_layers": ",".join(map(str, spec.bank_layers)), "image_size": spec.image_size,
-                           "weights_kind": kind, "weights_fingerprint": spec.weights_fingerprint,
-                           "products": ",".join(sorted(spec.products))})
-        for e in summary["epochs"]:  # the epochs the worker could not log as they ended (losses, validation curve)
-            if not e.get("mlflow_logged"):
-                log.metrics({k: v for k, v in e.items() if k not in ("epoch", "mlflow_logged")},
-                                   step=int(e["epoch"]))
-        if summary["validation"]:
-            v = summary["validation"]
-            log.metrics({k: v[k] for k in ("val_gain_pixel_auroc", "val_best_fused_pixel_auroc",
-                                                  "val_bank_pixel_auroc_untrained", "val_best_epoch")})
-            log.json(v, "validation.json")
-            line, warning = verdict(v)
-            log.tags({"validation": line})
-            if warning:
-                log.tags({"validation_warning": warning})
-        log.params({"resolved.bank_layers": ",".join(map(str, spec.anople["bank_layers"])),
-                           "resolved.decoder_layers": ",".join(map(str, spec.anople["decoder_layers"])),
-                           "resolved.prompt_depth": spec.anople["prompt_depth"]})
-        metrics = {"fit_seconds": time.time() - t0, "n_products": len(spec.products)}
-        for p, ps in spec.products.items():
-            key = registry.metric_key(p)
-            metrics[f"threshold.{key}"] = ps.threshold
-            metrics[f"calibration_n.{key}"] = ps.n_calibration
-            metrics[f"skipped_undecodable.{key}"] = len(summary["skipped"].get(p, []))
-            log.params({f"threshold_source.{key}": ps.calibration})
-        log.metrics(metrics)
-        if any(summary["skipped"].values()):
-            log.json(summary["skipped"], "skipped_undecodable.json")
-        logged = serving.log_model(out)  # an MLflow pyfunc model holding the artifact (pipeline.serving)
-        mv = registry.register(cfg.deployment, log.id, logged.model_id, tags={
-            "weights_kind": kind, "backbone": spec.backbone, "weights": spec.weights, "shots": str(spec.shots)})
-    return mv, spec, summary
 
 
 def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_size: int = 16) -> dict:
@@ -143,7 +88,7 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
     Returns {k: {product: {metric: [value per seed]}}} and logs it to MLflow."""
     if setting not in ("multi-class", "unseen"):
         raise UsageError(f"setting {setting!r} is 'multi-class' or 'unseen'")
-    base = _with_storage(base)
+    base = with_storage(base)
     products = archive.products_in(base.archive, base.deployment)
     if setting == "unseen" and len(products) < 2:
         raise UsageError("leave-one-product-out needs at least two products")

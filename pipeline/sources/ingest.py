@@ -23,9 +23,10 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-from pipeline import archive, storage
+from pipeline import storage
 from pipeline.errors import UsageError
-from pipeline.images import ImageDecodeError, decode_image
+from pipeline.sources import archive
+from pipeline.sources.images import ImageDecodeError, decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 

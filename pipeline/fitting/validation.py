@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.bank import MemoryBank, pick_backend
-from pipeline.fitting import ProductShots, crops
-from pipeline.images import decode_image, to_model_input
-from pipeline.metrics import auroc
+from pipeline.evaluation.metrics import auroc
+from pipeline.fitting.bank import MemoryBank, pick_backend
+from pipeline.fitting.shots import ProductShots, crops
 from pipeline.model.anople import AnoPLe, Encoded
 from pipeline.model.config import FUSION_WEIGHTS
 from pipeline.model.pseudo import pixel_anomaly
 from pipeline.model.scoring import component_maps, encode, fuse, text_features
+from pipeline.sources.images import decode_image, to_model_input
 
 VAL_SEED = 7919  # the validation set's own stream, apart from training's
 STRIDE = 4       # pixels per side between the pixels scored: 1/16 of them, plenty for an AUROC

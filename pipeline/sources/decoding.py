@@ -1,15 +1,15 @@
 """The decode task of a scoring run: archive rows (image bytes) -> the model's uint8 input, in Ray Data's CPU
 tasks. Kept free of torch, open_clip, faiss and MLflow (numpy and PIL only): the worker processes that run
 it (with Ray Data's Parquet read, fused into the same task) import none of them, where pickling the task
-from pipeline.batch made every decode worker load them all (~1 GB resident each, measured).
+from pipeline.nightly.batch made every decode worker load them all (~1 GB resident each, measured).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline.heap import release_freed_memory
-from pipeline.images import ImageDecodeError, decode_mask, decode_scaled, device_jpeg, resize_mask, to_model_pixels
-
+from pipeline.sources.images import (ImageDecodeError, decode_mask, decode_scaled, device_jpeg, resize_mask,
+                                     to_model_pixels)
 
 # Where a night's JPEGs are decoded (jobs.score --decode): in Ray's CPU tasks (PIL, reduced-size decode), or on
 # the scoring actors' device (decode_batch's `on_device`; device_decode). "auto" (the default) resolves per run

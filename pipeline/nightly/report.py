@@ -24,9 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import archive, nights, storage
+from pipeline import storage
 from pipeline.errors import NotFoundError
-from pipeline.images import decode_heatmap, decode_image
+from pipeline.nightly import nights
+from pipeline.sources import archive
+from pipeline.sources.images import decode_heatmap, decode_image
 
 TOP_N = 6          # overlays per product
 MAX_ERRORS = 50    # error rows listed per product (the rest counted)

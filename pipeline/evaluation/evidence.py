@@ -8,9 +8,9 @@ import datetime as dt
 import numpy as np
 from PIL import Image
 
-from pipeline.images import decode_image, heatmap_scale
-from pipeline.metrics import METRICS, ProductMetrics
-from pipeline.report import contour, overlay
+from pipeline.evaluation.metrics import METRICS, ProductMetrics
+from pipeline.nightly.report import contour, overlay
+from pipeline.sources.images import decode_image, heatmap_scale
 
 
 class Examples:

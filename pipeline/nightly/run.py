@@ -1,5 +1,5 @@
-"""Scoring one night, top to bottom: the archive partition's rows through the scoring actors (pipeline.batch),
-published atomically under the output night (pipeline.nights), its report written beside it, one MLflow run.
+"""Scoring one night, top to bottom: the archive partition's rows through the scoring actors (pipeline.nightly.batch),
+published atomically under the output night (pipeline.nightly.nights), its report written beside it, one MLflow run.
 
 A night travels as three values: the input `archive.Partition` (its shards listed once), the output
 `nights.Night` (its locations normalised once) and the run's `ScoreOptions` (parsed once by jobs.score).
@@ -15,13 +15,15 @@ import time
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import archive, artifact, nights, registry, report, storage
-from pipeline.batch import INFRA_ERRORS, HeatmapTarget, InjectedFault, isolating, score_partition
+from pipeline import artifact, registry, storage
 from pipeline.cluster import cluster_gpus, has_gpus
-from pipeline.decoding import decode_where
 from pipeline.errors import PipelineError, UsageError
+from pipeline.nightly import nights, report
+from pipeline.nightly.batch import INFRA_ERRORS, HeatmapTarget, InjectedFault, isolating, score_partition
+from pipeline.nightly.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
 from pipeline.progress import Progress
-from pipeline.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
+from pipeline.sources import archive
+from pipeline.sources.decoding import decode_where
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class TooManyErrors(PipelineError):
 def score_night(partition: archive.Partition, output: str, options: ScoreOptions = ScoreOptions(),
                 fault: InjectedFault | None = None) -> dict:
     """Score one night's partition and publish its score rows and heatmaps under `output` atomically
-    (pipeline.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
+    (pipeline.nightly.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
     its scoring process again and again is isolated into an error row (batch.isolating). More than
     `options.max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
     `fault` is a test's injected crash. Returns a summary."""

@@ -5,7 +5,7 @@ latent-space one (noised patch tokens); each image is seen as the global view (p
 multiscale, as the 4 quadrant crops of its 2x resize (prefixes c_1..c_4); then
 L = L_pixel (focal + dice) + L_img + L_align. The budget is in optimiser steps (an epoch is a fixed number of
 them, whatever the number of shots), with cosine decay over all of them; after every epoch a checkpoint
-and, with a validation set (pipeline.validation), a validation that keeps the best epoch and stops early.
+and, with a validation set (pipeline.fitting.validation), a validation that keeps the best epoch and stops early.
 `train_prompts` is the one loop every caller runs: Ray Train workers, the ablations and the tests.
 """
 from __future__ import annotations
@@ -260,7 +260,7 @@ def train_prompts(model: AnoPLe, shots: ShotBatch, device: str, *, checkpoints: 
                   validate: Callable[[], dict] | None = None) -> TrainLog:
     """Train the model's prompts and heads on `shots` for up to `cfg.epochs` epochs, in place.
 
-    With `validate` (pipeline.validation: every rank must call it, it returns the same metrics on each),
+    With `validate` (pipeline.fitting.validation: every rank must call it, it returns the same metrics on each),
     the model is validated before training (the baseline) and after every epoch; training stops after
     `cfg.patience` epochs without a gain and the model ends with the best epoch's prompts. With
     `checkpoints` (a storage URI), resumes from the newest epoch there unless `restart`, and rank 0 writes

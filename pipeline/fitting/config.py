@@ -1,18 +1,16 @@
-"""What a Ray Train fit is handed: the run's config, the deployment's products and the function each
-worker runs.
-
-Light on purpose (dataclasses, pipeline.storage, pipeline.model.config): Ray Train's controller process
-unpickles the train function and its config, and should start the workers without first importing torch,
-open_clip, faiss and MLflow (seconds of CPU and about a gigabyte resident); the workers import the training
-code when they run it."""
+"""A training run's configuration: `TrainConfig` (what jobs.train and jobs.evaluate parse, handed whole to Ray
+Train) and the AnoPLe knobs read from YAML (`load_config`; every knob and ablation switch is
+pipeline.model.config.AnoPLeConfig). Light on purpose: Ray Train's controller unpickles a TrainConfig."""
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 
+import yaml
+
 from pipeline import storage
+from pipeline.errors import UsageError
 from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.config import AnoPLeConfig
 
@@ -43,27 +41,18 @@ class TrainConfig:
         return storage.join(self.storage_path, self.run_key(), "prompt-checkpoints")
 
 
-@dataclass(frozen=True)
-class WorkerCrash:
-    """Test-only fault: rank 0's process dies (os._exit) right after writing epoch `after_epoch`'s
-    checkpoint, once per run (a marker in storage says it happened), as a preempted node would. Only the
-    Python API takes it (fit_deployment's `fault`)."""
-    after_epoch: int
-
-
-@dataclass(frozen=True)
-class FitJob:
-    """What each Ray Train worker gets: the run's config (URIs normalised) and the deployment's products."""
-    cfg: TrainConfig
-    products: tuple[str, ...]
-    fault: WorkerCrash | None = None
-    mlflow_run: tuple[str, str] = ("", "")  # (tracking URI, run id): rank 0 logs each epoch there as it goes
-
-
-def fit_worker(config: dict) -> None:
-    """Ray Train's per-worker entry: pipeline.training.fit_worker, imported in the worker only."""
-    # Ray Train configures its workers' root logger at INFO after the process's setup hook ran
-    # (cluster.quiet_worker): back to WARNING before faiss and open_clip log their loading steps
-    logging.getLogger().setLevel(logging.WARNING)
-    from pipeline.training import fit_worker as run
-    run(config)
+def load_config(uri: str | None = None, **overrides) -> AnoPLeConfig:
+    """YAML file (local or s3://) -> AnoPLeConfig; keyword overrides (not None) win. Unknown keys fail."""
+    data = {}
+    if uri:
+        try:
+            data = yaml.safe_load(storage.read_bytes(uri).decode()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"bad config {uri}: {type(e).__name__}: {e}") from e
+        if not isinstance(data, dict):
+            raise UsageError(f"bad config {uri}: an AnoPLe config is a mapping of knob: value")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AnoPLeConfig.from_dict(data)
+    except (TypeError, ValueError) as e:  # the pure model package words its own checks as ValueError
+        raise UsageError(f"bad config: {e}") from e
