@@ -38,7 +38,7 @@ def test_read_table_filters_by_split_and_exact_products(arch, rows, ids):
 
 @pytest.mark.integration
 def test_ray_data_reads_the_same_rows_with_the_same_filter(arch, ray_local):
-    from pipeline.nightly.batch import read_rows
+    from pipeline.nightly.stages import read_rows
     for rows, ids in CASES:
         got = read_rows(archive.Partition(arch, "d", "2026-11-22"), ["image_id"], rows).take_all()
         assert sorted(r["image_id"] for r in got) == ids, rows

@@ -4,8 +4,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from pipeline.nightly.batch import HeatmapTarget, write_heatmaps
 from pipeline.nightly.score_table import RunInfo, score_rows
+from pipeline.nightly.stages import HeatmapTarget, write_heatmaps
 from pipeline.sources.images import decode_heatmap
 
 INFO = RunInfo("d", "anople-d", "1", "run")
@@ -76,7 +76,7 @@ def test_a_failed_write_becomes_an_error_row_not_a_failed_batch(tmp_path):
 def test_the_footer_reader_pool_is_sized_to_the_shards_and_an_operators_setting_wins(monkeypatch):
     """Ray Data reads parquet footers on 32 new actor processes per read by default; a night of a few shards
     gets one (50 shards a reader, at most 32), for the read only; an operator's own setting is kept."""
-    from pipeline.nightly.batch import FOOTER_ENV, footer_readers
+    from pipeline.nightly.stages import FOOTER_ENV, footer_readers
 
     monkeypatch.delenv(FOOTER_ENV, raising=False)
     for n, want in ((1, "1"), (50, "1"), (51, "2"), (10_000, "32")):
@@ -98,7 +98,7 @@ def test_decoded_rows_come_in_blocks_of_a_few_actor_batches_not_of_rays_128_mb(r
 
     import ray.data
 
-    from pipeline.nightly.batch import DECODED_BATCHES_PER_BLOCK, decoded_rows
+    from pipeline.nightly.stages import DECODED_BATCHES_PER_BLOCK, decoded_rows
     from pipeline.sources import archive
 
     buf = io.BytesIO()
@@ -119,7 +119,7 @@ def test_decoded_rows_come_in_blocks_of_a_few_actor_batches_not_of_rays_128_mb(r
 
 
 def test_more_gpu_actors_than_gpus_share_them_so_that_all_of_them_start():
-    from pipeline.nightly.batch import gpus_per_actor
+    from pipeline.nightly.stages import gpus_per_actor
     assert gpus_per_actor(1, 1) == 1.0 and gpus_per_actor(4, 1) == 1.0  # never more than one GPU an actor
     assert gpus_per_actor(1, 2) == 0.5 and gpus_per_actor(2, 3) == 2 / 3
     assert gpus_per_actor(1, 0) == 1.0  # no pool smaller than one actor

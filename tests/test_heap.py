@@ -47,8 +47,8 @@ def test_large_blocks_kept_on_the_heap_are_reused_without_page_faults():
 @glibc
 def test_a_scoring_actors_process_keeps_large_blocks_on_the_heap_and_trims_them_away():
     """The actor applies the policy in its constructor (its model is not under test here: a stand-in scorer),
-    and release_freed_memory still hands the kept pages back. One process: importing pipeline.nightly.batch takes ~8 s."""
-    code = ("import pipeline.nightly.batch as b\n"
+    and release_freed_memory still hands the kept pages back. One process: importing pipeline.nightly.stages takes ~8 s."""
+    code = ("import pipeline.nightly.stages as b\n"
             "b.Scorer.load = staticmethod(lambda *a, **k: type('S', (), {'device': 'cpu'})())\n"
             "b.ScoreActor('/nowhere', ['p'], b.RunInfo('d', 'm', '1', 'r'))\n"
             + FAULTS +

@@ -10,7 +10,7 @@ import pyarrow as pa
 from PIL import Image
 
 from jobs import report as report_job
-from pipeline import storage
+from pipeline import drawing, storage
 from pipeline.nightly import nights, report
 from pipeline.nightly.score_table import SCORE_SCHEMA
 from pipeline.sources import archive
@@ -117,7 +117,7 @@ def test_no_published_night_is_a_usage_error(tmp_path, capsys):
 def test_overlay_draws_the_threshold_contour_on_the_fixed_scale():
     amap = np.zeros((20, 20), np.float32)
     amap[5:15, 5:15] = 1.0
-    pair = np.asarray(overlay := report.overlay(np.full((20, 20, 3), 128, np.uint8), amap, 2.0, 0.5))
+    pair = np.asarray(overlay := drawing.overlay(np.full((20, 20, 3), 128, np.uint8), amap, 2.0, 0.5))
     assert overlay.size == (44, 20)
     right = pair[:, 24:]
     assert (right[5, 5:15] == (0, 255, 255)).all() and not (right[10, 10] == (0, 255, 255)).all()

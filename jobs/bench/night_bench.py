@@ -373,9 +373,9 @@ def actor_profile(backbone: str, weights: str, size: int, n_products: int, batch
     from pipeline.fitting.weights import build_model
     from pipeline.model.config import AnoPLeConfig
     from pipeline.model.scoring import model_input
-    from pipeline.nightly.batch import HeatmapTarget, ScoreActor, write_heatmaps
     from pipeline.nightly.score_table import RunInfo
     from pipeline.nightly.scorer import Scorer, pick_device
+    from pipeline.nightly.stages import HeatmapTarget, ScoreActor, write_heatmaps
     from pipeline.sources.decoding import decode_batch
     from pipeline.sources.synthetic import product_names
 
@@ -391,7 +391,7 @@ def actor_profile(backbone: str, weights: str, size: int, n_products: int, batch
         data[p] = ProductShots(images=mine, shots=ids[:1], heldout=ids[1:4])
     scorer = Scorer.from_fits(model, fit_products(model, data, products, device), device)
     actor = ScoreActor.__new__(ScoreActor)  # the actor's own call, on a scorer built here (no artifact to load)
-    actor.scorer, actor.heatmaps, actor.fault, actor.decoder, actor.batches = scorer, None, None, None, 0
+    actor.scorer, actor.fault, actor.decoder, actor.batches = scorer, None, None, 0
     actor.info = RunInfo("bench", "anople-bench", "0", "profile")
     n = batch * batches
     rows = {"image_id": np.array([f"{images[i % len(images)][0]}/{i:08d}" for i in range(n)], dtype=object),

@@ -8,8 +8,8 @@ import datetime as dt
 import numpy as np
 from PIL import Image
 
+from pipeline.drawing import contour, overlay
 from pipeline.evaluation.metrics import METRICS, ProductMetrics
-from pipeline.nightly.report import contour, overlay
 from pipeline.sources.images import decode_image, heatmap_scale
 
 

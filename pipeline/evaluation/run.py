@@ -16,8 +16,8 @@ from pipeline.evaluation.metrics import PAPER_METRICS, ProductMetrics, summarize
 from pipeline.fitting.config import TrainConfig
 from pipeline.fitting.ray_train import fit_deployment
 from pipeline.fitting.run import with_storage
-from pipeline.nightly.batch import score_partition
 from pipeline.nightly.score_table import RunInfo
+from pipeline.nightly.stages import score_partition
 from pipeline.sources import archive
 
 

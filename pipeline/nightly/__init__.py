@@ -1,3 +1,3 @@
 """How a night is scored and published: a version's scorer (`scorer`), Ray Data's decode -> score -> heatmap
-stages (`batch`), the score row's one home (`score_table`), the night's atomic publish and locations (`nights`),
+stages (`stages`), the score row's one home (`score_table`), the night's atomic publish and locations (`nights`),
 its report (`report`), and the scoring run top to bottom (`run`)."""

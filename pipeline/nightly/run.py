@@ -1,4 +1,4 @@
-"""Scoring one night, top to bottom: the archive partition's rows through the scoring actors (pipeline.nightly.batch),
+"""Scoring one night, top to bottom: the archive partition's rows through the scoring actors (pipeline.nightly.stages),
 published atomically under the output night (pipeline.nightly.nights), its report written beside it, one MLflow run.
 
 A night travels as three values: the input `archive.Partition` (its shards listed once), the output
@@ -19,8 +19,8 @@ from pipeline import artifact, registry, storage
 from pipeline.cluster import cluster_gpus, has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.nightly import nights, report
-from pipeline.nightly.batch import INFRA_ERRORS, HeatmapTarget, InjectedFault, isolating, score_partition
 from pipeline.nightly.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
+from pipeline.nightly.stages import INFRA_ERRORS, HeatmapTarget, InjectedFault, isolating, score_partition
 from pipeline.progress import Progress
 from pipeline.sources import archive
 from pipeline.sources.decoding import decode_where
@@ -63,7 +63,7 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
                 fault: InjectedFault | None = None) -> dict:
     """Score one night's partition and publish its score rows and heatmaps under `output` atomically
     (pipeline.nightly.nights): a run that fails or is killed leaves the previous night as it was. A row that kills
-    its scoring process again and again is isolated into an error row (batch.isolating). More than
+    its scoring process again and again is isolated into an error row (stages.isolating). More than
     `options.max_error_rate` of rows failing for infrastructure reasons fails the run: nothing is published.
     `fault` is a test's injected crash. Returns a summary."""
     deployment, date = partition.deployment, partition.date

@@ -2,7 +2,7 @@
 the constructors of its rows (`score_rows`; `error_rows` for rows none of which could be scored), and a
 batch of them as an Arrow table in exactly that schema. Every stage that writes rows uses these: the scoring
 actors, the unknown-product and crashed-row paths, the heatmap writer, serving. numpy and pyarrow only: Ray Data runs `to_table` in its own CPU tasks,
-whose workers then import this and no more (pickled from pipeline.nightly.batch, each loaded torch, open_clip,
+whose workers then import this and no more (pickled from pipeline.nightly.stages, each loaded torch, open_clip,
 faiss and MLflow: 330 MB -> 1.2 GB resident, measured).
 """
 from __future__ import annotations

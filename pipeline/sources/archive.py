@@ -1,5 +1,5 @@
 """The image archive: Parquet shards partitioned ``deployment=<d>/date=<YYYY-MM-DD>/``, and the one way to
-list and filter a partition's rows (pyarrow here; Ray Data's reader in pipeline.nightly.batch uses the same filter)."""
+list and filter a partition's rows (pyarrow here; Ray Data's reader in pipeline.nightly.stages uses the same filter)."""
 from __future__ import annotations
 
 import datetime as dt

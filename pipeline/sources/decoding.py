@@ -1,7 +1,7 @@
 """The decode task of a scoring run: archive rows (image bytes) -> the model's uint8 input, in Ray Data's CPU
 tasks. Kept free of torch, open_clip, faiss and MLflow (numpy and PIL only): the worker processes that run
 it (with Ray Data's Parquet read, fused into the same task) import none of them, where pickling the task
-from pipeline.nightly.batch made every decode worker load them all (~1 GB resident each, measured).
+from pipeline.nightly.stages made every decode worker load them all (~1 GB resident each, measured).
 """
 from __future__ import annotations
 

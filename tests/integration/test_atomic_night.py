@@ -166,8 +166,8 @@ def test_no_credential_reaches_a_log_a_store_or_the_output(plant, capfd):
 
 
 def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_completes(plant):
-    from pipeline.nightly.batch import InjectedFault
     from pipeline.nightly.run import ScoreOptions, score_night
+    from pipeline.nightly.stages import InjectedFault
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
     poison = ids[len(ids) // 2]
@@ -187,8 +187,8 @@ def test_a_row_that_kills_its_process_becomes_an_error_row_and_the_night_complet
 
 
 def test_more_infrastructure_errors_than_allowed_fail_the_run_and_publish_nothing(plant):
-    from pipeline.nightly.batch import InjectedFault
     from pipeline.nightly.run import ScoreOptions, TooManyErrors, score_night
+    from pipeline.nightly.stages import InjectedFault
 
     ids = sorted(archive_ids(plant["arch"], SMALL))
     before = score_night(archive.Partition(plant["arch"], "an", SMALL), plant["out"])

@@ -58,7 +58,7 @@ def test_core_modules_import_neither_ray_nor_mlflow():
 def test_the_decode_and_table_tasks_load_no_torch_mlflow_or_faiss():
     """Ray Data's CPU workers import the tasks' modules (pipeline.sources.decoding, pipeline.nightly.score_table) and stay light."""
     code = ("import sys, pipeline.sources.decoding, pipeline.nightly.score_table\n"
-            "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.nightly.batch') if x in sys.modules))")
+            "print(sorted(x for x in ('torch', 'open_clip', 'faiss', 'mlflow', 'pipeline.nightly.stages') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -75,9 +75,9 @@ def test_the_fit_entry_ray_trains_controller_unpickles_loads_no_torch_mlflow_or_
 
 
 def test_the_scoring_actors_module_loads_no_mlflow():
-    """A scoring actor imports pipeline.nightly.batch: MLflow (~2 s of CPU per actor start) only when its model is
+    """A scoring actor imports pipeline.nightly.stages: MLflow (~2 s of CPU per actor start) only when its model is
     behind a tracking server (pipeline.registry, imported then)."""
-    code = ("import sys, pipeline.nightly.batch\n"
+    code = ("import sys, pipeline.nightly.stages\n"
             "print(sorted(x for x in ('mlflow', 'pipeline.registry') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -4,7 +4,7 @@
 Every scoring actor returns one schema, SCORE_SCHEMA plus ``map`` [S, S] float32, ``height``/``width`` of
 the source image, and the decoded ``mask``/``label`` when the run evaluates. The heatmap writer turns that
 into the score table's rows; it is a CPU stage after GPU actors, and runs inside CPU actors (a separate
-stage would need a CPU that CPU actors may all hold).
+stage would need a CPU that CPU actors may all hold: ScoreAndWriteActor).
 
 Routing: the products' banks are packed into shards no larger than the per-actor budget; each shard gets
 its own actor pool, and only rows of its products flow to it. Rows that cannot be scored (undecodable
@@ -87,17 +87,17 @@ def unknown_product_rows(batch: dict, info: RunInfo, known: list[str]) -> dict:
 
 class ScoreActor:
     """Holds one bank shard; loads the artifact in __init__ (survives actor restarts) from where the
-    registry says it is, fetched on this actor's own node when it is behind a tracking server. With
-    `heatmaps`, writes them itself (CPU actors); else returns the maps for a later stage."""
+    registry says it is, fetched on this actor's own node when it is behind a tracking server. Returns the
+    batch's score rows with their maps (``map``), for the heatmap writer or the metrics after it."""
 
-    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget | None = None,
-                 fault: InjectedFault | None = None, cpu_share: int = 1):
+    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, fault: InjectedFault | None = None,
+                 cpu_share: int = 1):
         keep_large_blocks_on_heap()  # before the first forward: no page faults for its activations (pipeline.heap)
         if not storage.is_storage_uri(artifact_uri):  # behind a tracking server: MLflow fetches it here
             from pipeline import registry  # MLflow's import (~2 s of CPU) only where it is needed
             artifact_uri = registry.materialize(artifact_uri)
         self.scorer = Scorer.load(artifact_uri, products)
-        self.info, self.heatmaps, self.fault = info, heatmaps, fault
+        self.info, self.fault = info, fault
         self.batches = 0
         self.decoder = None  # device_decode.DeviceDecoder, made on the first JPEG bytes that reach the actor
         if self.scorer.device == "cpu":
@@ -169,7 +169,20 @@ class ScoreActor:
         self.batches += 1
         if self.batches % 8 == 0:
             release_freed_memory()
-        return write_heatmaps(out, self.heatmaps) if self.heatmaps is not None else out
+        return out
+
+
+class ScoreAndWriteActor(ScoreActor):
+    """A CPU node's scoring actor: scores, then writes the batch's heatmaps itself and returns its score rows (a
+    separate writer stage would need a CPU that CPU actors may all hold)."""
+
+    def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget,
+                 fault: InjectedFault | None = None, cpu_share: int = 1):
+        super().__init__(artifact_uri, products, info, fault, cpu_share)
+        self.heatmaps = heatmaps
+
+    def __call__(self, batch: dict) -> dict:
+        return write_heatmaps(super().__call__(batch), self.heatmaps)
 
 
 def write_heatmaps(batch: dict, target: HeatmapTarget) -> dict:
@@ -318,11 +331,11 @@ def score_partition(partition: archive.Partition, artifact_uri: str, spec: artif
         # CPU actors write their own heatmaps; GPU actors hand them to a CPU stage, so they only score
         actors = max(1, actors_per_shard)
         gpu_share = gpus_per_actor(cluster_gpus(), actors) if use_gpu else 0
+        writes = heatmaps is not None and not use_gpu
         scored = decoded.map_batches(
-            ScoreActor, batch_format="numpy", batch_size=batch_size,
-            fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info,
-                                   "heatmaps": None if use_gpu else heatmaps, "fault": fault,
-                                   "cpu_share": actors},
+            ScoreAndWriteActor if writes else ScoreActor, batch_format="numpy", batch_size=batch_size,
+            fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info, "fault": fault,
+                                   "cpu_share": actors, **({"heatmaps": heatmaps} if writes else {})},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
             num_gpus=gpu_share, num_cpus=0 if use_gpu else 1,
             max_restarts=actor_restarts, max_task_retries=actor_restarts)
