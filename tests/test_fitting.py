@@ -143,3 +143,23 @@ def test_undecodable_normals_are_left_out_of_the_shots_and_counted(tmp_path):
     assert "tile/train/good/001" not in data.shots + data.heldout and len(data.shots) == 2 and len(data.heldout) == 1
     with pytest.raises(UsageError, match="product 'pill': only 0 decodable normal train images \\(4 do not decode\\)"):
         load_shots(str(tmp_path / "a"), "d", ["pill"], 1, seed=0)
+
+
+def test_one_in_process_fit_learns_on_the_teaching_products_and_fits_only_this_processs(tiny_model):
+    """learn_and_fit_products: what each Ray Train worker and the in-process benchmarks run."""
+    from pipeline.fitting.learn import learn_and_fit_products
+    from pipeline.fitting.shots import fit_products
+
+    data = {"tile": _shots(product="tile"), "washer": _shots(product="washer")}
+    knobs = dict(epochs=2, steps_per_epoch=1, batch_shots=1, val_images=2, patience=4)
+    model = tiny_model(**knobs)
+    got = learn_and_fit_products(model, data, ["tile", "washer"], ["washer"], "cpu", seed=0)
+    assert sorted(got.fits) == ["washer"] and [e["epoch"] for e in got.epochs] == [1, 2]
+    assert got.val_set is not None and got.validation.best_epoch >= 0 and got.train_seconds > 0
+    assert sorted(got.val_set.source) == ["tile", "washer"]  # validated on the teaching products
+    # without training: the untouched model's banks, exactly as fit_products builds them
+    untrained = tiny_model(**knobs)
+    plain = learn_and_fit_products(untrained, data, ["tile"], ["tile"], "cpu", seed=0, train=False)
+    assert plain.epochs == [] and plain.validation is None and plain.val_set is None
+    direct = fit_products(tiny_model(**knobs), data, ["tile"], "cpu")["tile"]
+    assert plain.fits["tile"].threshold == direct.threshold

@@ -3,15 +3,14 @@ process, then score the test split), `--set` overrides and the table's cells."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import yaml
 
 from pipeline.evaluation.metrics import ProductMetrics, summarize
-from pipeline.fitting.prompts import train_prompts
-from pipeline.fitting.shots import fit_products, load_shots, shot_batch
-from pipeline.fitting.validation import build_validation, gain, validate
+from pipeline.fitting.learn import learn_and_fit_products
+from pipeline.fitting.shots import load_shots
+from pipeline.fitting.validation import gain
 from pipeline.fitting.weights import build_model
 from pipeline.model.config import AnoPLeConfig
 from pipeline.nightly.scorer import Scorer
@@ -27,18 +26,9 @@ def run_row(clip_args, overrides, train, data, test, products, seed, device):
     cfg = AnoPLeConfig(**{"seed": seed, **overrides})
     model = build_model(*clip_args, cfg, device)
     S = model.image_size
-    t0 = time.time()
-    val_gain = float("nan")
-    if train and cfg.trains:
-        check = None
-        if cfg.validate:
-            vs = build_validation(data, products, S, cfg.val_kinds, cfg.val_images, seed)
-            check = lambda: validate(model, vs, device)  # noqa: E731
-        log = train_prompts(model, shot_batch(data, products, S), device, validate=check)
-        if check is not None:
-            val_gain = gain(log.val)["val_gain_pixel_auroc"]
-    train_s = time.time() - t0
-    scorer = Scorer.from_fits(model, fit_products(model, data, products, device), device)
+    learned = learn_and_fit_products(model, data, products, products, device, seed, train=train)
+    val_gain = gain(learned.validation)["val_gain_pixel_auroc"] if learned.val_set is not None else float("nan")
+    scorer = Scorer.from_fits(model, learned.fits, device)
     per = {}
     for p in products:
         m = ProductMetrics()
@@ -47,7 +37,7 @@ def run_row(clip_args, overrides, train, data, test, products, seed, device):
             s, amap = scorer.score(to_model_input(rgb, S)[None], [p])
             m.update(s[0], label, amap[0], resize_mask(decode_mask(mask, rgb.shape[:2]), S))
         per[p] = m.compute()
-    return summarize(per), train_s, val_gain
+    return summarize(per), learned.train_seconds, val_gain
 
 
 def load_data(root, products, shots, seed):

@@ -15,9 +15,9 @@ from safetensors.torch import save as st_save
 
 from pipeline import artifact, registry, storage
 from pipeline.fitting.bank import pick_backend
-from pipeline.fitting.prompts import train_prompts
-from pipeline.fitting.shots import fit_products, load_shots, shot_batch
-from pipeline.fitting.validation import build_validation, gain, on_rank0, validate
+from pipeline.fitting.learn import learn_and_fit_products
+from pipeline.fitting.shots import load_shots
+from pipeline.fitting.validation import gain
 from pipeline.fitting.weights import build_model
 from pipeline.heap import keep_large_blocks_on_heap, release_freed_memory
 from pipeline.model.backbone import fingerprint, looks_untrained
@@ -43,35 +43,25 @@ def learn_and_fit(config: dict) -> None:
     keep_large_blocks_on_heap()  # the fit's forwards allocate the scoring actors' large activations (pipeline.heap)
     model = build_model(cfg.backbone, cfg.weights, cfg.seed, cfg.anople, device)
     data = load_shots(cfg.archive, cfg.deployment, sorted(set(mine) | set(teach)), cfg.shots, cfg.seed)
-    epochs, val = [], None
-    if cfg.anople.trains:
-        seconds: list[float] = []
+    seconds: list[float] = []
 
-        def on_epoch(metrics: dict) -> None:
-            release_freed_memory()
-            ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
-            if rank == 0:
-                seconds.append(metrics["epoch_seconds"])
-                emit(epoch_line(metrics, cfg.anople.epochs, seconds))
-                metrics["mlflow_logged"] = float(_log_epoch(*job.mlflow_run, metrics))
-            marker = storage.join(cfg.checkpoints(), "_injected-crash")
-            if job.fault and rank == 0 and metrics["epoch"] == job.fault.after_epoch and not storage.exists(marker):
-                storage.write_bytes(marker, b"crashed once")
-                os._exit(70)
+    def on_epoch(metrics: dict) -> None:
+        release_freed_memory()
+        ray.train.report(metrics)  # all ranks report each epoch (Ray Train's contract)
+        if rank == 0:
+            seconds.append(metrics["epoch_seconds"])
+            emit(epoch_line(metrics, cfg.anople.epochs, seconds))
+            metrics["mlflow_logged"] = float(_log_epoch(*job.mlflow_run, metrics))
+        marker = storage.join(cfg.checkpoints(), "_injected-crash")
+        if job.fault and rank == 0 and metrics["epoch"] == job.fault.after_epoch and not storage.exists(marker):
+            storage.write_bytes(marker, b"crashed once")
+            os._exit(70)
 
-        # pseudo-anomalies on the teaching products' normals (pipeline.fitting.validation), validated on rank 0
-        vs = build_validation(data, teach, model.image_size, cfg.anople.val_kinds, cfg.anople.val_images,
-                              cfg.seed) if cfg.anople.validate and rank == 0 else None
-
-        def check() -> dict:
-            return on_rank0(lambda: validate(model, vs, device), rank, world)
-
-        # a restarted worker group (FailureConfig) resumes from the last epoch checkpoint (--restart
-        # removed the old ones before any worker started)
-        epochs, val = train_prompts(model, shot_batch(data, teach, model.image_size), device,
-                                    checkpoints=cfg.checkpoints(), rank=rank, world=world, on_epoch=on_epoch,
-                                    validate=check if cfg.anople.validate else None)
-    fits = fit_products(model, data, mine, device)
+    # a restarted worker group (FailureConfig) resumes from the last epoch checkpoint (--restart removed the old
+    # ones before any worker started)
+    learned = learn_and_fit_products(model, data, teach, mine, device, cfg.seed, rank=rank, world=world,
+                                     checkpoints=cfg.checkpoints(), on_epoch=on_epoch)
+    fits, epochs, val, vs = learned.fits, learned.epochs, learned.validation, learned.val_set
     with tempfile.TemporaryDirectory() as out:
         meta = {"fingerprint": fingerprint(model.clip), "bank_layers": list(model.bank_layers),
                 "decoder_layers": list(model.decoder_layers), "prompt_depth": model.J,
