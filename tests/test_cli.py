@@ -112,3 +112,14 @@ def test_json_says_refused_with_exit_code_3(capsys):
     assert main(["--json"]) == EXIT_REFUSED
     assert json.loads(capsys.readouterr().out) == {"job": "job", "status": "refused", "exit_code": 3,
                                                    "error": "random weights"}
+
+
+@pytest.mark.parametrize("flag,value,words", [("--heatmap-side", "0", "--heatmap-side must be a positive"),
+                                              ("--batch-size", "0", "--batch-size must be at least 1"),
+                                              ("--max-error-rate", "1.5", "--max-error-rate is a fraction")])
+def test_a_bad_scoring_option_is_a_usage_error_before_anything_starts(monkeypatch, capsys, flag, value, words):
+    """ScoreOptions checks what jobs.score parsed, once, before Ray starts or a run is opened."""
+    import pipeline.cluster
+    monkeypatch.setattr(pipeline.cluster, "init_ray", lambda: pytest.fail("Ray started for a bad option"))
+    rc = score_job.main(["--deployment", "d", "--archive", "a", "--date", "2026-11-22", "--output", "o", flag, value])
+    assert rc == EXIT_USAGE and words in capsys.readouterr().err

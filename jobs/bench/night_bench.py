@@ -390,9 +390,7 @@ def actor_profile(backbone: str, weights: str, size: int, n_products: int, batch
         ids = sorted(mine)
         data[p] = ProductShots(images=mine, shots=ids[:1], heldout=ids[1:4])
     scorer = Scorer.from_fits(model, fit_products(model, data, products, device), device)
-    actor = ScoreActor.__new__(ScoreActor)  # the actor's own call, on a scorer built here (no artifact to load)
-    actor.scorer, actor.fault, actor.decoder, actor.batches = scorer, None, None, 0
-    actor.info = RunInfo("bench", "anople-bench", "0", "profile")
+    actor = ScoreActor.around(scorer, RunInfo("bench", "anople-bench", "0", "profile"))
     n = batch * batches
     rows = {"image_id": np.array([f"{images[i % len(images)][0]}/{i:08d}" for i in range(n)], dtype=object),
             "product": np.array([images[i % len(images)][0] for i in range(n)], dtype=object),

@@ -75,8 +75,13 @@ class Night:
         scores tree meets a file that is not scores)."""
         return storage.join(self._under("reports"), REPORT_FILE)
 
+    @property
+    def staging_root(self) -> str:
+        """_staging/scores/deployment=D/date=X/: every run's rows while it runs, outside the scores tree."""
+        return self._under(storage.join("_staging", "scores"))
+
     def staging(self, run_id: str) -> str:
-        return storage.join(self._under(storage.join("_staging", "scores")), f"{run_id}.parquet")
+        return storage.join(self.staging_root, f"{run_id}.parquet")
 
     def heatmap_prefix(self, run_id: str) -> str:
         return storage.join(self.heatmap_root, f"run={run_id}")
@@ -92,8 +97,7 @@ class Night:
     def runs_with_files(self) -> set[str]:
         """Run ids that left heatmaps or staging rows for the night."""
         found = set()
-        staging = self.staging("x").rsplit("/", 1)[0]
-        for root, tag in ((self.heatmap_root, "run="), (staging, "")):
+        for root, tag in ((self.heatmap_root, "run="), (self.staging_root, "")):
             try:
                 files = storage.list_files(root)
             except FileNotFoundError:

@@ -96,15 +96,25 @@ class ScoreActor:
         if not storage.is_storage_uri(artifact_uri):  # behind a tracking server: MLflow fetches it here
             from pipeline import registry  # MLflow's import (~2 s of CPU) only where it is needed
             artifact_uri = registry.materialize(artifact_uri)
-        self.scorer = Scorer.load(artifact_uri, products)
-        self.info, self.fault = info, fault
-        self.batches = 0
-        self.decoder = None  # device_decode.DeviceDecoder, made on the first JPEG bytes that reach the actor
+        self._hold(Scorer.load(artifact_uri, products), info, fault)
         if self.scorer.device == "cpu":
             # Ray pins a num_cpus=1 actor's torch to one thread (OMP_NUM_THREADS=1), yet on a CPU node the
             # forward is ~90% of the work (decode ~5 ms, forward ~100+ ms an image): the actor takes its share
             # of the node's cores (`cpu_share` actors per node), the decode tasks interleave
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, cpu_share)))
+
+    def _hold(self, scorer: Scorer, info: RunInfo, fault: InjectedFault | None) -> None:
+        self.scorer, self.info, self.fault = scorer, info, fault
+        self.batches = 0
+        self.decoder = None  # device_decode.DeviceDecoder, made on the first JPEG bytes that reach the actor
+
+    @classmethod
+    def around(cls, scorer: Scorer, info: RunInfo) -> "ScoreActor":
+        """The actor's call on a scorer already built in this process (no artifact to load, no Ray): the
+        benchmarks time it."""
+        actor = cls.__new__(cls)
+        actor._hold(scorer, info, None)
+        return actor
 
     def _device_pixels(self, batch: dict, todo: list[int], status: list, error: list) -> torch.Tensor:
         """The model's uint8 input [n, 3, S, S] on this actor's device from decode_batch(on_device=True) rows:
