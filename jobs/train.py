@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-mode", choices=PROMPT_MODES,
                     help="ablation: bidirectional (default), T->I, I->T, text only, visual only, none (= memory bank only)")
     ap.add_argument("--bank-layers", default="", help="comma-separated 1-based blocks (default: 3,8 scaled to depth)")
+    ap.add_argument("--class-name", action="append", default=[], metavar='PRODUCT="WORDS"',
+                    help='the words the prompts use for a product (repeatable), e.g. pcb1="printed circuit board"; '
+                         "default: the known dataset code's words (VisA, Real-IAD), else the product's name")
     ap.add_argument("--restart", action="store_true", help="do not resume from this run's epoch checkpoints")
     ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (products are split among them)")
     ap.add_argument("--storage-path", default="", help="Ray Train storage (default <ANOPLE_ROOT>/ray_results)")
@@ -45,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         bank_layers = [int(x) for x in args.bank_layers.split(",") if x] or None
     except ValueError:
         ap.error(f"--bank-layers wants comma-separated integers, got {args.bank_layers!r}")
+    named = {}
+    for item in args.class_name:
+        product, sep, words = item.partition("=")
+        words = words.strip().strip("'\"").strip()
+        if not sep or not product.strip() or not words:
+            ap.error(f'--class-name wants PRODUCT="WORDS", got {item!r}')
+        named[product.strip()] = words
+    import dataclasses
+
     import numpy as np
 
     from pipeline import registry
@@ -56,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     check_weights(args.backbone, args.weights)  # before any cluster work: a typo fails in a second
     anople = load_config(args.config, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, prompt_mode=args.prompt_mode, seed=args.seed,
                          bank_layers=bank_layers, fusion="bank" if args.prompt_mode == "none" else None)
+    anople = dataclasses.replace(anople, class_names=anople.class_names | named)  # the command line wins
     init_ray()
     cfg = TrainConfig(deployment=args.deployment, archive=args.archive, shots=args.shots, seed=args.seed,
                       backbone=args.backbone, weights=args.weights, anople=anople, restart=args.restart,
@@ -66,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"registered {registry.model_name(args.deployment)} version {mv.version} (alias: candidate); "
           f"run {mv.run_id}; products: {', '.join(sorted(spec.products))}")
     print(f"  AnoPLe: prompts {spec.anople['prompt_mode']}, fusion {spec.anople['fusion']}, "
+          f"image score {spec.anople['image_score']}, "
           f"epochs {spec.anople['epochs'] if spec.prompts_file else 0}")
     secs = [e["epoch_seconds"] for e in fit["epochs"]]
     if secs:  # this run's epochs (a resumed run trains only the rest)
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if warning:
             print(f"WARNING: {warning}", file=sys.stderr)
     for p, ps in sorted(spec.products.items()):
-        print(f"  {p}: threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
+        print(f"  {p} (\"{ps.class_name}\"): threshold {ps.threshold:.5f} from {ps.calibration} (n={ps.n_calibration})")
     summary(model=registry.model_name(args.deployment), version=str(mv.version), run_id=mv.run_id, alias="candidate",
             products=sorted(spec.products), random_weights=spec.is_random, device=fit["device"],
             epochs=len(secs), validation=fit["validation"],

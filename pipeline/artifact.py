@@ -33,6 +33,7 @@ class ProductSpec:
     bank_file: str            # relative path of the bank inside the artifact
     map_scales: dict = field(default_factory=dict)  # {"text", "bank"}: each map's level on the normal
                                                     # calibration images (calibrated fusion); {} = 1
+    class_name: str = ""      # the words the product's prompts use ("" in artifacts from before: its name)
 
 
 @dataclass

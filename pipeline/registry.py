@@ -110,7 +110,7 @@ def client() -> MlflowClient:
 def config_params(cfg: AnoPLeConfig) -> dict[str, str]:
     """Every knob and ablation switch of the typed config as MLflow params ``anople.<knob>``."""
     return {f"anople.{k}": ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-            for k, v in cfg.to_dict().items()}
+            for k, v in cfg.to_dict().items() if k != "class_names"}  # those: class_name.<product> per product
 
 
 def _filter(tags: dict[str, str], status: str) -> str:

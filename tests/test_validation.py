@@ -10,7 +10,7 @@ from pipeline.fitting.prompts import ValRecord, train_kinds
 from pipeline.fitting.shots import ProductShots, load_shots
 from pipeline.fitting.validation import build_validation, gain, on_rank0, validate, verdict
 from pipeline.model.anomaly_map import blur
-from pipeline.model.config import FUSION_WEIGHTS, AnoPLeConfig
+from pipeline.model.config import FUSION_WEIGHTS, IMAGE_SCORES, AnoPLeConfig
 from pipeline.model.scoring import fuse
 from pipeline.sources.ingest import ingest
 from pipeline.sources.synthetic import make_mvtec_folder
@@ -47,8 +47,9 @@ def test_validate_reports_each_map_and_chooses_the_fusion_weight(shots, tiny_mod
     vs = build_validation(shots, ["tile", "washer"], 64, ("perlin",), per_product=2, seed=0)
     out = validate(tiny_model(fusion="weighted"), vs, "cpu")
     assert set(out) == {"bank_pixel_auroc", "text_pixel_auroc", "fused_pixel_auroc", "fused_image_auroc",
-                        "fusion_weight"}
-    assert out["fusion_weight"] in FUSION_WEIGHTS and all(0 <= v <= 1 for v in out.values())
+                        "fusion_weight", "image_score"} | {f"image_auroc_{m}" for m in IMAGE_SCORES}
+    assert out["image_score"] in range(len(IMAGE_SCORES))  # the image score chosen (image_score auto), an index
+    assert out["fusion_weight"] in FUSION_WEIGHTS and all(0 <= v <= 1 for k, v in out.items() if k != "image_score")
     fixed = validate(tiny_model(fusion="weighted", fusion_weight=0.0), vs, "cpu")
     assert "fusion_weight" not in fixed and fixed["fused_pixel_auroc"] == pytest.approx(fixed["bank_pixel_auroc"])
     assert out["fused_pixel_auroc"] >= fixed["fused_pixel_auroc"]  # the chosen w is at least as good as w = 0

@@ -3,7 +3,7 @@
 Benchmark, not a test: for each seed it generates products with exact defect masks, then for each row
 trains AnoPLe (the real model, trainer, bank fitting and scorer, in-process without Ray) on K normal
 shots and scores the held-out test split, whose defects (scratches, stains, holes) are never seen in
-training (pseudo-anomalies are pasted / noised / texture patches). Prints mean +- std over seeds of
+training (pseudo-anomalies are pasted / noised / texture blobs, or boxes with pseudo_shape "box"). Prints mean +- std over seeds of
 I-AUROC, P-AUROC and AUPRO (FPR 0.3), in %. With a random-init backbone the absolute numbers are not
 the paper's; what it shows is whether each part learns (vs. the untrained model) and how they compare.
 """
@@ -19,7 +19,7 @@ import torch
 
 from jobs.bench.common import cell, load_data, parse_sets, run_row
 from pipeline.evaluation.metrics import PAPER_METRICS
-from pipeline.model.config import AnoPLeConfig
+from pipeline.model.config import LEGACY_WIRING, AnoPLeConfig
 from pipeline.sources.synthetic import make_mvtec_folder
 
 ROWS = [  # (row name, AnoPLeConfig overrides, train?); the full model is the config's defaults
@@ -36,6 +36,17 @@ ROWS = [  # (row name, AnoPLeConfig overrides, train?); the full model is the co
     ("T<->I, text/decoder map only", {"fusion": "text"}, True),
     ("untrained, text/decoder map only", {"fusion": "text"}, False),
     ("memory bank only", {"prompt_mode": "none", "fusion": "bank"}, False),
+    # the wiring (issue 22): each choice's earlier value, one at a time, then all of them (the model before)
+    ("T<->I, image score = map max", {"image_score": "map"}, True),
+    ("T<->I, image score = z0 x bank (PromptAD)", {"image_score": "global_bank"}, True),
+    ("T<->I, image score = z0 x map", {"image_score": "global_map"}, True),
+    ("T<->I, crops of a 2x upsample", {"crop_source": "upsample"}, True),
+    ("T<->I, random [abnormal] init", {"abnormal_init": "random"}, True),
+    ("T<->I, q-k patch tokens (no v-v path)", {"patch_path": "qk"}, True),
+    ("T<->I, bank on prompted tokens", {"bank_source": "prompted"}, True),
+    ("T<->I, box pseudo-anomalies", {"pseudo_shape": "box"}, True),
+    ("T<->I, legacy L_align pooling", {"align_pool": "linear"}, True),
+    ("T<->I, all the earlier wiring", dict(LEGACY_WIRING), True),
 ]
 
 

@@ -23,7 +23,7 @@ import torch
 from jobs.bench.common import cell, load_data, parse_sets, run_row
 from pipeline.evaluation.metrics import PAPER_METRICS
 from pipeline.fitting.prompts import train_prompts
-from pipeline.fitting.shots import shot_batch
+from pipeline.fitting.shots import shot_batch, wants_detail
 from pipeline.fitting.validation import build_validation, gain, validate
 from pipeline.fitting.weights import build_model
 from pipeline.model.config import AnoPLeConfig
@@ -55,7 +55,7 @@ def validation_gain(clip_args, overrides, data, products, seed, device) -> tuple
     model = build_model(*clip_args, cfg, device)
     vs = build_validation(data, products, model.image_size, cfg.val_kinds, cfg.val_images, seed)
     t0 = time.time()
-    log = train_prompts(model, shot_batch(data, products, model.image_size), device,
+    log = train_prompts(model, shot_batch(data, products, model.image_size, wants_detail(model)), device,
                         validate=lambda: validate(model, vs, device))
     g = gain(log.val)
     return g["val_gain_pixel_auroc"], g["val_best_epoch"], time.time() - t0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from jobs.bench.common import load_data
 from pipeline.evaluation.metrics import auroc
 from pipeline.fitting.prompts import make_views
-from pipeline.fitting.shots import shot_batch
+from pipeline.fitting.shots import shot_batch, wants_detail
 from pipeline.fitting.weights import build_model
 from pipeline.model.config import AnoPLeConfig
 from pipeline.sources.synthetic import make_mvtec_folder, product_names
@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                           size=args.size, seed=100 + args.seed)
         data, _ = load_data(root, products, args.shots, args.seed)
         model = build_model(args.backbone, args.weights, args.seed, cfg, device)
-        shots = shot_batch(data, products, model.image_size)
+        shots = shot_batch(data, products, model.image_size, wants_detail(model))
     gen = torch.Generator().manual_seed(args.seed)
-    layers = sorted(set(model.decoder_layers) | set(model.bank_layers))
-    feats: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    # the decoder's tokens (v-v path by default) and the bank's (frozen CLIP by default), each layer under its role
+    layers = [("decoder", l) for l in model.decoder_layers] + [("bank", l) for l in model.bank_layers]
+    feats: dict[tuple, list[torch.Tensor]] = {k: [] for k in layers}
     labels = []
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -81,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             enc = model.encode_image(v.x.to(device))
             frac = F.adaptive_avg_pool2d(v.mask[:, None], model.grid)[:, 0].flatten(1)  # [V, HW] share anomalous
             labels.append((frac > 0.5).flatten())
-            for l in layers:
-                feats[l].append(model.clip.visual.ln_post(enc.patches[l]).flatten(0, 1).float().cpu())  # [V*HW, d]
+            for role, l in layers:
+                tokens = (enc.patches if role == "decoder" else enc.bank)[l]  # [V, HW, d]
+                feats[(role, l)].append(model.clip.visual.ln_post(tokens).flatten(0, 1).float().cpu())  # [V*HW, d]
     y = torch.cat(labels).long()
     print(f"backbone {args.backbone} ({args.weights}), {len(products)} products x {args.shots} shots, "
           f"{len(y)} patches ({100 * y.float().mean():.1f}% anomalous), device {device}")
-    for l in layers:
-        role = "+".join(r for r, ls in (("decoder", model.decoder_layers), ("bank", model.bank_layers)) if l in ls)
+    for role, l in layers:
         print(f"  layer {l:>2} ({role}): linear-probe patch AUROC on held-out views "
-              f"{linear_probe_auroc(torch.cat(feats[l]), y):.3f}")
+              f"{linear_probe_auroc(torch.cat(feats[(role, l)]), y):.3f}")
     print("(0.5 = chance: the decoder cannot learn from these features; the memory bank does not need them to be linear)")
     return 0
 

@@ -8,7 +8,7 @@ import time
 from typing import Callable, NamedTuple
 
 from pipeline.fitting.prompts import ValRecord, train_prompts
-from pipeline.fitting.shots import ProductFit, ProductShots, fit_products, shot_batch
+from pipeline.fitting.shots import ProductFit, ProductShots, fit_products, shot_batch, wants_detail
 from pipeline.fitting.validation import ValidationSet, build_validation, on_rank0, validate
 from pipeline.model.anople import AnoPLe
 
@@ -37,7 +37,7 @@ def learn_and_fit_products(model: AnoPLe, data: dict[str, ProductShots], teach: 
         def check() -> dict:
             return on_rank0(lambda: validate(model, vs, device), rank, world)
 
-        epochs, val = train_prompts(model, shot_batch(data, teach, model.image_size), device, checkpoints=checkpoints,
+        epochs, val = train_prompts(model, shot_batch(data, teach, model.image_size, wants_detail(model)), device, checkpoints=checkpoints,
                                     rank=rank, world=world, on_epoch=on_epoch,
                                     validate=check if cfg.validate else None)
     train_seconds = time.time() - t0

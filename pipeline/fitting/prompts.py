@@ -27,18 +27,22 @@ from safetensors.torch import save as st_save
 from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.model.anople import AnoPLe, quadrant_views
+from pipeline.model.config import IMAGE_SCORES
 from pipeline.model.losses import align_loss, dice_loss, focal_loss, image_loss
 from pipeline.model.pseudo import KINDS, latent_mask_pixels, latent_region, pixel_anomaly
 
 
 @dataclass
 class ShotBatch:
-    pixels: torch.Tensor        # [N, 3, S, S] normalised normal shots
+    pixels: torch.Tensor        # [N, 3, S, S] normalised normal shots, decoded as the scorer decodes them
     product_index: torch.Tensor  # [N] index into products
     products: list[str]
+    detail: torch.Tensor | None = None  # [N, 3, 2S, 2S] the same shots at twice the size: the quadrant views'
+                                        # source (crop_source "detail"); None: quadrants of an upsample
 
     def rows(self, idx) -> "ShotBatch":
-        return ShotBatch(self.pixels[idx], self.product_index[idx], self.products)
+        return ShotBatch(self.pixels[idx], self.product_index[idx], self.products,
+                         None if self.detail is None else self.detail[idx])
 
     def shard(self, rank: int, world: int) -> "ShotBatch":
         """Worker `rank`'s share for data-parallel training: every world-th shot."""
@@ -63,22 +67,36 @@ def train_kinds(cfg) -> list[str]:
 
 
 def make_views(model: AnoPLe, shots: ShotBatch, gen: torch.Generator) -> Views:
-    """Pseudo-anomalies + multi-scale views of a batch of shots."""
+    """Pseudo-anomalies + multi-scale views of a batch of shots.
+
+    With the shots' detail (crop_source "detail", the paper's): the pixel pseudo-anomaly is drawn on the 2S image,
+    the four quadrant views are its 240 px crops (four times the global view's pixels) and the global view is its
+    2x2 area average, for clean and perturbed shots alike (so no view differs from its kind by how it was resized).
+    Without: everything on the S-pixel shot, the quadrants cut from its bilinear 2x upsample."""
     cfg, S = model.cfg, model.image_size
     pixel = train_kinds(cfg)
-    xs, masks, latents = [], [], []
-    for img in shots.pixels:  # img [3, S, S]
-        mask = torch.zeros(S, S)
+    detail = cfg.multiscale and shots.detail is not None
+    xs, masks, latents, bigs, big_masks = [], [], [], [], []
+    for i in range(len(shots.pixels)):
+        img = shots.detail[i] if detail else shots.pixels[i]  # [3, S', S'], S' = 2S with detail
+        mask = torch.zeros(img.shape[-2:])
         region = torch.zeros(model.grid[0] * model.grid[1], dtype=torch.bool)  # [HW] latent region
         if torch.rand(1, generator=gen).item() < cfg.pseudo_prob:
             kinds = (["pixel"] if cfg.pseudo_pixel else []) + (["latent"] if cfg.pseudo_latent else [])
             if kinds:
                 kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=gen))]
                 if kind == "pixel":
-                    img, mask = pixel_anomaly(img, pixel[int(torch.randint(0, len(pixel), (1,), generator=gen))], gen)
+                    img, mask = pixel_anomaly(img, pixel[int(torch.randint(0, len(pixel), (1,), generator=gen))], gen,
+                                              shape=cfg.pseudo_shape)
                 else:
-                    region = latent_region(model.grid, gen)
-                    mask = latent_mask_pixels(region, model.grid, S)
+                    region = latent_region(model.grid, gen, shape=cfg.pseudo_shape)
+        if detail:
+            bigs.append(img)
+            big_masks.append(mask)
+            img = F.avg_pool2d(img.unsqueeze(0), 2)[0]  # [3, S, S] the global view
+            mask = F.max_pool2d(mask.view(1, 1, *mask.shape), 2)[0, 0]  # [S, S] pixels any changed sub-pixel feeds
+        if region.any():
+            mask = latent_mask_pixels(region, model.grid, S)
         xs.append(img)
         masks.append(mask)
         latents.append(region)
@@ -88,9 +106,12 @@ def make_views(model: AnoPLe, shots: ShotBatch, gen: torch.Generator) -> Views:
     pidx = shots.product_index
     if cfg.multiscale:
         # latent noise lives on the global view's tokens only; quadrants carry the pixel masks
-        pix_mask = mask * (~region.any(1)).float().view(n, 1, 1)  # [n, S, S]
-        qx = quadrant_views(x, S)  # [4n, 3, S, S]
-        qm = (quadrant_views(pix_mask.unsqueeze(1), S)[:, 0] > 0.5).float()  # [4n, S, S]
+        if detail:
+            src, src_mask = torch.stack(bigs), torch.stack(big_masks)  # [n, 3, 2S, 2S], [n, 2S, 2S]
+        else:
+            src, src_mask = x, mask * (~region.any(1)).float().view(n, 1, 1)  # [n, 3, S, S], [n, S, S]
+        qx = quadrant_views(src, S)  # [4n, 3, S, S]
+        qm = (quadrant_views(src_mask.unsqueeze(1), S)[:, 0] > 0.5).float()  # [4n, S, S]
         x = torch.cat([x, qx])  # [5n, 3, S, S]
         mask = torch.cat([mask, qm])  # [5n, S, S]
         scale = torch.cat([scale, torch.arange(1, 5).repeat(n)])  # [5n]
@@ -110,7 +131,7 @@ def step_losses(model: AnoPLe, views: Views, products: list[str], device: str = 
     text = model.encode_text(products)  # [P, 2, D]
     latent = None if views.latent is None else views.latent.to(device)
     enc = model.encode_image(views.x.to(device), scale=views.scale if model.prefix is not None else None,
-                             latent_noise=latent)
+                             latent_noise=latent, bank=False)  # the losses read no bank features
     head = model.text_head(enc, text[views.product_index.to(text.device)])  # text [V, 2, D]
     logits = F.interpolate(head["logits"], size=views.mask.shape[-2:], mode="bilinear",
                            align_corners=False)[:, 0]  # [V, S, S]
@@ -187,6 +208,7 @@ class PromptTrainer:
             self.val.best, self.val.best_epoch, self.val.stale = score, self.epoch, 0
             self.val.best_state = st_save(self.model.prompt_state())
             self.val.best_weight = metrics.get("fusion_weight", -1.0)
+            self.val.best_image_score = IMAGE_SCORES[int(metrics["image_score"])] if "image_score" in metrics else ""
         else:
             self.val.stale += 1
         if self.epoch == 0:
@@ -225,12 +247,14 @@ class ValRecord:
     baseline: dict = field(default_factory=dict)  # the validation before any training (epoch 0)
     best_state: bytes = b""         # the best epoch's prompts (safetensors)
     best_weight: float = -1.0       # the fusion weight the validation chose at the best epoch (weighted fusion)
+    best_image_score: str = ""      # the image score the validation chose at the best epoch (image_score auto)
 
     def to_dict(self) -> dict:
         """Numbers and tensors only (what torch.load(weights_only=True) reads back)."""
         state = torch.frombuffer(bytearray(self.best_state), dtype=torch.uint8) if self.best_state else torch.zeros(0, dtype=torch.uint8)
         return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale, "stopped": self.stopped,
-                "baseline": dict(self.baseline), "best_state": state, "best_weight": self.best_weight}
+                "baseline": dict(self.baseline), "best_state": state, "best_weight": self.best_weight,
+                "best_image_score": self.best_image_score}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ValRecord":
@@ -292,6 +316,8 @@ def train_prompts(model: AnoPLe, shots: ShotBatch, device: str, *, checkpoints: 
         model.load_prompt_state(st_load(trainer.val.best_state))  # the best epoch, not the last
         if model.cfg.fusion == "weighted" and model.cfg.fusion_weight < 0 <= trainer.val.best_weight:
             model.cfg = dataclasses.replace(model.cfg, fusion_weight=trainer.val.best_weight)
+        if model.cfg.image_score == "auto" and trainer.val.best_image_score:
+            model.cfg = dataclasses.replace(model.cfg, image_score=trainer.val.best_image_score)
     return log
 
 
@@ -311,13 +337,16 @@ def all_reduce_grads(params) -> None:
         p.grad /= dist.get_world_size()
 
 
-def shots_batch(images: dict[str, list[np.ndarray]], products: list[str]) -> ShotBatch:
-    """{product: [normalised [3,S,S] arrays]} -> ShotBatch."""
-    xs, idx = [], []
+def shots_batch(images: dict[str, list[np.ndarray]], products: list[str],
+                detail: dict[str, list[np.ndarray]] | None = None) -> ShotBatch:
+    """{product: [normalised [3,S,S] arrays]} (and the same shots at 2S, `detail`) -> ShotBatch."""
+    xs, idx, big = [], [], []
     for i, p in enumerate(products):
-        for a in images.get(p, []):
+        for j, a in enumerate(images.get(p, [])):
             xs.append(torch.from_numpy(a))
             idx.append(i)
+            if detail is not None:
+                big.append(torch.from_numpy(detail[p][j]))
     if not xs:
         raise UsageError(f"no normal shots to train the prompts on (products {products})")
-    return ShotBatch(torch.stack(xs), torch.tensor(idx), products)
+    return ShotBatch(torch.stack(xs), torch.tensor(idx), products, torch.stack(big) if detail is not None else None)

@@ -19,6 +19,7 @@ from pipeline.fitting.config import TrainConfig
 from pipeline.fitting.job import FitJob, WorkerCrash  # defined there: Ray Train's controller unpickles them
 from pipeline.fitting.weights import check_weights, weights_kind
 from pipeline.sources import archive
+from pipeline.sources.ingest import class_names
 
 MAX_WORKER_FAILURES = 2  # worker-group restarts (preempted or crashed workers) before the fit fails
 
@@ -36,9 +37,11 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
         raise RuntimeError(f"workers built different backbones: {[w['fingerprint'] for w in workers]}")
     w0 = workers[0]
     # rank 0 trained (and validated): its fusion weight is the model's
-    w_rank0 = _read_json(os.path.join(out_dir, "worker-0.json")).get("fusion_weight", cfg.anople.fusion_weight)
+    rank0 = _read_json(os.path.join(out_dir, "worker-0.json"))
     resolved = cfg.anople.to_dict() | {"bank_layers": w0["bank_layers"], "decoder_layers": w0["decoder_layers"],
-                                        "prompt_depth": w0["prompt_depth"], "fusion_weight": w_rank0}
+                                        "prompt_depth": w0["prompt_depth"],
+                                        "fusion_weight": rank0.get("fusion_weight", cfg.anople.fusion_weight),
+                                        "image_score": rank0.get("image_score", cfg.anople.image_score)}
     spec = artifact.ModelSpec(
         deployment=cfg.deployment, backbone=cfg.backbone, weights=cfg.weights,
         # the weights decide, not the argument: an untrained backbone from any file or tag is "random"
@@ -63,6 +66,18 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
     return spec, summary
 
 
+def with_class_names(cfg: TrainConfig, products: list[str] | None = None) -> TrainConfig:
+    """The config with every product's prompt words resolved (the user's, else a known dataset code's, else the
+    name): they are part of the run key, so the run logs the key its fit will use. Idempotent."""
+    products = products if products is not None else archive.products_in(cfg.archive, cfg.deployment)
+    named = sorted(set(cfg.anople.class_names) - set(products))
+    if named:
+        raise UsageError(f"class names given for {named}, which have no train images in the archive "
+                         f"(products: {', '.join(products)})")
+    return dataclasses.replace(cfg, anople=dataclasses.replace(
+        cfg.anople, class_names=class_names(products, cfg.anople.class_names)))
+
+
 def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = None,
                    mlflow_run_id: str = "") -> tuple[artifact.ModelSpec, dict]:
     """Run the TorchTrainer and write the artifact to local `out_dir`. Returns (spec, summary). A worker
@@ -74,6 +89,7 @@ def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = N
     unknown = sorted(set(cfg.prompt_products) - set(products))
     if unknown:
         raise UsageError(f"prompt products {unknown} have no train images in the archive")
+    cfg = with_class_names(cfg, products)
     cfg = dataclasses.replace(cfg, archive=storage.normalize(cfg.archive), storage_path=storage.normalize(cfg.storage_path))
     if cfg.restart:  # start over: this run key's epoch checkpoints and Ray's run state go before any worker starts
         storage.remove_tree(storage.join(cfg.storage_path, cfg.run_key()))

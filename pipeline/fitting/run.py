@@ -10,7 +10,7 @@ import time
 
 from pipeline import artifact, registry, serving, storage
 from pipeline.fitting.config import TrainConfig
-from pipeline.fitting.ray_train import fit_deployment
+from pipeline.fitting.ray_train import fit_deployment, with_class_names
 from pipeline.fitting.validation import verdict
 
 
@@ -23,7 +23,7 @@ def with_storage(cfg: TrainConfig) -> TrainConfig:
 def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, dict]:
     """Fit with Ray Train, log params/metrics/artifact to MLflow, register a version, alias 'candidate'.
     Returns (model version, spec, fit summary: device, k-NN backend, per-epoch metrics)."""
-    cfg = with_storage(cfg)
+    cfg = with_class_names(with_storage(cfg))
     with tempfile.TemporaryDirectory() as out, registry.run(cfg.deployment, f"train-k{cfg.shots}-s{cfg.seed}") as log:
         log.params({"deployment": cfg.deployment, "archive": storage.normalize(cfg.archive),
                            "shots": cfg.shots, "seed": cfg.seed, "backbone": cfg.backbone, "weights": cfg.weights,
@@ -52,6 +52,8 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
             log.tags({"validation": line})
             if warning:
                 log.tags({"validation_warning": warning})
+        log.params({"resolved.image_score": spec.anople["image_score"]}
+                   | {f"class_name.{registry.metric_key(p)}": ps.class_name for p, ps in spec.products.items()})
         log.params({"resolved.bank_layers": ",".join(map(str, spec.anople["bank_layers"])),
                            "resolved.decoder_layers": ",".join(map(str, spec.anople["decoder_layers"])),
                            "resolved.prompt_depth": spec.anople["prompt_depth"]})

@@ -21,7 +21,7 @@ from pipeline.errors import UsageError
 from pipeline.fitting.bank import MemoryBank, pick_backend
 from pipeline.fitting.prompts import ShotBatch, shots_batch
 from pipeline.model.anople import AnoPLe, Encoded
-from pipeline.model.scoring import component_maps, encode, fuse, text_features
+from pipeline.model.scoring import GLOBAL, component_maps, encode, fuse, text_features
 from pipeline.sources import archive
 from pipeline.sources.images import ImageDecodeError, decode_image, to_model_input
 
@@ -47,14 +47,14 @@ class ProductFit:
     calibration_scores: list[float]  # the normal images' fused scores behind the threshold
     shots: list[str]
     map_scales: dict[str, float]     # each component map's level on the calibration normals
-
+    class_name: str = ""             # the words its prompts used
     skipped: tuple[str, ...] = ()    # normals left out because they do not decode
 
     def spec(self) -> artifact.ProductSpec:
         return artifact.ProductSpec(threshold=self.threshold, calibration=self.calibration,
                                     n_calibration=len(self.calibration_scores), shots=self.shots,
                                     n_patches=self.bank.n_patches, bank_file=artifact.bank_file(self.product),
-                                    map_scales=self.map_scales)
+                                    map_scales=self.map_scales, class_name=self.class_name)
 
 
 def choose_shots(image_ids: list[str], k: int, seed: int) -> tuple[list[str], list[str]]:
@@ -95,10 +95,17 @@ def load_shots(archive_uri: str, deployment: str, products: list[str], k: int, s
     return data
 
 
-def shot_batch(data: dict[str, ProductShots], products: list[str], size: int) -> ShotBatch:
-    """The shots of `products` as model input, for prompt learning."""
-    return shots_batch({p: [to_model_input(decode_image(data[p].images[i]), size) for i in data[p].shots]
-                        for p in products}, products)
+def shot_batch(data: dict[str, ProductShots], products: list[str], size: int, detail: bool = False) -> ShotBatch:
+    """The shots of `products` as model input, for prompt learning; with `detail`, also decoded at 2x the size
+    (the quadrant views' source: pipeline.fitting.prompts.make_views)."""
+    rgb = {p: [decode_image(data[p].images[i]) for i in data[p].shots] for p in products}
+    return shots_batch({p: [to_model_input(r, size) for r in rgb[p]] for p in products}, products,
+                       {p: [to_model_input(r, 2 * size) for r in rgb[p]] for p in products} if detail else None)
+
+
+def wants_detail(model: AnoPLe) -> bool:
+    """Whether training cuts its quadrant views from the shots at 2x the model's size."""
+    return model.cfg.multiscale and model.cfg.crop_source == "detail"
 
 
 def threshold_from(scores: list[float]) -> float:
@@ -142,12 +149,13 @@ def fit_product(model: AnoPLe, product: str, data: ProductShots, device: str, ba
     else:
         parts = [maps(bank, encode_all(crops(shot_rgb[0])))]
         how = "shots_augmented"
-    comp = {k: torch.cat([m[k] for m in parts]) for k in parts[0]}  # each [N, S, S]
+    comp = {k: torch.cat([m[k] for m in parts]) for k in parts[0]}  # each [N, S, S] (GLOBAL: [N])
     n = next(iter(comp.values())).shape[0]
     # each map's level on normal images: the mean of its per-image maxima (calibrated fusion)
-    scales = {k: max(float(v.flatten(1).amax(1).mean()), 1e-8) for k, v in comp.items()}
+    scales = {k: max(float(v.flatten(1).amax(1).mean()), 1e-8) for k, v in comp.items() if k != GLOBAL}
     cal = [float(x) for x in fuse(model.cfg, comp, [product] * n, {product: scales})[0]]
-    return ProductFit(product, bank, threshold_from(cal), how, cal, list(data.shots), scales, data.skipped)
+    return ProductFit(product, bank, threshold_from(cal), how, cal, list(data.shots), scales,
+                      model.cfg.class_text(product), data.skipped)
 
 
 def fit_products(model: AnoPLe, data: dict[str, ProductShots], products: list[str], device: str) -> dict[str, ProductFit]:

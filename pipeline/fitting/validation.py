@@ -26,13 +26,14 @@ from pipeline.evaluation.metrics import auroc
 from pipeline.fitting.bank import MemoryBank, pick_backend
 from pipeline.fitting.shots import ProductShots, crops
 from pipeline.model.anople import AnoPLe, Encoded
-from pipeline.model.config import FUSION_WEIGHTS
+from pipeline.model.config import FUSION_WEIGHTS, IMAGE_SCORES
 from pipeline.model.pseudo import pixel_anomaly
-from pipeline.model.scoring import component_maps, encode, fuse, text_features
+from pipeline.model.scoring import GLOBAL, component_maps, encode, fuse, text_features
 from pipeline.sources.images import decode_image, to_model_input
 
 VAL_SEED = 7919  # the validation set's own stream, apart from training's
 STRIDE = 4       # pixels per side between the pixels scored: 1/16 of them, plenty for an AUROC
+IMAGE_SCORE_MARGIN = 0.02  # image AUROC a z_0 image score must add over the map's max to be chosen (2 points)
 
 
 @dataclass
@@ -96,11 +97,12 @@ def validate(model: AnoPLe, vs: ValidationSet, device: str, batch_size: int = 16
     banks = {p: MemoryBank([f.reshape(-1, f.shape[-1]).cpu().numpy() for f in model.bank_features(encode_all(vs.shots[p]))],
                            backend) for p in products}
     kinds = ("bank", "text") if model.decoder is not None else ("bank",)
-    maps = component_maps(model, encode_all(vs.pixels), vs.products, banks, text_features(model, products), kinds)
+    maps = component_maps(model, encode_all(vs.pixels), vs.products, banks, text_features(model, products),
+                          kinds + ((GLOBAL,) if model.decoder is not None else ()))
     labels, masks = vs.labels, vs.masks.numpy()
     # each map's normal level per product, from the clean views (as fitting.fit_product does)
     clean = {p: [i for i, q in enumerate(vs.products) if q == p and labels[i] == 0] for p in products}
-    scales = {p: {k: max(float(m[clean[p]].flatten(1).amax(1).mean()), 1e-8) for k, m in maps.items()}
+    scales = {p: {k: max(float(maps[k][clean[p]].flatten(1).amax(1).mean()), 1e-8) for k in kinds}
               for p in products}
     def pixel(fused_maps: np.ndarray) -> float:
         return _per_product(_pixel_auroc, vs.products, fused_maps, masks)
@@ -114,7 +116,15 @@ def validate(model: AnoPLe, vs: ValidationSet, device: str, batch_size: int = 16
         tried = {w: pixel(fuse(cfg, maps, vs.products, scales, weight=w)[1]) for w in FUSION_WEIGHTS}
         weight = max(FUSION_WEIGHTS, key=lambda w: (tried[w], -w))  # ties go to the bank
         out["fusion_weight"] = weight
-    scores, fused = fuse(cfg, maps, vs.products, scales, weight=weight)
+    score = None
+    if cfg.image_score == "auto" and GLOBAL in maps:  # choose the image score on this signal (the paper is silent)
+        tried = {m: _per_product(auroc, vs.products, fuse(cfg, maps, vs.products, scales, weight, score=m)[0], labels)
+                 for m in IMAGE_SCORES}
+        # the z_0 scores must beat the map's by more than this small set's noise to be deployed (ties: the map)
+        best = max(IMAGE_SCORES, key=lambda m: (tried[m], m == "map"))
+        score = best if tried[best] >= tried["map"] + IMAGE_SCORE_MARGIN else "map"
+        out |= {f"image_auroc_{m}": v for m, v in tried.items()} | {"image_score": float(IMAGE_SCORES.index(score))}
+    scores, fused = fuse(cfg, maps, vs.products, scales, weight=weight, score=score)
     out["fused_pixel_auroc"] = pixel(fused)
     out["fused_image_auroc"] = _per_product(auroc, vs.products, scores, labels)
     return out
@@ -128,10 +138,13 @@ def gain(val) -> dict[str, float]:
            "val_bank_pixel_auroc_untrained": base, "val_best_epoch": float(val.best_epoch)}
     if val.best_weight >= 0:
         out["val_fusion_weight"] = val.best_weight
+    if val.best_image_score:
+        out["val_image_score"] = val.best_image_score
     return out
 
 
-KEYS = ("bank_pixel_auroc", "text_pixel_auroc", "fused_pixel_auroc", "fused_image_auroc", "fusion_weight")
+KEYS = ("bank_pixel_auroc", "text_pixel_auroc", "fused_pixel_auroc", "fused_image_auroc", "fusion_weight",
+        "image_score") + tuple(f"image_auroc_{m}" for m in IMAGE_SCORES)  # image_score: an index into IMAGE_SCORES
 
 
 def on_rank0(compute, rank: int, world: int) -> dict[str, float]:

@@ -66,6 +66,7 @@ def learn_and_fit(config: dict) -> None:
         meta = {"fingerprint": fingerprint(model.clip), "bank_layers": list(model.bank_layers),
                 "decoder_layers": list(model.decoder_layers), "prompt_depth": model.J,
                 "fusion_weight": model.cfg.fusion_weight,  # resolved on the validation signal
+                "image_score": model.cfg.image_score,      # resolved on the validation signal
                 "image_size": model.image_size, "feature_dim": int(model.d_v), "device": device,
                 "backend": pick_backend(device), "untrained_backbone": looks_untrained(model.clip)}
         _write(os.path.join(out, f"worker-{rank}.json"), json.dumps(meta))

@@ -3,11 +3,15 @@ peer (bank layers 3 and 8, blur sigma 4, lr 0.002 with cosine decay, 4 context t
 step budget were chosen on the validation signal (pipeline.fitting.validation), not on test defects."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 PROMPT_MODES = ("bi", "t2i", "i2t", "text", "visual", "none")
 PSEUDO_KINDS = ("paste", "noise", "texture", "perlin")  # pixel pseudo-anomalies (pipeline.model.pseudo)
 FUSIONS = ("harmonic", "weighted", "text", "bank")
+# the image score (Sec. 3.5 leaves how z_0 enters open): "map" = max of the fused map; "global_bank" = harmonic mean
+# of z_0's abnormal probability and the bank map's max (PromptAD); "global_map" = the same with the fused map's max;
+# "auto" = the one the fit's validation signal ranks first (recorded in the artifact)
+IMAGE_SCORES = ("map", "global_bank", "global_map")
 FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # grid the validation chooses from
 # CLIP's input normalisation per RGB channel (open_clip OPENAI_DATASET_MEAN / STD): the backbone's, so here;
 # plain tuples, so the decode tasks (pipeline.sources.images, numpy) read them without importing torch
@@ -71,6 +75,24 @@ class AnoPLeConfig:
     val_images: int = 4              # normal images per product behind the validation set
     patience: int = 4                # epochs without improvement before stopping (0: never stop early)
     seed: int = 0
+    # how the parts are wired: the paper's (or, where it is silent, PromptAD's) by default; the earlier wiring
+    # is each switch's other value (LEGACY_WIRING), which artifacts trained before these keys existed score with
+    image_score: str = "auto"        # auto | map | global_bank | global_map (IMAGE_SCORES)
+    crop_source: str = "detail"      # detail: quadrants of the image at 2x the model's size (the paper: 240 px
+                                     # quadrants of the 480 px image); upsample: of a 2x bilinear upsample
+    abnormal_init: str = "word"      # word: [abnormal] starts as the token embedding of `abnormal_word` (CLIP's
+                                     # prior, the paper); random: N(0, 0.02)
+    abnormal_word: str = "abnormal"
+    patch_path: str = "vv"           # vv: the decoder reads patch tokens of the value-value attention path (CLIP
+                                     # Surgery, as PromptAD); qk: CLIP's ordinary (q-k attention) tokens
+    bank_source: str = "frozen"      # frozen: the bank reads the unprompted CLIP's tokens (PromptAD); prompted:
+                                     # the prompted encoder's (costs no second forward, moves with the prompts)
+    pseudo_shape: str = "irregular"  # irregular: training's pseudo-anomalies fill smooth-noise blobs (DRAEM's
+                                     # shapes), latent ones blobs of patches; box: axis-aligned rectangles
+    align_pool: str = "softmax"      # softmax: M = softmax_ij(a * logit_ij) over unit patch features D_ij;
+                                     # linear: softmax(a * logit + b) over sigmoid(logit)-scaled features
+    class_names: dict = field(default_factory=dict)  # product -> the words its prompts use ("pcb1" ->
+                                     # "printed circuit board"); a product not named uses its name, _ and - as spaces
 
     def __post_init__(self):
         if self.prompt_mode not in PROMPT_MODES:
@@ -83,13 +105,25 @@ class AnoPLeConfig:
             raise ValueError(f"fusion_weight {self.fusion_weight} is in [0, 1], or -1 (chosen on validation)")
         if self.prompt_mode == "none" and self.fusion != "bank":
             raise ValueError("prompt_mode 'none' has no text map: use fusion 'bank'")
+        if self.prompt_mode == "none" and self.image_score.startswith("global"):
+            raise ValueError("prompt_mode 'none' trains no global branch: use image_score 'map' or 'auto'")
         self.decoder_layers = tuple(self.decoder_layers)
         self.bank_layers = tuple(self.bank_layers)
         self.val_kinds = tuple(self.val_kinds)
         if not self.val_kinds or set(self.val_kinds) - set(PSEUDO_KINDS):
             raise ValueError(f"val_kinds {self.val_kinds} must be some of {PSEUDO_KINDS}")
+        for knob, allowed in WIRING_CHOICES.items():
+            if getattr(self, knob) not in allowed:
+                raise ValueError(f"{knob} {getattr(self, knob)!r} not in {allowed}")
+        self.class_names = {str(k): str(v) for k, v in dict(self.class_names or {}).items()}
+        if any(not v.strip() for v in self.class_names.values()):
+            raise ValueError("a class name is some words, not empty")
         if self.epochs < 0 or self.steps_per_epoch < 1 or self.batch_shots < 1:
             raise ValueError("epochs >= 0, steps_per_epoch >= 1 and batch_shots >= 1")
+
+    def class_text(self, product: str) -> str:
+        """The words a product's prompts use."""
+        return self.class_names.get(product) or product.replace("_", " ").replace("-", " ")
 
     @property
     def text_prompts(self) -> bool:   # deep learnable text prompts P^t
@@ -115,6 +149,7 @@ class AnoPLeConfig:
         d = asdict(self)
         d["decoder_layers"], d["bank_layers"] = list(self.decoder_layers), list(self.bank_layers)
         d["val_kinds"] = list(self.val_kinds)
+        d["class_names"] = dict(sorted(self.class_names.items()))
         return d
 
     @classmethod
@@ -124,3 +159,17 @@ class AnoPLeConfig:
         if unknown:
             raise ValueError(f"unknown AnoPLe config keys: {', '.join(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def from_artifact(cls, d: dict) -> "AnoPLeConfig":
+        """An artifact's stored config: a wiring knob it does not name was trained with the earlier wiring, so it
+        scores with that (LEGACY_WIRING), never with today's default."""
+        return cls.from_dict(LEGACY_WIRING | d)
+
+
+WIRING_CHOICES = {"image_score": ("auto",) + IMAGE_SCORES, "crop_source": ("detail", "upsample"),
+                  "abnormal_init": ("word", "random"), "patch_path": ("vv", "qk"),
+                  "bank_source": ("frozen", "prompted"), "pseudo_shape": ("irregular", "box"),
+                  "align_pool": ("softmax", "linear")}
+LEGACY_WIRING = {"image_score": "map", "crop_source": "upsample", "abnormal_init": "random", "patch_path": "qk",
+                 "bank_source": "prompted", "pseudo_shape": "box", "align_pool": "linear"}

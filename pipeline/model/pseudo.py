@@ -1,12 +1,13 @@
 """Pseudo-anomalies from normal images only, with exact masks.
 
-Pixel space: a rectangle of the image replaced by a patch cut from elsewhere in the same image
-(CutPaste-like), by Gaussian noise, or by a synthetic texture; or (DRAEM-style) an irregular region cut
-out of thresholded smooth noise, where the image is blended with a foreign source: a smooth colour field,
-or a rolled and flipped copy of the image itself (no external texture set is available offline). The mask
-is exactly the set of pixels whose value changed.
-Latent space: a rectangle of patch tokens marked for noise (applied inside the visual tower), the mask is
-that rectangle at pixel resolution.
+Pixel space: a region of the image replaced by pixels from elsewhere in the same image (CutPaste-like), by
+Gaussian noise, or by a synthetic texture; or (DRAEM-style, "perlin") blended with a foreign source: a smooth
+colour field, or a rolled and flipped copy of the image itself (no external texture set is available offline).
+The region is an irregular blob of thresholded smooth noise (shape "irregular", DRAEM's shapes: real defects
+have no straight edges for a decoder to learn) or an axis-aligned rectangle (shape "box", the earlier wiring);
+"perlin" is always a blob. The mask is exactly the set of pixels whose value changed.
+Latent space: a region of patch tokens marked for noise (applied inside the visual tower): a blob of the patch
+grid, or a rectangle; the mask is that region at pixel resolution.
 """
 from __future__ import annotations
 
@@ -25,9 +26,23 @@ def _box(gen: torch.Generator, size: int, lo: float = 0.08, hi: float = 0.3) -> 
     return y, x, h, w
 
 
-def pixel_anomaly(img: torch.Tensor, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """img [C, S, S] -> (perturbed image, mask [S, S] float with 1 exactly where a pixel changed)."""
+SHAPES = ("irregular", "box")
+
+
+def blob(size: int, gen: torch.Generator, lo: float = 0.01, hi: float = 0.09) -> torch.Tensor:
+    """An irregular region [S, S] bool: the top lo..hi share of a smooth noise field (one or a few blobs)."""
+    return perlin_mask(size, gen, min_frac=lo, max_frac=hi)
+
+
+def pixel_anomaly(img: torch.Tensor, kind: str, gen: torch.Generator,
+                  shape: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
+    """img [C, S, S] -> (perturbed image, mask [S, S] float with 1 exactly where a pixel changed). `shape` is the
+    region of paste / noise / texture ("irregular" blob or "box"); perlin is always a blob."""
+    if shape not in SHAPES:
+        raise ValueError(f"pseudo-anomaly shape {shape!r} not in {SHAPES}")
     c, size, _ = img.shape
+    if shape == "irregular" and kind in ("paste", "noise", "texture"):
+        return _in_blob(img, kind, gen)
     y, x, h, w = _box(gen, size)
     out = img.clone()
     if kind == "paste":
@@ -58,6 +73,23 @@ def pixel_anomaly(img: torch.Tensor, kind: str, gen: torch.Generator) -> tuple[t
     return out, mask
 
 
+def _in_blob(img: torch.Tensor, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """paste / noise / texture inside an irregular blob: the same sources as the boxes, the region DRAEM's."""
+    c, size, _ = img.shape
+    region = blob(size, gen)  # [S, S] bool
+    if kind == "paste":  # the product elsewhere, mirrored, brightness-jittered
+        shift = [int(torch.randint(size // 4, 3 * size // 4, (1,), generator=gen)) for _ in range(2)]
+        source = torch.roll(img, shifts=shift, dims=(1, 2)).flip(-1) * (0.7 + 0.6 * torch.rand(1, generator=gen).item())
+    elif kind == "noise":
+        source = img + torch.randn(img.shape, generator=gen) * img.std()
+    else:  # texture: diagonal stripes in a random colour
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        freq = 0.3 + torch.rand(1, generator=gen).item()
+        source = torch.randn(c, 1, 1, generator=gen) * (1 + torch.sin((yy + xx) * freq))
+    out = torch.where(region, source, img)
+    return out, (out != img).any(0).float()
+
+
 def smooth_noise(size: int, gen: torch.Generator, channels: int = 1, octaves: int = 2) -> torch.Tensor:
     """Band-limited noise [channels, S, S], about unit std: random grids of 4, 8, ... cells upsampled
     bicubically and summed (a cheap Perlin-like field)."""
@@ -77,9 +109,16 @@ def perlin_mask(size: int, gen: torch.Generator, min_frac: float = 0.01, max_fra
     return field > torch.quantile(field.flatten(), 1 - frac)
 
 
-def latent_region(grid: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """A random rectangle of the patch grid: bool [h * w]."""
+def latent_region(grid: tuple[int, int], gen: torch.Generator, shape: str = "box") -> torch.Tensor:
+    """A random region of the patch grid, bool [h * w]: a blob of 3-15% of the patches ("irregular"; at least one)
+    or a rectangle ("box")."""
     gh, gw = grid
+    if shape == "irregular":
+        field = smooth_noise(max(gh, gw), gen)[0][:gh, :gw]  # [h, w]
+        k = max(1, int(round(gh * gw * (0.03 + 0.12 * torch.rand(1, generator=gen).item()))))
+        m = torch.zeros(gh * gw, dtype=torch.bool)
+        m[field.flatten().topk(k).indices] = True
+        return m
     m = torch.zeros(gh, gw, dtype=torch.bool)
     h = int(torch.randint(1, max(2, gh // 3 + 1), (1,), generator=gen))
     w = int(torch.randint(1, max(2, gw // 3 + 1), (1,), generator=gen))

@@ -220,8 +220,10 @@ def _html(summary: dict, sections: dict[str, ProductSection], marker: dict, top_
             for t in s.top)
         errs = "".join(f"<tr><td>{e(i)}</td><td>{e(m)}</td></tr>" for i, m in s.error_rows)
         more = s.errors - len(s.error_rows)
+        words = (marker.get("class_names") or {}).get(p)
         parts.append(
             f'<section id="p-{e(p)}" data-product="{e(p)}"><h2>{e(p)}</h2>'
+            + (f'<p class="muted class-name">its prompts say &ldquo;{e(words)}&rdquo;</p>' if words else "") +
             f'<p>{s.scored} scored, {s.anomalous} anomalous, {s.errors} error</p>'
             f'{_histogram_svg(s.scores, s.threshold)}'
             + (f'<h3>Top {len(s.top)} by score</h3><div class=grid>{cards}</div>' if s.top else "")
@@ -241,7 +243,8 @@ table.err td{{font-size:12px}}
 </style></head><body>
 <h1>Night of {e(summary["date"])} &middot; deployment {e(summary["deployment"])}</h1>
 <p class=muted>model version {e(str(marker.get("model_version")))}, run {e(str(marker.get("run_id")))},
-published {e(str(marker.get("published_at")))}; report built {built}. Overlays: the image, then the heatmap
+published {e(str(marker.get("published_at")))}; report built {built}. Image score:
+{e(str(marker.get("image_score", "map")))}. Overlays: the image, then the heatmap
 in colour on the product's fixed scale (4 x threshold = brightest) with the threshold's contour in cyan.</p>
 <table id=summary><tr><th>product</th><th>scored</th><th>anomalous</th><th>error</th><th>threshold</th></tr>{rows}
 <tr><th>total</th><td class=n data-k="scored">{tot["scored"]}</td><td class=n data-k="anomalous">{tot["anomalous"]}</td>

@@ -129,6 +129,8 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
                                     "previous night stands")
             progress.finish()
             marker = writer.publish({"model_version": str(mv.version), "heatmaps": target.prefix,
+                                     "class_names": {p: ps.class_name for p, ps in spec.products.items() if ps.class_name},
+                                     "image_score": spec.anople.get("image_score", "map"),
                                      "archive": storage.normalize(partition.archive), **counts})
         except BaseException:
             writer.abort()

@@ -49,7 +49,7 @@ class Scorer:
         """The artifact's model with the banks of `products` (default: all)."""
         device = pick_device(device)
         spec = artifact.load_spec(artifact_uri)
-        model = build_model(spec.backbone, spec.weights, spec.seed, AnoPLeConfig.from_dict(spec.anople), device,
+        model = build_model(spec.backbone, spec.weights, spec.seed, AnoPLeConfig.from_artifact(spec.anople), device,
                             spec.weights_fingerprint)
         if spec.prompts_file:
             model.load_prompt_state(st_load(storage.read_bytes(storage.join(artifact_uri, spec.prompts_file))))

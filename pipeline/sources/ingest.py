@@ -31,6 +31,33 @@ from pipeline.sources.images import ImageDecodeError, decode_image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
+# The words CLIP knows for the public datasets' class codes (a code like "pcb1" or "chewinggum" tokenises into
+# fragments): VisA's and Real-IAD's; any other product is named by its code, "_" and "-" read as spaces, unless the
+# user names it (jobs.train --class-name, or class_names in the config)
+KNOWN_CLASS_TEXT = {
+    # VisA
+    "candle": "candle", "capsules": "capsules", "cashew": "cashew", "chewinggum": "chewing gum", "fryum": "fryum",
+    "macaroni1": "macaroni", "macaroni2": "macaroni", "pcb1": "printed circuit board",
+    "pcb2": "printed circuit board", "pcb3": "printed circuit board", "pcb4": "printed circuit board",
+    "pipe_fryum": "pipe fryum",
+    # Real-IAD
+    "audiojack": "audio jack", "bottle_cap": "bottle cap", "button_battery": "button battery", "end_cap": "end cap",
+    "fire_hood": "fire hood", "mint": "mint", "mounts": "mounts", "pcb": "printed circuit board",
+    "phone_battery": "phone battery", "plastic_nut": "plastic nut", "plastic_plug": "plastic plug",
+    "porcelain_doll": "porcelain doll", "regulator": "regulator", "rolled_strip_base": "rolled strip base",
+    "sim_card_set": "sim card set", "terminalblock": "terminal block", "toy_brick": "toy brick",
+    "transistor1": "transistor", "u_block": "u block", "usb_adaptor": "usb adaptor", "vcpu": "cpu",
+    "wooden_beads": "wooden beads", "woodstick": "wood stick",
+}
+
+
+def class_names(products: list[str], given: dict[str, str] | None = None) -> dict[str, str]:
+    """Every product's prompt words: the user's (`given`), else the known dataset code's, else its name."""
+    given = given or {}
+    return {p: given.get(p) or KNOWN_CLASS_TEXT.get(p.lower()) or p.replace("_", " ").replace("-", " ")
+            for p in products}
+
+
 @dataclass
 class IngestReport:
     rows: int = 0

@@ -8,7 +8,8 @@ from safetensors.torch import load as st_load
 
 from jobs import ingest as ingest_job
 from jobs import train as train_job
-from pipeline import registry, storage
+from pipeline import artifact, registry, storage
+from pipeline.model.config import IMAGE_SCORES
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration
@@ -24,12 +25,30 @@ def test_two_workers_then_resume_then_restart(ray_local, synthetic_src, mlflow_r
     arch = str(tmp_path / "archive")
     assert ingest_job.main([synthetic_src, "--archive", arch, "--deployment", "line2", "--date", "2026-11-20"]) == 0
     args = ["--deployment", "line2", "--archive", arch, "--shots", "1", "--backbone", TINY, "--weights", "random",
-            "--epochs", "2", "--steps-per-epoch", "2", "--num-workers", "2"]
+            "--epochs", "2", "--steps-per-epoch", "2", "--num-workers", "2", "--class-name", 'tile="ceramic tile"']
     capsys.readouterr()
+    for bad in (["--class-name", "tile"], ["--class-name", 'tile=""'], ["--class-name", "=words"]):
+        with pytest.raises(SystemExit) as e:  # a usage error before any cluster work
+            train_job.main(args + bad)
+        assert e.value.code == 2
+    assert train_job.main(args[:-2] + ["--class-name", "tyle=ceramic tile"]) == 2  # a product the archive lacks
+    assert "class names given for ['tyle']" in capsys.readouterr().err
 
     assert train_job.main(args) == 0
     first = capsys.readouterr().out
     assert "2 epoch(s) this run" in first
+    # the products' words: the user's for tile, the name for the others; stored in the artifact and MLflow
+    assert 'tile ("ceramic tile"): threshold' in first and 'washer ("washer"): threshold' in first
+    mv1 = registry.get_version("line2", version=1)
+    spec = artifact.load_spec(registry.artifact_uri(mv1))
+    assert {p: ps.class_name for p, ps in spec.products.items()} == {
+        "fabric": "fabric", "tile": "ceramic tile", "washer": "washer"}
+    assert spec.anople["class_names"]["tile"] == "ceramic tile"
+    params = registry.connect().get_run(mv1.run_id).data.params
+    assert params["class_name.tile"] == "ceramic tile"
+    # the image score the validation chose (no test data) is the artifact's, recorded in MLflow
+    assert spec.anople["image_score"] in IMAGE_SCORES and params["resolved.image_score"] == spec.anople["image_score"]
+    assert f"image score {spec.anople['image_score']}" in first
     assert "products: fabric, tile, washer" in first  # worker 0 fitted two products, worker 1 one
     ckpts = [u.rsplit("/", 1)[-1] for u in storage.list_files(str(mlflow_root / "ray_results"))
              if "prompt-checkpoints" in u]

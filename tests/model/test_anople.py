@@ -31,7 +31,7 @@ def test_shapes(tiny_model):
     assert text.shape == (2, 2, 64) and torch.allclose(text.norm(dim=-1), torch.ones(2, 2), atol=1e-5)
     enc, head = _forward(m, x)
     assert enc.z0.shape == (2, 64) and len(enc) == 2
-    assert set(enc.patches) == set(m.bank_layers) | set(m.decoder_layers)
+    assert set(enc.patches) == set(m.decoder_layers) and set(enc.bank) == set(m.bank_layers)
     assert head["logits"].shape == (2, 1, 4, 4) and head["image_logits"].shape == (2, 2) and head["s"].shape == (2, 64)
     assert pixel_map(head["logits"], 64).shape == (2, 64, 64)
     assert quadrant_views(x, 64).shape == (8, 3, 64, 64)
@@ -44,7 +44,8 @@ def test_encoded_rows_and_cat_are_inverse(tiny_model):
     back = Encoded.cat(parts)
     assert torch.equal(back.z0, enc.z0) and back.patches.keys() == enc.patches.keys()
     assert all(torch.equal(back.patches[k], enc.patches[k]) for k in enc.patches)
-    assert torch.equal(enc.rows([2]).patches[m.bank_layers[0]][0], enc.patches[m.bank_layers[0]][2])
+    assert all(torch.equal(back.bank[k], enc.bank[k]) for k in enc.bank) and back.bank.keys() == enc.bank.keys()
+    assert torch.equal(enc.rows([2]).bank[m.bank_layers[0]][0], enc.bank[m.bank_layers[0]][2])
 
 
 def test_gradients_reach_only_trainable_parameters(tiny_model):
@@ -56,7 +57,7 @@ def test_gradients_reach_only_trainable_parameters(tiny_model):
     got = {n for n, p in trainable.items() if p.grad is not None and p.grad.abs().sum() > 0}
     # prefixes of scales present in the batch, prompts of every prompted layer, maps, decoder, align
     for name in ("text_ctx", "visual_ctx", "abnormal", "prefix", "f_t2v.0.weight", "f_v2t.0.weight",
-                 "decoder.0.weight", "align.weight"):
+                 "decoder.0.weight", "align_log_scale"):
         assert name in got, name
 
 
@@ -155,11 +156,11 @@ def test_multiscale_adds_the_four_quadrant_views_with_their_prefixes(tiny_model)
 def test_latent_noise_changes_only_marked_tokens_path(tiny_model):
     m = tiny_model(prompt_mode="none", fusion="bank", bank_layers=(4,))
     x = torch.randn(1, 3, 64, 64)
-    clean = m.encode_image(x).patches[4]
+    clean = m.encode_image(x).bank[4]
     noise = torch.zeros(1, 16, 64)
-    assert torch.equal(m.encode_image(x, latent_noise=noise).patches[4], clean)  # empty region: no-op
+    assert torch.equal(m.encode_image(x, latent_noise=noise).bank[4], clean)  # empty region: no-op
     noise[0, 5] = torch.randn(64)
-    assert not torch.allclose(m.encode_image(x, latent_noise=noise).patches[4], clean)
+    assert not torch.allclose(m.encode_image(x, latent_noise=noise).bank[4], clean)
 
 
 def test_prefixes_1_to_N_are_unused_at_inference(tiny_model):
