@@ -3,7 +3,8 @@
 Layout of an artifact folder (local or s3://):
 
     model.json                  ModelSpec below (backbone, AnoPLe config, products, thresholds, ...)
-    banks/<product>.npz         memory-bank patch features (from the prompted encoder), one array per layer
+    banks/<product>.npz         memory-bank patch features (the frozen CLIP's, or the prompted encoder's with
+                                bank_source "prompted"), one array per layer
     prompts.safetensors         everything that trained: prompts, f_v->t / f_t->v, prefixes, decoder
     fits/, worker-*.json        per-product calibration scores and worker facts (for audits)
 

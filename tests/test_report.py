@@ -72,7 +72,8 @@ def _night(tmp_path, n_rows):
     writer = nights.Night(out, "d", DATE).writer("r1", SCORE_SCHEMA)
     for b in table.to_batches(max_chunksize=4096):  # row groups, as a streamed night writes them
         writer.write(pa.Table.from_batches([b]))
-    writer.publish({"model_version": "3", "heatmaps": f"{out}/heatmaps/run=r1", "archive": arch})
+    writer.publish({"model_version": "3", "heatmaps": f"{out}/heatmaps/run=r1", "archive": arch,
+                    "class_names": {"tile": "ceramic tile", "washer": "washer"}, "image_score": "global_bank"})
     expect = {}
     for p in ("tile", "washer", "gear", "(no product)"):
         sel = np.array([(q if q is not None else "(no product)") == p for q in products])
@@ -100,6 +101,9 @@ def test_a_100k_row_night_renders_in_chromium_with_counts_overlays_and_errors(tm
     assert len(re.findall(r'<img [^>]*data-loaded="1"', dom)) == 2 * TOP
     assert 'data-overlays-loaded="6"' in dom
     assert "unavailable" not in dom and "unreadable" not in dom
+    # the words each product's prompts use, and the image score the model deploys
+    assert re.search(r'data-product="tile">.*?class-name">its prompts say .ceramic tile.</p>', dom, re.S)
+    assert "Image score:\nglobal_bank" in dom
     assert dom.count("<svg class=\"hist\"") == 2  # one histogram per product with scored rows
     # error rows with their reasons, capped per product
     assert "unknown product 'gear'" in dom and "row has no product" in dom

@@ -8,11 +8,13 @@ used twice: as it is (label 0) and with a pixel pseudo-anomaly of the kinds *hel
 (`val_kinds`, by default DRAEM-style blended blobs: a defect shape the decoder never trained on), all
 drawn from a fixed seed, so every validation of a run scores the same set.
 
-A validation builds each product's bank from its shots with the current model (the bank's features move
-with the visual prompts), computes the bank map alone, the decoder's map alone and their fusion as the
-scorer deploys it (pipeline.model.scoring, each map's normal level taken from the clean images, as threshold
-calibration does), and reports pixel AUROC of each on a stride-4 pixel grid, and image AUROC of the
-fusion, each the mean over products. The epoch-0 validation (before training) is the baseline the trained parts must beat.
+A validation builds each product's bank from its shots with the current model (the frozen CLIP's features by
+default; with bank_source "prompted" they move with the visual prompts), computes the bank map alone, the decoder's
+map alone and their fusion as the scorer deploys it (pipeline.model.scoring, each map's normal level taken from the
+clean images, as threshold calibration does), and reports pixel AUROC of each on a stride-4 pixel grid, and image
+AUROC of the fusion, each the mean over products. With image_score "auto" it also scores the images each way
+(the map's max, and z_0's probability with the bank's or the fused map's max) and names the one to deploy. The
+epoch-0 validation (before training) is the baseline the trained parts must beat.
 """
 from __future__ import annotations
 
