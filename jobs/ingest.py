@@ -1,4 +1,4 @@
-"""python -m jobs.ingest SOURCE --archive URI --deployment D --date YYYY-MM-DD [--product P]"""
+"""python -m jobs.ingest SOURCE --archive URI --deployment D --date YYYY-MM-DD [--product P] [--allow-skips]"""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--date", required=True, help="YYYY-MM-DD partition to write")
     ap.add_argument("--product", help="product name for a flat folder of images")
     ap.add_argument("--rows-per-shard", type=int, default=256)
+    ap.add_argument("--allow-skips", action="store_true",
+                    help="archive the rest when a source file cannot be read (default: the ingest fails, nothing replaced)")
     return ap
 
 
@@ -22,12 +24,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from pipeline.sources.ingest import ingest
-    r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard)
+    r = ingest(args.source, args.archive, args.deployment, args.date, args.product, args.rows_per_shard,
+               allow_skips=args.allow_skips)
     print(f"ingested {r.rows} images ({r.layout} layout) into {len(r.shards)} shard(s) under "
           f"{r.shards[0].rsplit('/', 1)[0]}; {len(r.undecodable)} undecodable (archived), {len(r.skipped)} skipped")
-    for p, n in sorted(r.products.items()):
-        print(f"  {p}: {n}")
-    summary(rows=r.rows, layout=r.layout, shards=r.shards, products=r.products, undecodable=r.undecodable,
+    for p, n in sorted(r.products.items()):  # this night's rows of the product: before -> after (replaced whole)
+        print(f"  {p}: {r.before.get(p, 0)} -> {n} rows")
+    summary(rows=r.rows, layout=r.layout, shards=r.shards, products=r.products, rows_before=r.before,
+            undecodable=r.undecodable,
             skipped=r.skipped, missing_masks=len(r.missing_masks))
     if r.undecodable:
         print(f"WARNING: {len(r.undecodable)} image(s) do not decode; archived anyway, they will score as errors:",

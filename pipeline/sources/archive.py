@@ -31,25 +31,25 @@ SCHEMA = pa.schema([
     ("source_uri", pa.string()),     # the file or object the row came from
 ])
 COLUMNS = SCHEMA.names
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")  # fullmatch: "$" would also match before a trailing newline
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch, as _DATE
 
 
 def check_deployment(deployment: str) -> str:
-    if not _NAME.match(deployment or ""):
+    if not _NAME.fullmatch(deployment or ""):
         raise UsageError(f"deployment name {deployment!r} must be letters, digits, '_', '-', '.'")
     return deployment
 
 
 def check_product(product: str) -> str:
-    if not _NAME.match(product or ""):
+    if not _NAME.fullmatch(product or ""):
         raise UsageError(f"product name {product!r} must be letters, digits, '_', '-', '.' (starting with a letter or digit)")
     return product
 
 
 def check_date(date: str) -> str:
     try:
-        if not _DATE.match(date or ""):
+        if not _DATE.fullmatch(date or ""):
             raise ValueError("not YYYY-MM-DD")
         dt.date.fromisoformat(date)  # rejects 2026-02-31
     except ValueError as e:
@@ -82,7 +82,7 @@ _SHARD = re.compile(r"^part-(?P<product>.+?)(?:-w(?P<write>[0-9a-f]{12}))?-(?P<n
 def shard_product(name: str) -> str | None:
     """The product a shard file belongs to, from its exact name (``part-<product>[-w<write>]-NNNNN.parquet``;
     the write id is absent in shards of older ingests), or None for any other file."""
-    m = _SHARD.match(name)
+    m = _SHARD.fullmatch(name)
     return unquote(m["product"]) if m else None
 
 

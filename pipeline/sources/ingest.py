@@ -20,11 +20,13 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 
 from pipeline import storage
-from pipeline.errors import UsageError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.sources import archive
 from pipeline.sources.images import ImageDecodeError, decode_image
 
@@ -58,6 +60,35 @@ def class_names(products: list[str], given: dict[str, str] | None = None) -> dic
             for p in products}
 
 
+class SourceReadError(PipelineError):
+    """A source file could not be read: the ingest changes nothing (unless skips are allowed)."""
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # s3:, file:, http:, C: ...
+
+
+def manifest_path(root: str, rel: str, where: str) -> str:
+    """A path a dataset manifest names (VisA csv, Real-IAD json), joined onto the dataset root; refused when it
+    is not a plain relative path inside the root: absolute, a scheme or drive, a '..' component. Nothing is read."""
+    rel = (rel or "").strip()
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or rel.startswith(("/", "\\", "~")) or _SCHEME.match(rel) or ".." in parts:
+        raise UsageError(f"{where}: path {rel!r} leaves the dataset root {root} (absolute, a scheme or '..'): "
+                         "refused, nothing read")
+    return storage.join(root, "/".join(p for p in parts if p not in ("", ".")))
+
+
+def check_inside(root: str, uri: str, where: str) -> None:
+    """`uri` must lie inside the dataset root; for a local root after resolving symlinks (a link out of the
+    root, to /proc or ~/.aws, is refused before it is read)."""
+    if storage.is_remote(root):
+        base, got = storage.normalize(root) + "/", storage.normalize(uri)
+    else:
+        base, got = os.path.realpath(storage.normalize(root)) + os.sep, os.path.realpath(storage.normalize(uri))
+    if not got.startswith(base):
+        raise UsageError(f"{where}: {uri} resolves to {got}, outside the dataset root {root}: refused, nothing read")
+
+
 @dataclass
 class IngestReport:
     rows: int = 0
@@ -67,6 +98,7 @@ class IngestReport:
     shards: list[str] = field(default_factory=list)
     layout: str = ""
     products: dict[str, int] = field(default_factory=dict)
+    before: dict[str, int] = field(default_factory=dict)  # each ingested product's rows in the partition before
 
 
 def _rel(uri: str, root: str) -> str:
@@ -119,7 +151,8 @@ def _mvtec_rows(files: list[str], root: str, report: IngestReport):
 
 def _visa_rows(root: str, report: IngestReport):
     text = storage.read_bytes(storage.join(root, "split_csv", "1cls.csv")).decode()
-    for r in csv.DictReader(io.StringIO(text)):
+    for n, r in enumerate(csv.DictReader(io.StringIO(text)), start=2):  # line 1 is the header
+        where = f"split_csv/1cls.csv line {n}"
         product, split, label = r["object"], r["split"].strip(), r["label"].strip().lower()
         if split not in ("train", "test"):
             raise UsageError(f"VisA split csv: unknown split {split!r} for {r['image']}")
@@ -130,8 +163,8 @@ def _visa_rows(root: str, report: IngestReport):
         stem = posixpath.splitext(posixpath.basename(r["image"]))[0]
         yield {"image_id": f"{product}/{split}/{'good' if lab == 0 else 'anomaly'}/{stem}", "product": product,
                "split": split, "label": lab, "defect": "good" if lab == 0 else "anomaly",
-               "source_uri": storage.join(root, r["image"]),
-               "mask_uri": storage.join(root, mask) if (lab and mask) else None}
+               "source_uri": manifest_path(root, r["image"], f"{where} (image)"),
+               "mask_uri": manifest_path(root, mask, f"{where} (mask)") if (lab and mask) else None}
 
 
 def _realiad_rows(files: list[str], root: str, report: IngestReport):
@@ -160,13 +193,21 @@ def _realiad_rows(files: list[str], root: str, report: IngestReport):
                 lab = 0 if e.get("anomaly_class", normal) == normal else 1
                 mask = None
                 if lab and e.get("mask_path"):
+                    manifest_path(root, e["mask_path"], f"{jf} {split} entry {e['image_path']!r} (mask_path)")
                     mask = path[: -len(e["image_path"])] + e["mask_path"]
                 elif lab:
                     report.missing_masks.append(path)
                 stem = posixpath.splitext(e["image_path"])[0]
                 yield {"image_id": f"{product}/{split}/{stem}", "product": product, "split": split, "label": lab,
                        "defect": e.get("anomaly_class", normal), "source_uri": storage.join(root, path),
-                       "mask_uri": storage.join(root, mask) if mask else None}
+                       "mask_uri": manifest_path(root, mask, f"{jf} (mask_path)") if mask else None}
+
+
+def _has_partition(archive_uri: str, deployment: str, date: str) -> bool:
+    try:
+        return bool(archive.shard_uris(archive_uri, deployment, date))
+    except (FileNotFoundError, PipelineError):
+        return False
 
 
 def _flat_rows(files: list[str], root: str, product: str):
@@ -189,9 +230,12 @@ def _skip_reason(uri: str, layout: str) -> str:
 
 
 def ingest(source: str, archive_uri: str, deployment: str, date: str, product: str | None = None,
-           rows_per_shard: int = 256) -> IngestReport:
+           rows_per_shard: int = 256, allow_skips: bool = False) -> IngestReport:
     """Read SOURCE (MVTec, VisA, Real-IAD layout, or flat with `product`) and write the deployment/date
-    partition: the products ingested replace their earlier rows of that night, all at once or not at all."""
+    partition: the products ingested replace their earlier rows of that night, all at once or not at all.
+    A source file that cannot be read fails the ingest (SourceReadError, nothing replaced) unless
+    `allow_skips`; a path that leaves the source root, or two products / image ids that differ only by case
+    (they would overwrite each other on a case-insensitive store), is a UsageError."""
     archive.check_deployment(deployment)
     archive.check_date(date)
     if product is not None:
@@ -216,19 +260,34 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
         rows = _flat_rows(files, source, product)
     ingested_at = dt.datetime.now(dt.timezone.utc)
     writer = archive.ShardWriter(archive_uri, deployment, date, rows_per_shard)
-    seen = set()
+    seen: dict[str, str] = {}          # image_id.casefold() -> image_id
+    products_seen: dict[str, str] = {}  # product.casefold() -> product
     try:
         for row in rows:
-            if row["image_id"] in seen:  # e.g. a.png and a.jpg side by side
-                raise UsageError(f"two source files map to image_id {row['image_id']!r}: {row['source_uri']}")
-            seen.add(row["image_id"])
+            key = row["image_id"].casefold()
+            if key in seen:  # e.g. a.png and a.jpg side by side, or A1.png and a1.png
+                raise UsageError(f"two source files map to image_id {row['image_id']!r}"
+                                 + (f" and {seen[key]!r} (differ only by case)" if seen[key] != row["image_id"] else "")
+                                 + f": {row['source_uri']}")
+            seen[key] = row["image_id"]
             archive.check_product(row["product"])
+            other = products_seen.setdefault(row["product"].casefold(), row["product"])
+            if other != row["product"]:
+                raise UsageError(f"products {other!r} and {row['product']!r} differ only by case: their shards and "
+                                 "heatmaps would overwrite each other on a case-insensitive store; rename one")
             mask_uri = row.pop("mask_uri")
+            for u, what in ((row["source_uri"], "image"), (mask_uri, "mask")):
+                if u:
+                    check_inside(source, u, f"{row['image_id']} ({what})")
             try:
                 data = storage.read_bytes(row["source_uri"])
                 mask = storage.read_bytes(mask_uri) if mask_uri else None
-            except OSError as e:  # a file that vanished or cannot be read: skipped, said, counted
-                report.skipped.append(f"{row['source_uri']}: unreadable ({type(e).__name__}: {e})")
+            except OSError as e:  # a file that vanished or cannot be read: the ingest fails, unless skips are allowed
+                reason = f"{row['source_uri']}: unreadable ({type(e).__name__}: {e})"
+                if not allow_skips:
+                    raise SourceReadError(f"{reason}; nothing was replaced (rerun, or pass --allow-skips to archive "
+                                          "the rest without it)") from e
+                report.skipped.append(reason)
                 used.update(storage.normalize(u) for u in (row["source_uri"], mask_uri) if u)
                 continue
             try:
@@ -243,6 +302,12 @@ def ingest(source: str, archive_uri: str, deployment: str, date: str, product: s
             report.products[row["product"]] = report.products.get(row["product"], 0) + 1
         if writer.pending + writer.n_rows == 0:
             raise UsageError(f"no images found under {source} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        earlier = archive.product_counts(archive_uri, deployment, date) if _has_partition(archive_uri, deployment, date) else {}
+        for p in earlier:
+            if p is not None and p.casefold() in products_seen and products_seen[p.casefold()] != p:
+                raise UsageError(f"product {products_seen[p.casefold()]!r} differs only by case from {p!r}, already in "
+                                 f"this partition: their shards would overwrite each other on a case-insensitive store")
+        report.before = {p: earlier.get(p, 0) for p in report.products}
         report.shards = writer.close()
     except BaseException:
         writer.abort()  # a failed ingest changes nothing
