@@ -7,21 +7,36 @@ Layout of an artifact folder (local or s3://):
                                 bank_source "prompted"), one array per layer
     prompts.safetensors         everything that trained: prompts, f_v->t / f_t->v, prefixes, decoder
     fits/, worker-*.json        per-product calibration scores and worker facts (for audits)
+    manifest.json               SHA-256 of every other file, written at registration; its own SHA-256 is the
+                                version's `artifact_sha256` tag (and the MLflow model's model_config)
 
 A bank-only model (prompt_mode "none") has no prompts.safetensors.
+
+Loading is checked (`Files`, `ModelSpec.validate`): every file a loader reads must match the manifest, the manifest
+the hash the version records; thresholds must be finite and positive, file names the ones training writes. A
+tampered or broken model is refused (`ModelRefused`, exit 3) with the file or field named, before any row scores.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import os
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
 from pipeline import storage
-from pipeline.errors import UsageError
+from pipeline.errors import RefusedError, UsageError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+PROMPTS = "prompts.safetensors"
+
+
+class ModelRefused(RefusedError):
+    """A model folder that is not what training registered, or cannot be right: refused before any row scores."""
 
 
 @dataclass
@@ -63,11 +78,46 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
-        d = json.loads(text)
-        if d.get("format_version") != FORMAT_VERSION:
-            raise UsageError(f"artifact format {d.get('format_version')} is not {FORMAT_VERSION}")
-        d["products"] = {k: ProductSpec(**v) for k, v in d["products"].items()}
-        return cls(**d)
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ModelRefused(f"model.json is not JSON ({e})") from e
+        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
+            raise UsageError(f"artifact format {d.get('format_version') if isinstance(d, dict) else None} is not "
+                             f"{FORMAT_VERSION}")
+        try:
+            d["products"] = {k: ProductSpec(**v) for k, v in d["products"].items()}
+            return cls(**d)
+        except (TypeError, AttributeError, KeyError) as e:
+            raise ModelRefused(f"model.json does not describe a model ({type(e).__name__}: {e})") from e
+
+    def validate(self) -> "ModelSpec":
+        """Refuse a spec no training writes: thresholds that are not finite and positive (NaN, null, 0 or negative
+        would turn every alarm off or on), file names other than training's (a path out of the folder), sizes
+        that are not positive. Returns self."""
+        def bad(what: str):
+            raise ModelRefused(f"model.json of deployment {self.deployment!r}: {what}")
+        if not self.products:
+            bad("no products")
+        for name, v in (("image_size", self.image_size), ("feature_dim", self.feature_dim)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f"{name} {v!r} is not a positive integer")
+        if not self.bank_layers or not all(isinstance(x, int) and x >= 1 for x in self.bank_layers):
+            bad(f"bank_layers {self.bank_layers!r} are not 1-based layers")
+        if self.prompts_file not in ("", PROMPTS):
+            bad(f"prompts_file {self.prompts_file!r} is not {PROMPTS!r}")
+        for p, ps in self.products.items():
+            t = ps.threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                bad(f"product {p!r} has threshold {t!r}: a threshold is a finite positive number")
+            if ps.bank_file != bank_file(p):
+                bad(f"product {p!r} names bank file {ps.bank_file!r}, not {bank_file(p)!r}")
+            if not isinstance(ps.n_patches, int) or ps.n_patches <= 0:
+                bad(f"product {p!r} has {ps.n_patches!r} bank patches")
+            for k, v in (ps.map_scales or {}).items():
+                if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    bad(f"product {p!r} has map scale {k}={v!r}")
+        return self
 
 
 def bank_file(product: str) -> str:
@@ -83,8 +133,77 @@ def save_spec(spec: ModelSpec, uri: str) -> None:
     storage.write_bytes(storage.join(uri, "model.json"), spec.to_json().encode())
 
 
-def load_spec(uri: str) -> ModelSpec:
-    return ModelSpec.from_json(storage.read_bytes(storage.join(uri, "model.json")).decode())
+def load_spec(uri: str, expected_sha256: str | None = None) -> ModelSpec:
+    """The artifact's spec, validated, after every file it names (prompts, banks) was checked against the manifest
+    and the manifest against `expected_sha256`: the driver refuses a changed model (exit 3) before any actor starts
+    (each actor checks what it loads again: a node's cached copy can differ from the store's)."""
+    files = Files(uri, expected_sha256)
+    spec = ModelSpec.from_json(files.read("model.json").decode()).validate()
+    if files.checked:
+        for rel in ([spec.prompts_file] if spec.prompts_file else []) + [ps.bank_file for ps in spec.products.values()]:
+            files.read(rel)  # one file in memory at a time
+    return spec
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(local_dir: str) -> str:
+    """Write manifest.json (SHA-256 of every other file of the local artifact folder); returns its own SHA-256,
+    what the registered version records."""
+    files = {}
+    for dirpath, _, names in os.walk(local_dir):
+        for n in names:
+            full = os.path.join(dirpath, n)
+            rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+            if rel != MANIFEST:
+                with open(full, "rb") as f:
+                    files[rel] = sha256(f.read())
+    data = json.dumps({"algorithm": "sha256", "files": dict(sorted(files.items()))}, indent=1).encode()
+    with open(os.path.join(local_dir, MANIFEST), "wb") as f:
+        f.write(data)
+    return sha256(data)
+
+
+class Files:
+    """An artifact folder read through its manifest: each file a loader reads must hash to what the manifest says,
+    and the manifest to `expected_sha256` (the registered version's record). A folder without a manifest (registered
+    before manifests existed) is read unchecked, with a warning, only when no hash is expected."""
+
+    def __init__(self, uri: str, expected_sha256: str | None = None):
+        self.uri = uri
+        try:
+            raw = storage.read_bytes(storage.join(uri, MANIFEST))
+        except FileNotFoundError:
+            if expected_sha256:
+                raise ModelRefused(f"{uri}: {MANIFEST} is missing, but the version records one "
+                                   f"(sha256 {expected_sha256[:12]}...)") from None
+            log.warning("%s has no %s (registered before model manifests): its files are not checked", uri, MANIFEST)
+            self.files = None
+            return
+        if expected_sha256 and sha256(raw) != expected_sha256:
+            raise ModelRefused(f"{uri}: {MANIFEST} is not the one registered (sha256 {sha256(raw)[:12]}..., the version "
+                               f"records {expected_sha256[:12]}...): the model folder was changed")
+        try:
+            self.files = dict(json.loads(raw)["files"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelRefused(f"{uri}: {MANIFEST} is unreadable ({type(e).__name__}: {e})") from e
+
+    @property
+    def checked(self) -> bool:
+        return self.files is not None
+
+    def read(self, rel: str) -> bytes:
+        data = storage.read_bytes(storage.join(self.uri, rel))
+        if self.files is not None:
+            want = self.files.get(rel)
+            if want is None:
+                raise ModelRefused(f"{self.uri}: {rel} is not in the model's manifest")
+            if sha256(data) != want:
+                raise ModelRefused(f"{self.uri}: {rel} was changed after registration (sha256 {sha256(data)[:12]}..., "
+                                   f"the manifest records {want[:12]}...)")
+        return data
 
 
 def bank_bytes(spec: ModelSpec, product: str) -> int:

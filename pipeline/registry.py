@@ -342,4 +342,9 @@ def resolve(deployment: str, alias: str):
     """(version, its model source for the actors, its spec): actors fetch the source on their own node."""
     mv = get_version(deployment, alias=alias)
     uri = model_source(mv)
-    return mv, uri, artifact.load_spec(materialize(uri))
+    return mv, uri, artifact.load_spec(materialize(uri), artifact_sha256(mv))
+
+
+def artifact_sha256(mv) -> str | None:
+    """The SHA-256 of the version's manifest.json recorded at registration (None for versions from before)."""
+    return (mv.tags or {}).get("artifact_sha256") or None

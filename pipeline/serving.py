@@ -1,9 +1,13 @@
 """A registered version as an MLflow model (``python_function`` flavor): what notebooks, `mlflow models serve`
 and `mlflow.pyfunc.spark_udf` load.
 
-The model folder holds MLmodel, this class (pickled by reference), a copy of the `pipeline` package
-(code_paths) and, under ``artifacts/anople/``, the pipeline's own artifact (model.json, prompts, banks): the
-Ray actors read that same folder, so there is one copy of the banks.
+The model folder holds MLmodel, the model's code as MLflow's "models from code" (pipeline/serving_model.py: two
+lines that import this class from the *installed* pipeline package; no pickled object, no copy of the package
+beside the model, so loading runs no code written into the artifact store beyond that file) and, under
+``artifacts/anople/``, the pipeline's own artifact (model.json, prompts, banks, manifest.json): the Ray actors
+read that same folder, so there is one copy of the banks. The manifest's SHA-256 travels in the MLflow model's
+model_config; load_context refuses a folder whose files do not match it (artifact.ModelRefused). The serving
+environment must have this project installed (`pip install` of the same version).
 
 Input: a DataFrame with ``image`` (encoded bytes; base64 in a JSON request to `mlflow models serve`),
 ``product`` and optionally ``image_id``. Output: one row per input row, in order: ``image_id``,
@@ -43,6 +47,13 @@ _REQUIREMENTS = ("torch", "open_clip_torch", "faiss-cpu", "numpy", "pillow", "sa
 SERVING = RunInfo("", "", "", "")  # serving's rows carry none of the run columns (not in SERVED)
 
 
+# One request's bounds (documented in README "Serving"): more rows, or more image bytes in all, and every row of the
+# request is an error row saying so (split the request); nothing is decoded. Within them, memory is bounded by one
+# batch of decodes at a time, whatever the request's size.
+MAX_REQUEST_ROWS = int(os.environ.get("ANOPLE_SERVING_MAX_ROWS", 10_000))
+MAX_REQUEST_BYTES = int(os.environ.get("ANOPLE_SERVING_MAX_BYTES", 512 * 2**20))
+
+
 class AnoPLePyfunc(mlflow.pyfunc.PythonModel):
     """Scores image bytes with the version's scorer (CPU, or the GPU where there is one)."""
 
@@ -50,34 +61,70 @@ class AnoPLePyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from pipeline.nightly.scorer import Scorer
-        self.scorer = Scorer.load(context.artifacts[ARTIFACT])
+        expected = (context.model_config or {}).get("artifact_sha256")
+        self.scorer = Scorer.load(context.artifacts[ARTIFACT], expected_sha256=expected)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from pipeline.sources.images import ImageDecodeError, decode_scaled, to_model_input
-
+        """One output row per input row, in order, each with its status: decode and scoring run `batch_size` rows
+        at a time (a row that fails, a wrong type or a non-finite score is that row's error, never the request's)."""
         n = len(model_input)
-        products = [None if p is None else str(p) for p in model_input["product"]]
-        ids = list(model_input["image_id"]) if "image_id" in model_input else [None] * n
+        products = [p if isinstance(p, str) else None for p in model_input["product"]] if "product" in model_input \
+            else [None] * n
+        ids = [i if isinstance(i, str) else None for i in model_input["image_id"]] if "image_id" in model_input \
+            else [None] * n
+        images = model_input["image"] if "image" in model_input else pd.Series([None] * n)
         score, status, error = np.full(n, np.nan), ["ok"] * n, [""] * n
-        S = self.scorer.model.image_size
-        pixels = {}
-        for i, (data, product) in enumerate(zip(model_input["image"], products)):
-            if product not in self.scorer.banks:
-                status[i], error[i] = "error", f"unknown product {product!r}: the model knows {', '.join(sorted(self.scorer.banks))}"
-                continue
-            try:
-                pixels[i] = to_model_input(decode_scaled(_as_bytes(data), S)[0], S)
-            except ImageDecodeError as e:
-                status[i], error[i] = "error", str(e)
-        todo = sorted(pixels)
-        for k in range(0, len(todo), self.batch_size):
-            rows = todo[k:k + self.batch_size]
-            s, _ = self.scorer.score(np.stack([pixels[i] for i in rows]), [products[i] for i in rows])
-            score[rows] = s
+        total = sum(len(d) for d in images if isinstance(d, (bytes, bytearray, memoryview)))
+        if n > MAX_REQUEST_ROWS or total > MAX_REQUEST_BYTES:
+            why = (f"request of {n} rows and {total} image bytes is over the limit of {MAX_REQUEST_ROWS} rows and "
+                   f"{MAX_REQUEST_BYTES} bytes per request: send it in parts")
+            status, error = ["error"] * n, [why] * n
+        else:
+            todo = []
+            for i, (data, product) in enumerate(zip(images, products)):
+                if product not in self.scorer.banks:
+                    status[i], error[i] = "error", (f"unknown product {product!r}: the model knows "
+                                                    f"{', '.join(sorted(self.scorer.banks))}")
+                elif not isinstance(data, (bytes, bytearray, memoryview)):
+                    status[i], error[i] = "error", (f"image is {type(data).__name__}, not encoded image bytes "
+                                                    "(base64 in a JSON request)")
+                else:
+                    todo.append(i)
+            for k in range(0, len(todo), self.batch_size):
+                self._score_batch(todo[k:k + self.batch_size], images, products, score, status, error)
         threshold = np.array([self.scorer.thresholds.get(p, np.nan) for p in products], dtype=np.float64)
         rows = score_rows({"image_id": np.array(ids, dtype=object), "product": np.array(products, dtype=object)},
                           SERVING, score=score, threshold=threshold, status=status, error=error)
         return pd.DataFrame({c: _or_null(rows[c]) if c in ("score", "threshold") else rows[c] for c in SERVED})
+
+    def _score_batch(self, rows: list[int], images, products, score, status, error) -> None:
+        """Decode and score these rows (one batch), writing into score/status/error; a batch that fails is scored
+        row by row so only the failing row is an error."""
+        from pipeline.sources.images import ImageDecodeError, decode_scaled, to_model_input
+        S = self.scorer.model.image_size
+        pixels = {}
+        for i in rows:
+            try:
+                pixels[i] = to_model_input(decode_scaled(bytes(images.iloc[i]), S)[0], S)  # [3, S, S]
+            except ImageDecodeError as e:
+                status[i], error[i] = "error", str(e)
+        ok = sorted(pixels)
+        try:
+            groups = [(ok, self.scorer.score(np.stack([pixels[i] for i in ok]), [products[i] for i in ok])[0])] \
+                if ok else []
+        except Exception:  # isolate the failing row(s)
+            groups = []
+            for i in ok:
+                try:
+                    groups.append(([i], self.scorer.score(pixels[i][None], [products[i]])[0]))
+                except Exception as e:
+                    status[i], error[i] = "error", f"scoring failed: {type(e).__name__}: {e}"
+        for idx, s in groups:
+            for i, v in zip(idx, s):
+                if np.isfinite(v):
+                    score[i] = v
+                else:
+                    status[i], error[i] = "error", f"scoring failed: the model gave a non-finite score ({v})"
 
 
 def _or_null(values: np.ndarray) -> pd.Series:
@@ -85,11 +132,6 @@ def _or_null(values: np.ndarray) -> pd.Series:
     NaN, which is not JSON (RFC 8259) and fails strict parsers (JavaScript's JSON.parse, Go, Jackson) on the
     whole answer; None is written as null. In pandas the column is object dtype (`.astype(float)` gives NaN)."""
     return pd.Series([float(v) if np.isfinite(v) else None for v in values], dtype=object)
-
-
-def _as_bytes(data) -> bytes | None:
-    """Image bytes as pandas hands them over (bytes, bytearray, memoryview, or None)."""
-    return None if data is None else bytes(data)
 
 
 def requirements() -> list[str]:
@@ -104,11 +146,27 @@ def requirements() -> list[str]:
     return out
 
 
-def log_model(artifact_dir: str):
-    """Log the pipeline artifact in `artifact_dir` as this run's MLflow model "anople". Returns ModelInfo."""
-    package = os.path.dirname(os.path.abspath(__file__))  # the pipeline package: importable wherever it loads
+MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_model.py")
+
+
+def log_model(artifact_dir: str, artifact_sha256: str | None = None):
+    """Log the pipeline artifact in `artifact_dir` (with its manifest, artifact.write_manifest) as this run's MLflow
+    model "anople", as models from code. Returns ModelInfo."""
     with tempfile.TemporaryDirectory() as tmp:
         # MLflow stores an artifact folder under its own base name: name it, so it lands at artifacts/anople
         named = shutil.copytree(artifact_dir, os.path.join(tmp, ARTIFACT))
-        return mlflow.pyfunc.log_model(name=ARTIFACT, python_model=AnoPLePyfunc(), artifacts={ARTIFACT: named},
-                                       code_paths=[package], signature=SIGNATURE, pip_requirements=requirements())
+        return mlflow.pyfunc.log_model(name=ARTIFACT, python_model=MODEL_CODE, artifacts={ARTIFACT: named},
+                                       model_config={"artifact_sha256": artifact_sha256 or ""},
+                                       signature=SIGNATURE, pip_requirements=requirements())
+
+
+def load_registered(deployment: str, alias: str = "production"):
+    """The version behind `alias` as an MLflow pyfunc model, its files checked against the SHA-256 the *registry*
+    recorded (the version's tag), not only the one in the model folder's MLmodel: whoever can write the artifact
+    store can rewrite MLmodel too, not the registry. What notebooks should call."""
+    from pipeline import registry
+    registry.connect()
+    mv = registry.get_version(deployment, alias=alias)
+    digest = registry.artifact_sha256(mv)
+    return mlflow.pyfunc.load_model(f"models:/{mv.name}/{mv.version}",
+                                    model_config={"artifact_sha256": digest} if digest else None)

@@ -242,7 +242,8 @@ class BareForward:
         from pipeline.sources.images import decode_scaled, to_model_pixels
 
         mv = registry.get_version(deployment, alias="production")
-        self.scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
+        self.scorer = Scorer.load(registry.materialize(registry.model_source(mv)),
+                                  expected_sha256=registry.artifact_sha256(mv))
         S = self.scorer.model.image_size
         px = np.stack([to_model_pixels(decode_scaled(data, S)[0], S) for _, data in images])
         self.x = model_input(px[np.arange(sample) % len(px)], self.scorer.device)  # [sample, 3, S, S]
@@ -276,7 +277,8 @@ def stage_profile(deployment: str, archive_uri: str, date: str, sample: int, bat
     from pipeline.sources.images import decode_scaled, encode_heatmap, heatmap_scale, to_model_pixels
 
     mv = registry.get_version(deployment, alias="production")
-    scorer = Scorer.load(registry.materialize(registry.model_source(mv)))
+    scorer = Scorer.load(registry.materialize(registry.model_source(mv)),
+                         expected_sha256=registry.artifact_sha256(mv))
     S, model = scorer.model.image_size, scorer.model
     side = None if full_res else heatmap_side or S
     sync = torch.cuda.synchronize if scorer.device.startswith("cuda") else (lambda: None)

@@ -36,7 +36,7 @@ def scorer_rate(deployment: str, batch: int, batches: int) -> dict:
     keep_large_blocks_on_heap()  # as the scoring actors do
 
     mv = registry.get_version(deployment, alias="candidate")
-    scorer = Scorer.load(registry.artifact_uri(mv))
+    scorer = Scorer.load(registry.artifact_uri(mv), expected_sha256=registry.artifact_sha256(mv))
     S = scorer.model.image_size
     products = sorted(scorer.banks)
     rng = np.random.default_rng(0)

@@ -31,7 +31,8 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
     mv, uri, spec = registry.resolve(deployment, alias)
     info = RunInfo(deployment=deployment, model_name=mv.name, model_version=str(mv.version), run_id=mv.run_id or "")
     examples = evidence.Examples()
-    per, errors, unlabelled = _stream_metrics(archive_uri, deployment, uri, spec, info, None, batch_size, examples)
+    per, errors, unlabelled = _stream_metrics(archive_uri, deployment, uri, spec, info, None, batch_size, examples,
+                                              registry.artifact_sha256(mv))
     if not per:
         raise UsageError(f"no labelled, scorable test images for deployment {deployment!r} in {archive_uri}")
     results = {p: m.compute() for p, m in sorted(per.items())}
@@ -57,12 +58,14 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
 
 
 def _stream_metrics(archive_uri: str, deployment: str, uri: str, spec: artifact.ModelSpec, info: RunInfo,
-                    only: list[str] | None, batch_size: int, examples: evidence.Examples | None = None):
+                    only: list[str] | None, batch_size: int, examples: evidence.Examples | None = None,
+                    artifact_sha256: str | None = None):
     """Score the labelled test split through Ray Data and fold each image into its product's streaming
     metrics (and offer it to `examples`). Returns ({product: ProductMetrics}, error lines of labelled rows, count
     of unlabelled rows)."""
     parts = score_partition(archive.Partition(archive_uri, deployment), uri, spec, info, split="test", with_masks=True,
-                            only=only, batch_size=batch_size, use_gpu=has_gpus())
+                            only=only, batch_size=batch_size, use_gpu=has_gpus(),
+                            artifact_sha256=artifact_sha256)
     per: dict[str, ProductMetrics] = {}
     errors, unlabelled = [], 0
     for ds in parts:
@@ -107,13 +110,15 @@ def evaluate_protocol(base: TrainConfig, shots_list: list[int], seeds: list[int]
                                               anople=dataclasses.replace(base.anople, seed=seed))
                     with tempfile.TemporaryDirectory() as out:
                         spec, _ = fit_deployment(cfg, out)
+                        digest = artifact.write_manifest(out)  # its actors check what they load, as a night's do
                         uri = storage.join(storage.normalize(cfg.storage_path), cfg.run_key(), "artifact")
                         storage.remove_tree(uri)
                         storage.upload_tree(out, uri)  # where every actor can read it
                     # a protocol model is never registered: it is named by its run key
                     info = RunInfo(deployment=base.deployment, model_name=f"{registry.model_name(base.deployment)}-protocol",
                                    model_version=cfg.run_key(), run_id=log.id)
-                    per, _, _ = _stream_metrics(base.archive, base.deployment, uri, spec, info, only, batch_size)
+                    per, _, _ = _stream_metrics(base.archive, base.deployment, uri, spec, info, only, batch_size,
+                                                artifact_sha256=digest)
                     for p, r in ((p, m.compute()) for p, m in per.items()):
                         for m in PAPER_METRICS:
                             table.setdefault(k, {}).setdefault(p, {}).setdefault(m, []).append(r[m])

@@ -62,7 +62,7 @@ def model_spec(cfg: TrainConfig, products: list[str], out_dir: str) -> tuple[art
         spec.products[p] = artifact.ProductSpec(**fit["spec"])
         summary["calibration"][p] = fit["calibration_scores"]
         summary["skipped"][p] = fit.get("skipped", [])
-    artifact.save_spec(spec, out_dir)
+    artifact.save_spec(spec.validate(), out_dir)  # a threshold no loader would accept fails the fit, not the night
     return spec, summary
 
 

@@ -67,7 +67,10 @@ def train_and_register(cfg: TrainConfig) -> tuple[object, artifact.ModelSpec, di
         log.metrics(metrics)
         if any(summary["skipped"].values()):
             log.json(summary["skipped"], "skipped_undecodable.json")
-        logged = serving.log_model(out)  # an MLflow pyfunc model holding the artifact (pipeline.serving)
+        digest = artifact.write_manifest(out)  # every loader checks its files against it, and it against the version
+        log.tags({"artifact_sha256": digest})
+        logged = serving.log_model(out, digest)  # an MLflow pyfunc model holding the artifact (pipeline.serving)
         mv = registry.register(cfg.deployment, log.id, logged.model_id, tags={
-            "weights_kind": kind, "backbone": spec.backbone, "weights": spec.weights, "shots": str(spec.shots)})
+            "weights_kind": kind, "backbone": spec.backbone, "weights": spec.weights, "shots": str(spec.shots),
+            "artifact_sha256": digest})
     return mv, spec, summary

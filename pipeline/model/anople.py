@@ -303,11 +303,18 @@ class AnoPLe(nn.Module):
         return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if not n.startswith("clip.")}
 
     def load_prompt_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy trained parameters in; refused (ValueError) unless every tensor has exactly its parameter's shape
+        and only finite values (copy_ would broadcast a wrong shape silently; NaN would score NaN)."""
         own = dict(self.named_parameters())
         missing = sorted(n for n in own if not n.startswith("clip.") and n not in state)
         extra = sorted(n for n in state if n not in own)
         if missing or extra:
             raise ValueError(f"prompt state does not fit this config: missing {missing}, unexpected {extra}")
+        for n, t in state.items():
+            if tuple(t.shape) != tuple(own[n].shape):
+                raise ValueError(f"prompt tensor {n} has shape {list(t.shape)}, the model's is {list(own[n].shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"prompt tensor {n} holds non-finite values")
         with torch.no_grad():
             for n, t in state.items():
                 own[n].copy_(t.to(own[n].device, own[n].dtype))

@@ -97,7 +97,8 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
             for ds in score_partition(partition, uri, spec, info, heatmaps=target, image_ids=image_ids,
                                       budget_mb=options.bank_budget_mb, actors_per_shard=actors,
                                       batch_size=options.batch_size, use_gpu=use_gpu, actor_restarts=actor_restarts,
-                                      fault=fault, decode_on_device=where == "device"):
+                                      fault=fault, decode_on_device=where == "device",
+                                      artifact_sha256=registry.artifact_sha256(mv)):
                 yield from ds.map_batches(to_table, batch_format="numpy").iter_batches(batch_format="pyarrow",
                                                                                        batch_size=None)
 
@@ -152,8 +153,8 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
 
 def _night_report(log: registry.RunLog, night: nights.Night) -> dict:
     """Write the published night's report beside it and log it, with per-product counts, to the run. The night
-    is already published: a report that fails is a warning (stderr, tag `report_error`), not a failed night;
-    `jobs.report` rebuilds it."""
+    is already published: a report that fails leaves it published (stderr, tag `report_error`) and jobs.score
+    exits 1 so a scheduler sees it; `jobs.report` rebuilds it."""
     try:
         uri, rep = report.write(night)
     except Exception as e:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from pipeline import artifact, storage
+from pipeline import artifact
 from pipeline.errors import NotFoundError
 from pipeline.fitting.bank import MemoryBank, pick_backend
 from pipeline.fitting.weights import build_model
@@ -19,6 +19,28 @@ from pipeline.model.scoring import component_maps, encode, fuse, text_features
 
 class UnknownProductError(NotFoundError):
     """Images of a product this scorer holds no bank for."""
+
+
+def checked_bank(files: artifact.Files, spec: artifact.ModelSpec, product: str, model: AnoPLe, backend: str) -> MemoryBank:
+    """A product's bank, refused unless it is what this model searches: one [n_patches, d_v] float array of finite
+    unit features per bank layer (a wrong width would fail every batch, then every row, before the night stops)."""
+    ps = spec.products[product]
+    where = f"{files.uri}: {ps.bank_file}"
+    try:
+        bank = MemoryBank.from_bytes(files.read(ps.bank_file), backend)
+    except (ValueError, OSError, KeyError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise artifact.ModelRefused(f"{where} is not a bank ({type(e).__name__}: {e})") from e
+    if len(bank.layers) != len(model.bank_layers):
+        raise artifact.ModelRefused(f"{where} has {len(bank.layers)} layers; the model's bank reads "
+                                    f"{len(model.bank_layers)}")
+    for i, f in enumerate(bank.layers):
+        if f.ndim != 2 or f.shape != (ps.n_patches, model.d_v):
+            raise artifact.ModelRefused(f"{where} layer {i} is {list(f.shape)}, expected [{ps.n_patches}, {model.d_v}]")
+        if not np.isfinite(f).all():
+            raise artifact.ModelRefused(f"{where} layer {i} holds non-finite features")
+    return bank
 
 
 def pick_device(device: str = "auto") -> str:
@@ -45,21 +67,33 @@ class Scorer:
                    scales={p: f.map_scales for p, f in fits.items()})
 
     @classmethod
-    def load(cls, artifact_uri: str, products: list[str] | None = None, device: str = "auto") -> "Scorer":
-        """The artifact's model with the banks of `products` (default: all)."""
+    def load(cls, artifact_uri: str, products: list[str] | None = None, device: str = "auto",
+             expected_sha256: str | None = None) -> "Scorer":
+        """The artifact's model with the banks of `products` (default: all). Every file read is checked against the
+        artifact's manifest (and the manifest against `expected_sha256`, the registered version's record), the spec
+        validated, the prompts and banks checked against the model's shapes: a tampered or broken model is
+        refused (artifact.ModelRefused) before it scores a row."""
         device = pick_device(device)
-        spec = artifact.load_spec(artifact_uri)
-        model = build_model(spec.backbone, spec.weights, spec.seed, AnoPLeConfig.from_artifact(spec.anople), device,
-                            spec.weights_fingerprint)
+        files = artifact.Files(artifact_uri, expected_sha256)
+        spec = artifact.ModelSpec.from_json(files.read("model.json").decode()).validate()
+        try:
+            cfg = AnoPLeConfig.from_artifact(spec.anople)
+        except (TypeError, ValueError) as e:
+            raise artifact.ModelRefused(f"{artifact_uri}: model.json's AnoPLe config is refused ({e})") from e
+        model = build_model(spec.backbone, spec.weights, spec.seed, cfg, device, spec.weights_fingerprint)
         if spec.prompts_file:
-            model.load_prompt_state(st_load(storage.read_bytes(storage.join(artifact_uri, spec.prompts_file))))
+            try:
+                model.load_prompt_state(st_load(files.read(spec.prompts_file)))
+            except (ValueError, RuntimeError) as e:  # safetensors' own errors are one of those
+                raise artifact.ModelRefused(f"{artifact_uri}: {spec.prompts_file} is refused ({e})") from e
+        elif cfg.trains:
+            raise artifact.ModelRefused(f"{artifact_uri}: a trained model ({cfg.prompt_mode}) without prompts")
         wanted = sorted(spec.products) if products is None else list(products)
         unknown = [p for p in wanted if p not in spec.products]
         if unknown:
             raise UnknownProductError(f"model at {artifact_uri} has no product {', '.join(unknown)}")
         backend = pick_backend(device)
-        banks = {p: MemoryBank.from_bytes(storage.read_bytes(storage.join(artifact_uri, spec.products[p].bank_file)),
-                                          backend) for p in wanted}
+        banks = {p: checked_bank(files, spec, p, model, backend) for p in wanted}
         return cls(model, banks, device, thresholds={p: spec.products[p].threshold for p in wanted},
                    scales={p: dict(spec.products[p].map_scales) for p in wanted})
 

@@ -91,12 +91,12 @@ class ScoreActor:
     batch's score rows with their maps (``map``), for the heatmap writer or the metrics after it."""
 
     def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, fault: InjectedFault | None = None,
-                 cpu_share: int = 1):
+                 cpu_share: int = 1, artifact_sha256: str | None = None):
         keep_large_blocks_on_heap()  # before the first forward: no page faults for its activations (pipeline.heap)
         if not storage.is_storage_uri(artifact_uri):  # behind a tracking server: MLflow fetches it here
             from pipeline import registry  # MLflow's import (~2 s of CPU) only where it is needed
             artifact_uri = registry.materialize(artifact_uri)
-        self._hold(Scorer.load(artifact_uri, products), info, fault)
+        self._hold(Scorer.load(artifact_uri, products, expected_sha256=artifact_sha256), info, fault)
         if self.scorer.device == "cpu":
             # Ray pins a num_cpus=1 actor's torch to one thread (OMP_NUM_THREADS=1), yet on a CPU node the
             # forward is ~90% of the work (decode ~5 ms, forward ~100+ ms an image): the actor takes its share
@@ -170,6 +170,8 @@ class ScoreActor:
         for i, (s, amap, err) in results.items():
             if err:
                 status[i], error[i] = "error", err
+            elif not np.isfinite(s):  # NaN weights or an overflow: no number is no verdict, never a silent "ok"
+                status[i], error[i] = "error", f"scoring failed: the model gave a non-finite score ({s})"
             else:
                 score[i], maps[i] = s, amap
         thr = [self.scorer.thresholds[p] for p in products]
@@ -187,8 +189,8 @@ class ScoreAndWriteActor(ScoreActor):
     separate writer stage would need a CPU that CPU actors may all hold)."""
 
     def __init__(self, artifact_uri: str, products: list[str], info: RunInfo, heatmaps: HeatmapTarget,
-                 fault: InjectedFault | None = None, cpu_share: int = 1):
-        super().__init__(artifact_uri, products, info, fault, cpu_share)
+                 fault: InjectedFault | None = None, cpu_share: int = 1, artifact_sha256: str | None = None):
+        super().__init__(artifact_uri, products, info, fault, cpu_share, artifact_sha256)
         self.heatmaps = heatmaps
 
     def __call__(self, batch: dict) -> dict:
@@ -304,12 +306,14 @@ def score_partition(partition: archive.Partition, artifact_uri: str, spec: artif
                     image_ids: tuple[str, ...] | None = None, budget_mb: float | None = None,
                     actors_per_shard: int = 1, batch_size: int = 16, use_gpu: bool = False,
                     actor_restarts: int = ACTOR_RESTARTS, fault: InjectedFault | None = None,
-                    decode_on_device: bool = False) -> list:
+                    decode_on_device: bool = False, artifact_sha256: str | None = None) -> list:
     """Archive rows -> Datasets of scored rows: one for the rows of unknown products (error rows), then
     one per bank shard. With `heatmaps` the maps are written and dropped (the score table's rows); without,
     each row keeps its map (and with `with_masks` its mask and label) for the metrics. `only` scores just
     those products (e.g. the unseen one of leave-one-product-out), `image_ids` just those rows. With
-    `decode_on_device` the actors decode the JPEGs they can (device_decode), the CPU tasks the rest.
+    `decode_on_device` the actors decode the JPEGs they can (device_decode), the CPU tasks the rest. Each actor
+    checks the files it loads against the artifact's manifest, and the manifest against `artifact_sha256` (the
+    registered version's record).
 
     Each bank shard reads only its products' rows, decodes them in CPU tasks and scores them in its own
     actor pool. With GPUs, more actors than the cluster has GPUs share them (each takes GPUs/actors of one):
@@ -345,7 +349,8 @@ def score_partition(partition: archive.Partition, artifact_uri: str, spec: artif
         scored = decoded.map_batches(
             ScoreAndWriteActor if writes else ScoreActor, batch_format="numpy", batch_size=batch_size,
             fn_constructor_kwargs={"artifact_uri": artifact_uri, "products": products, "info": info, "fault": fault,
-                                   "cpu_share": actors, **({"heatmaps": heatmaps} if writes else {})},
+                                   "cpu_share": actors, "artifact_sha256": artifact_sha256,
+                                   **({"heatmaps": heatmaps} if writes else {})},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
             num_gpus=gpu_share, num_cpus=0 if use_gpu else 1,
             max_restarts=actor_restarts, max_task_retries=actor_restarts)

@@ -17,7 +17,7 @@ from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import score as score_job
 from jobs import train as train_job
-from pipeline import registry, storage
+from pipeline import registry, serving, storage
 from pipeline.nightly import nights
 from pipeline.sources import archive
 from pipeline.sources.images import HEATMAP_RANGE, decode_heatmap
@@ -278,3 +278,67 @@ def test_mlflow_models_serve_answers_invocations(nightly):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_mlflow_model_is_code_from_the_installed_package_with_its_manifests_hash(nightly):
+    """No pickled model object and no copy of the package in the model folder: loading it runs the installed
+    pipeline's code; the manifest's SHA-256 is in the model's config and on the version (issue 23)."""
+    import yaml
+
+    from pipeline import artifact
+
+    registry.connect()
+    mv = registry.get_version("line1", alias="production")
+    root = mv.source.rstrip("/")
+    rel = [f[len(root) + 1:] for f in storage.list_files(root)]
+    assert not [f for f in rel if f.endswith((".pkl", ".pickle", ".cloudpickle")) or f.startswith("code/")], rel
+    pyfunc = yaml.safe_load(storage.read_bytes(f"{root}/MLmodel"))["flavors"]["python_function"]
+    digest = registry.artifact_sha256(mv)
+    assert digest and pyfunc["config"]["artifact_sha256"] == digest and "loader_module" in pyfunc
+    assert artifact.sha256(storage.read_bytes(f"{registry.model_source(mv)}/{artifact.MANIFEST}")) == digest
+
+
+def test_a_model_changed_in_the_store_is_refused_before_any_row_scores(nightly, capsys):
+    """A threshold raised in the registered folder (and the manifest rewritten to match): the night, the notebook
+    load and the evaluation refuse it (exit 3), naming the manifest; nothing is published over the last night."""
+    import mlflow
+
+    from pipeline import artifact
+
+    registry.connect()
+    mv = registry.get_version("line1", alias="production")
+    src = registry.model_source(mv)
+    spec_uri = f"{src}/model.json"
+    original = {u: storage.read_bytes(u) for u in (spec_uri, f"{src}/{artifact.MANIFEST}")}
+    before = nights.Night(nightly["out"], "line1", "2026-11-21").published()["run_id"]
+    try:
+        d = json.loads(original[spec_uri])
+        for p in d["products"].values():
+            p["threshold"] = 1e9  # every alarm off
+        with __import__("tempfile").TemporaryDirectory() as tmp:
+            for u in storage.list_files(src):
+                local = os.path.join(tmp, u[len(src) + 1:])
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                open(local, "wb").write(json.dumps(d).encode() if u == spec_uri else storage.read_bytes(u))
+            artifact.write_manifest(tmp)
+            storage.write_bytes(spec_uri, open(os.path.join(tmp, "model.json"), "rb").read())
+            storage.write_bytes(f"{src}/{artifact.MANIFEST}", open(os.path.join(tmp, artifact.MANIFEST), "rb").read())
+        capsys.readouterr()
+        assert score_job.main(["--deployment", "line1", "--archive", nightly["arch"], "--date", "2026-11-21",
+                               "--output", nightly["out"]]) == 3
+        assert "manifest.json is not the one registered" in capsys.readouterr().err
+        assert nights.Night(nightly["out"], "line1", "2026-11-21").published()["run_id"] == before
+        assert evaluate_job.main(["--deployment", "line1", "--archive", nightly["arch"],
+                                  "--model-alias", "production"]) == 3
+        with pytest.raises(artifact.ModelRefused, match="manifest.json is not the one registered"):
+            mlflow.pyfunc.load_model(f"models:/anople-line1/{mv.version}")  # MLmodel's own record
+        # whoever rewrote the manifest can rewrite MLmodel's record too; the registry's record still refuses
+        mlmodel = f"{mv.source.rstrip('/')}/MLmodel"
+        original[mlmodel] = storage.read_bytes(mlmodel)
+        forged = artifact.sha256(storage.read_bytes(f"{src}/{artifact.MANIFEST}"))
+        storage.write_bytes(mlmodel, original[mlmodel].replace(registry.artifact_sha256(mv).encode(), forged.encode()))
+        with pytest.raises(artifact.ModelRefused, match="manifest.json is not the one registered"):
+            serving.load_registered("line1", "production")
+    finally:
+        for u, data in original.items():
+            storage.write_bytes(u, data)

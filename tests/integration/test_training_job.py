@@ -76,7 +76,7 @@ def test_a_killed_training_worker_resumes_from_its_last_epoch(ray_local, synthet
 
     from pipeline.fitting.config import TrainConfig
     from pipeline.fitting.job import WorkerCrash
-    from pipeline.fitting.ray_train import fit_deployment
+    from pipeline.fitting.ray_train import fit_deployment, with_class_names
     from pipeline.model.config import AnoPLeConfig
     from pipeline.sources.ingest import ingest
 
@@ -87,7 +87,8 @@ def test_a_killed_training_worker_resumes_from_its_last_epoch(ray_local, synthet
     fit_deployment(cfg, str(tmp_path / "out-straight"))
     killed = dataclasses.replace(cfg, storage_path=str(tmp_path / "killed"))
     _, summary = fit_deployment(killed, str(tmp_path / "out-killed"), fault=WorkerCrash(after_epoch=1))
-    assert storage.exists(storage.join(killed.checkpoints(), "_injected-crash"))  # it did die, once
+    # the fit's run key includes the resolved class names, so the marker sits under that key's checkpoints
+    assert storage.exists(storage.join(with_class_names(killed).checkpoints(), "_injected-crash"))  # it did die, once
     assert [e["epoch"] for e in summary["epochs"]] == [2, 3]  # the restarted group trained only the rest
     a = st_load(open(tmp_path / "out-straight" / "prompts.safetensors", "rb").read())
     b = st_load(open(tmp_path / "out-killed" / "prompts.safetensors", "rb").read())
