@@ -202,3 +202,51 @@ def test_exif_orientation_is_applied_to_the_pixels():
     assert raw.shape[:2] == (40, 64) and shown.shape[:2] == (64, 40)
     # orientation 6 = rotate 90 degrees clockwise for display: the stored top-left is shown top-right
     assert np.abs(shown.astype(int) - np.rot90(raw, k=-1).astype(int)).mean() < 1
+
+
+def _tiff_with_a_broken_second_page() -> bytes:
+    """A 16x16 red first page whose pointer to page 2 lies past the end of the file."""
+    import struct
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="TIFF", save_all=True,
+                                                   append_images=[Image.new("RGB", (1, 1))])
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    n = struct.unpack_from("<H", data, ifd)[0]
+    struct.pack_into("<I", data, ifd + 2 + 12 * n, len(data) + 10**6)
+    return bytes(data)
+
+
+def test_a_multi_page_tiff_decodes_frame_0_without_walking_its_pages():
+    """Counting pages walks them all (a 10^5-page file stalls a decode task): frame 0 is read where open() left it,
+    so a file whose later pages are broken, or many, still decodes its first page."""
+    rgb = decode_image(_tiff_with_a_broken_second_page())
+    assert rgb.shape == (16, 16, 3) and tuple(rgb[0, 0]) == (200, 10, 10)
+
+
+def test_per_image_byte_and_time_limits_are_error_rows_with_their_reason(monkeypatch):
+    from PIL import ImageOps
+
+    from pipeline.sources import images
+    from pipeline.sources.decoding import decode_batch
+
+    def decode(data):
+        return decode_batch({"image_id": np.array(["a", "b"], dtype=object), "product": np.array(["p"] * 2, dtype=object),
+                             "image": np.array(data, dtype=object)}, 32, with_masks=False)
+
+    small, large = _png(np.zeros((8, 8, 3), np.uint8)), _png(np.random.default_rng(0).integers(0, 255, (64, 64, 3),
+                                                                                              dtype=np.uint8))
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", len(small) + 1)
+    out = decode([small, large])
+    assert list(out["status"]) == ["ok", "error"] and f"over the per-image limit of {len(small) + 1} bytes" in out["error"][1]
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 2**30)
+    monkeypatch.setattr(images, "DECODE_SECONDS", 0.2)
+    real = ImageOps.exif_transpose
+
+    def stalls(img):  # a decode that never ends in Python (a hostile file's structure), on the second image only
+        while img.size == (64, 64):
+            pass
+        return real(img)
+    monkeypatch.setattr(images.ImageOps, "exif_transpose", stalls)
+    out = decode([small, large])
+    assert list(out["status"]) == ["ok", "error"] and "decode took over 0.2 s" in out["error"][1]

@@ -4,8 +4,13 @@ Kept free of torch so that Ray's CPU decode tasks stay light.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -21,6 +26,37 @@ CLIP_STD = np.array(config.CLIP_STD, dtype=np.float32)  # [3]
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image we can read; the message says why."""
+
+
+# Per-image limits, each an error row with its reason, never a stalled or OOM-killed decode task: the encoded size
+# (a plant's largest line-scan TIFFs are tens of MB) and the wall time of one decode (a hostile file's structure,
+# e.g. 10^6 pages or a pathological zlib stream, whatever its pixel count).
+MAX_IMAGE_BYTES = int(os.environ.get("ANOPLE_MAX_IMAGE_BYTES", 256 * 2**20))
+DECODE_SECONDS = float(os.environ.get("ANOPLE_DECODE_SECONDS", 60))
+
+
+@contextlib.contextmanager
+def decode_deadline(seconds: float | None = None):
+    """Raise ImageDecodeError in the block after `seconds` (default DECODE_SECONDS) of wall time (SIGALRM; the main thread only, where
+    Ray runs its tasks: elsewhere the block runs unbounded). Python-level work (PIL's TIFF page walk, its
+    plugins) is interrupted between bytecodes; one C call runs to its end first, bounded by the pixel limits."""
+    seconds = DECODE_SECONDS if seconds is None else seconds
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise ImageDecodeError(f"decode took over {seconds:g} s (ANOPLE_DECODE_SECONDS)")
+    previous = signal.signal(signal.SIGALRM, expired)
+    t0 = time.monotonic()
+    outer, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:  # someone else's timer (a test runner's timeout) was running: it goes on, less the time spent
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - t0), 1e-3), interval)
 
 
 def _to_rgb8(img: Image.Image) -> np.ndarray:
@@ -51,8 +87,12 @@ def decode_scaled(data: bytes | None, side: int | None = None) -> tuple[np.ndarr
     for what the model sees, not for its full size. Raises ImageDecodeError with a readable reason."""
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image bytes")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageDecodeError(f"image of {len(data)} bytes is over the per-image limit of {MAX_IMAGE_BYTES} bytes "
+                               "(ANOPLE_MAX_IMAGE_BYTES)")
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only; PIL refuses > 2x its bomb limit
+        # open() reads the header only; PIL refuses > 2x its bomb limit. The whole decode runs under the deadline.
+        with decode_deadline(), Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             if side and img.format == "JPEG":
                 img.draft("RGB", (side, side))
@@ -62,9 +102,10 @@ def decode_scaled(data: bytes | None, side: int | None = None) -> tuple[np.ndarr
                 raise ImageDecodeError(
                     f"image of {w}x{h} pixels is over the {Image.MAX_IMAGE_PIXELS} pixel limit for {img.format} "
                     "(decoded at full size; only JPEG decodes at reduced size)")
+            # multi-page TIFF, animated GIF/PNG: the image is frame 0, where open() leaves it. Never ask n_frames:
+            # counting a TIFF's pages walks all of them (and checks each page pointer against every page seen),
+            # so a file of 10^5 empty pages would hold a decode task for minutes
             img.load()
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # multi-page TIFF, animated GIF: the first frame is the image
             orientation = img.getexif().get(0x0112, 1)
             rgb = _to_rgb8(ImageOps.exif_transpose(img))
     except ImageDecodeError:
