@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from jobs.cli import entrypoint, new_parser, summary
+from pipeline.errors import EXIT_FAILURE
 from pipeline.sources.decoding import DECODE_CHOICES  # numpy and PIL only: --help stays light
 
 
@@ -63,6 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report:   {s['report_uri'] or 'not written: ' + s['report_error']}")
     print(f"mlflow run: {s['run_id']}")
     summary(**{k: v for k, v in s.items() if k != "stale_runs_failed"}, deployment=args.deployment, date=args.date)
+    # published, yet a scheduler must see it: a night in which no row scored (every row an unknown product or
+    # undecodable: a wrong --product at ingest, a camera writing garbage) and a report that failed exit 1
+    failed = []
+    if s["rows_in"] and not s["ok"]:
+        failed.append(f"no row of the night scored ({s['error']} error rows, published as they are)")
+    if s.get("report_error"):
+        failed.append(f"the report failed: {s['report_error']}")
+    if failed:
+        summary(published=True, no_row_scored=not s["ok"], failed=failed)
+        for f in failed:
+            print(f"score: error: {f}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

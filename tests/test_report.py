@@ -126,3 +126,25 @@ def test_overlay_draws_the_threshold_contour_on_the_fixed_scale():
     right = pair[:, 24:]
     assert (right[5, 5:15] == (0, 255, 255)).all() and not (right[10, 10] == (0, 255, 255)).all()
     assert (pair[:, :20] == 128).all()  # the image itself, untouched
+
+
+def test_ok_rows_without_a_score_or_threshold_do_not_break_the_report(tmp_path):
+    """A night another writer touched: ok rows with a null or NaN score and null thresholds. The report is built,
+    those rows are listed with the errors (never drawn or sorted as numbers), the rest count as scored."""
+    out = str(tmp_path / "out")
+    n = 8
+    score = pa.array([0.2, None, 0.4, float("nan"), 0.9, 0.1, None, 0.3], type=pa.float64())
+    thr = pa.array([None, None, 0.5, 0.5, None, 0.5, 0.5, None], type=pa.float64())
+    table = pa.table({
+        "image_id": [f"i{k}" for k in range(n)], "product": ["tile"] * n, "source_uri": [None] * n, "score": score,
+        "is_anomalous": [False, None, False, False, True, False, None, False], "threshold": thr,
+        "model_name": ["anople-d"] * n, "model_version": ["3"] * n, "heatmap_uri": [None] * n,
+        "heatmap_scale": [None] * n, "height": [64] * n, "width": [64] * n, "status": ["ok"] * n, "error": [None] * n,
+        "run_id": ["r1"] * n, "scored_at": pa.array([dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)] * n,
+                                                    type=pa.timestamp("us", tz="UTC"))}, schema=SCORE_SCHEMA)
+    writer = nights.Night(out, "d", DATE).writer("r1", SCORE_SCHEMA)
+    writer.write(table)
+    writer.publish({"model_version": "3", "heatmaps": f"{out}/heatmaps/run=r1", "archive": None})
+    page, summary = report.build(nights.Night(out, "d", DATE))
+    assert summary["products"]["tile"] == {"scored": 5, "anomalous": 1, "error": 3}
+    assert page.count("status ok but no finite score") == 3 and "threshold 0.5" in page

@@ -29,7 +29,7 @@ from pipeline.drawing import overlay
 from pipeline.errors import NotFoundError
 from pipeline.nightly import nights
 from pipeline.sources import archive
-from pipeline.sources.images import decode_heatmap, decode_image
+from pipeline.sources.images import ImageDecodeError, decode_heatmap, decode_scaled
 
 TOP_N = 6          # overlays per product
 MAX_ERRORS = 50    # error rows listed per product (the rest counted)
@@ -59,9 +59,10 @@ class ProductSection:
     error_rows: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _load_images(archive_uri: str | None, deployment: str, date: str, rows: list[dict]) -> tuple[dict, dict]:
-    """The decoded images of these rows: from the archive (row groups holding them only), else from their
-    source_uri. -> ({image_id: rgb}, {image_id: why it is missing})."""
+def _image_bytes(archive_uri: str | None, deployment: str, date: str, rows: list[dict]) -> tuple[dict, dict]:
+    """The encoded images of these rows (one product's top rows): from the archive (row groups holding them only),
+    else from their source_uri. -> ({image_id: bytes}, {image_id: why it is missing}). Decoding is the caller's,
+    one image at a time."""
     ids = [r["image_id"] for r in rows]
     got: dict[str, bytes] = {}
     why: dict[str, str] = {}
@@ -70,19 +71,18 @@ def _load_images(archive_uri: str | None, deployment: str, date: str, rows: list
             got = archive.read_images(archive_uri, deployment, date, ids)
         except Exception as e:  # the archive moved or is unreadable: say so, try each row's source
             why = {i: f"archive unreadable ({type(e).__name__}: {e})" for i in ids}
-    images = {}
     for r in rows:
         i = r["image_id"]
+        if i in got:
+            continue
         try:
-            data = got[i] if i in got else storage.read_bytes(r["source_uri"]) if r.get("source_uri") else None
-            if data is None:
-                why[i] = why.get(i, "no archive recorded and no source_uri")
+            if r.get("source_uri"):
+                got[i] = storage.read_bytes(r["source_uri"])
             else:
-                images[i] = decode_image(data)
+                why[i] = why.get(i, "no archive recorded and no source_uri")
         except Exception as e:
-            why[i] = f"{why[i]}; " if i in why else ""
-            why[i] += f"source unreadable ({type(e).__name__}: {e})"
-    return images, why
+            why[i] = (f"{why[i]}; " if i in why else "") + f"source unreadable ({type(e).__name__}: {e})"
+    return got, why
 
 
 def _read_rows(pf: pq.ParquetFile, indices: list[int], columns: list[str]) -> pa.Table:
@@ -113,23 +113,29 @@ def build(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:
     pf = pq.ParquetFile(fs.open_input_file(path))
     small = pf.read(columns=["product", "status", "score", "is_anomalous", "threshold"])  # the counts' columns
     products = small["product"].fill_null("(no product)")
+    prod_all = np.asarray(products.to_pylist(), dtype=object)
+    # a row counts as scored when its status is ok AND its score is a finite number: an ok row without one (a
+    # foreign writer's row, a bug) is listed with the errors, never drawn, sorted or formatted as a number
+    score_all = _floats(small["score"])
+    thr_all = _floats(small["threshold"])
+    status_ok = pc.fill_null(pc.equal(small["status"], "ok"), False).to_numpy(zero_copy_only=False)
+    ok_all = status_ok & np.isfinite(score_all)
+    no_score = status_ok & ~ok_all
+    anomalous_all = pc.fill_null(small["is_anomalous"], False).to_numpy(zero_copy_only=False)
     sections: dict[str, ProductSection] = {}
-    for p in sorted(set(products.to_pylist())):
-        in_p = pc.equal(products, p)
-        ok = pc.and_(in_p, pc.equal(small["status"], "ok"))
+    for p in sorted(set(prod_all.tolist())):
+        in_p = prod_all == p
+        ok = in_p & ok_all
         s = ProductSection(p)
-        s.scored = int(pc.sum(ok).as_py() or 0)
-        s.errors = int(pc.sum(in_p).as_py() or 0) - s.scored
-        s.anomalous = int(pc.sum(pc.and_(ok, small["is_anomalous"])).as_py() or 0)
-        s.scores = small["score"].filter(ok).to_numpy(zero_copy_only=False)
-        thr = small["threshold"].filter(ok)
-        s.threshold = float(thr[0].as_py()) if len(thr) else float("nan")
+        s.scored = int(ok.sum())
+        s.errors = int(in_p.sum()) - s.scored
+        s.anomalous = int((ok & anomalous_all).sum())
+        s.scores = score_all[ok]
+        thr = thr_all[ok & np.isfinite(thr_all)]
+        s.threshold = float(thr[0]) if len(thr) else float("nan")
         sections[p] = s
     # top-N rows per product by score, then only those rows' wide columns
     order = np.arange(len(small))
-    ok_all = pc.equal(small["status"], "ok").to_numpy(zero_copy_only=False)
-    score_all = np.nan_to_num(small["score"].to_numpy(zero_copy_only=False), nan=-np.inf)
-    prod_all = np.asarray(products.to_pylist(), dtype=object)
     picks: list[int] = []
     for p in sections:
         idx = order[(prod_all == p) & ok_all]
@@ -138,37 +144,50 @@ def build(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:
     wide_cols = ["image_id", "product", "source_uri", "score", "threshold", "heatmap_uri", "heatmap_scale", "height",
                  "width", "error"]
     top = _read_rows(pf, picks, wide_cols).to_pylist()
-    images, missing = _load_images(marker.get("archive"), deployment, date, top)
-    for r in top:
-        sec = sections[r["product"]]
-        item = {"image_id": r["image_id"], "score": r["score"], "note": ""}
-        try:
-            h, w = _thumb_size(r["height"] or THUMB, r["width"] or THUMB)
-            amap = decode_heatmap(storage.read_bytes(r["heatmap_uri"]), r["heatmap_scale"], size=(h, w))
-            rgb = images.get(r["image_id"])
-            if rgb is None:
-                item["note"] = f"image unavailable, heatmap only: {missing.get(r['image_id'], '')}"
-            else:
-                rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-            item["uri"] = _data_uri(overlay(rgb, amap, r["heatmap_scale"], r["threshold"]))
-        except Exception as e:  # one unreadable heatmap leaves a named gap, never a missing report
-            item["uri"], item["note"] = "", f"heatmap unreadable: {type(e).__name__}: {e}"
-        sec.top.append(item)
+    for p in sections:  # product by product, one image decoded at a time (at thumbnail scale where the format can)
+        rows = [r for r in top if r["product"] == p]
+        encoded, missing = _image_bytes(marker.get("archive"), deployment, date, rows)
+        for r in rows:
+            item = {"image_id": r["image_id"], "score": r["score"], "note": ""}
+            try:
+                h, w = _thumb_size(r["height"] or THUMB, r["width"] or THUMB)
+                amap = decode_heatmap(storage.read_bytes(r["heatmap_uri"]), r["heatmap_scale"], size=(h, w))
+                data = encoded.pop(r["image_id"], None)
+                rgb = None
+                if data is None:
+                    item["note"] = f"image unavailable, heatmap only: {missing.get(r['image_id'], '')}"
+                else:
+                    try:
+                        small_rgb, _ = decode_scaled(data, THUMB)
+                        rgb = np.asarray(Image.fromarray(small_rgb).resize((w, h), Image.BILINEAR))
+                    except ImageDecodeError as e:
+                        item["note"] = f"image unavailable, heatmap only: {e}"
+                    del data
+                item["uri"] = _data_uri(overlay(rgb, amap, r["heatmap_scale"], r["threshold"]))
+            except Exception as e:  # one unreadable heatmap leaves a named gap, never a missing report
+                item["uri"], item["note"] = "", f"heatmap unreadable: {type(e).__name__}: {e}"
+            sections[p].top.append(item)
     shown, kept = [], {p: 0 for p in sections}  # at most MAX_ERRORS per product: read only those
     for i in err_idx.tolist():
         if kept[prod_all[i]] < MAX_ERRORS:
             kept[prod_all[i]] += 1
             shown.append(i)
     errs = _read_rows(pf, shown, ["product", "image_id", "error"])
-    for p, i, e in zip(errs["product"].fill_null("(no product)").to_pylist(), errs["image_id"].to_pylist(),
-                       errs["error"].to_pylist()):
+    for k, p, i, e in zip(shown, errs["product"].fill_null("(no product)").to_pylist(), errs["image_id"].to_pylist(),
+                          errs["error"].to_pylist()):
         if len(sections[p].error_rows) < MAX_ERRORS:
-            sections[p].error_rows.append((i if i is not None else "(no image_id)", e or ""))
+            why = "status ok but no finite score" if no_score[k] else e or ""
+            sections[p].error_rows.append((i if i is not None else "(no image_id)", why))
     summary = {"deployment": deployment, "date": date, "run_id": marker.get("run_id"),
                "model_version": marker.get("model_version"), "rows": len(small),
                "products": {p: {"scored": s.scored, "anomalous": s.anomalous, "error": s.errors}
                             for p, s in sections.items()}}
     return _html(summary, sections, marker, top_n), summary
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as float64 with nulls as NaN."""
+    return np.asarray(pc.cast(column, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def write(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:

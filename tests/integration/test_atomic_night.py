@@ -301,3 +301,42 @@ def test_jpegs_decoded_on_the_scoring_actor_score_as_the_cpu_tasks_decode_them(p
     # the JPEGs took the other path (their pixels differ a little), the PNG and the CMYK JPEG the same one
     assert all(dev[i]["score"] != cpu[i]["score"] for i in ok if "/jpeg-" in i)
     assert dev["tile/png"]["score"] == cpu["tile/png"]["score"] and dev["tile/cmyk"]["score"] == cpu["tile/cmyk"]["score"]
+
+
+def test_a_night_in_which_no_row_scored_publishes_its_error_rows_and_exits_1(plant, tmp_path, capsys):
+    """Every row an unknown product or undecodable: the honest error rows are published, and the scheduler sees
+    exit 1 with no_row_scored in --json (issue 23)."""
+    import json
+
+    from PIL import Image
+    date = "2026-11-24"
+    src = tmp_path / "gear"
+    src.mkdir()
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(src / "g1.png")
+    (src / "g2.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    assert ingest_job.main([str(src), "--archive", plant["arch"], "--deployment", "an", "--date", date,
+                            "--product", "gear"]) == 0
+    capsys.readouterr()
+    assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", date, "--output", plant["out"],
+                           "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["exit_code"] == 1 and out["no_row_scored"] and out["published"] and out["ok"] == 0
+    assert any("no row of the night scored" in f for f in out["failed"])
+    assert [r[4] for r in _night(plant["out"], date)] == ["error", "error"]
+
+
+def test_a_report_that_fails_after_the_publish_exits_1(plant, monkeypatch, capsys):
+    """The night stands (readers see it), but the scheduler is told: exit 1, report_error in --json."""
+    import json
+
+    from pipeline.nightly import report
+
+    def broken(night, top_n=0):
+        raise OSError("the report's store refused the write")
+    monkeypatch.setattr(report, "write", broken)
+    capsys.readouterr()
+    assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", SMALL, "--output",
+                           plant["out"], "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["published"] and "store refused the write" in out["report_error"] and not out["no_row_scored"]
+    assert nights.Night(plant["out"], "an", SMALL).published()["run_id"] == out["run_id"]
