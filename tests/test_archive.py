@@ -85,3 +85,20 @@ def test_a_partition_lists_its_shards_once_whatever_it_reads_and_never_ships_the
     assert len(listed) == 1  # one listing for the whole walk
     copy = pickle.loads(pickle.dumps(night))  # the filesystem (and its credentials) stays behind
     assert copy == night and "shards" not in copy.__dict__ and copy.count_rows() == 5
+
+
+def test_the_shard_writer_flushes_by_bytes_into_bounded_row_groups(tmp_path):
+    """Large images: a shard is written once its images reach bytes_per_shard (not after 256 rows, ~5 GB of 20 MB
+    images), in row groups of about row_group_bytes, so a reader of one row never reads the whole shard."""
+    image = bytes(1000)
+    w = archive.ShardWriter(str(tmp_path), "d", "2026-11-22", bytes_per_shard=3000, row_group_bytes=1000)
+    for k in range(7):
+        w.write({"image_id": f"t/{k}", "product": "tile", "split": "test", "image": image,
+                 "captured_at": dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc), "label": None, "mask": None,
+                 "defect": None, "source_uri": None})
+        assert w.pending <= 3
+    shards = w.close()
+    assert [pq.ParquetFile(u).metadata.num_rows for u in shards] == [3, 3, 1]
+    assert all(pq.ParquetFile(u).metadata.row_group(g).num_rows == 1 for u in shards
+               for g in range(pq.ParquetFile(u).num_row_groups))
+    assert sorted(archive.Partition(str(tmp_path), "d", "2026-11-22").image_ids()) == [f"t/{k}" for k in range(7)]

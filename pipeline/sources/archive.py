@@ -86,6 +86,14 @@ def shard_product(name: str) -> str | None:
     return unquote(m["product"]) if m else None
 
 
+SHARD_BYTES = 128 * 2**20     # a shard is flushed at this many bytes of images and masks (or rows_per_shard rows)
+ROW_GROUP_BYTES = 32 * 2**20  # about this many bytes of images per row group
+
+
+def _row_bytes(row: dict) -> int:
+    return sum(len(row.get(k) or b"") for k in ("image", "mask"))
+
+
 class ShardWriter:
     """Streams rows into per-product shards ``part-<product>-w<write>-NNNNN.parquet`` under one partition.
 
@@ -97,13 +105,17 @@ class ShardWriter:
     product without rows.
     """
 
-    def __init__(self, archive: str, deployment: str, date: str, rows_per_shard: int = 256):
+    def __init__(self, archive: str, deployment: str, date: str, rows_per_shard: int = 256,
+                 bytes_per_shard: int = SHARD_BYTES, row_group_bytes: int = ROW_GROUP_BYTES):
         self.partition = partition_uri(archive, deployment, date)
         self.rows_per_shard = rows_per_shard
+        self.bytes_per_shard = bytes_per_shard
+        self.row_group_bytes = row_group_bytes
         self.write_id = uuid.uuid4().hex[:12]
         self.uris: list[str] = []
         self.n_rows = 0
         self._rows: dict[str, list[dict]] = {}
+        self._bytes: dict[str, int] = {}
         self._count: dict[str, int] = {}
 
     @property
@@ -113,9 +125,11 @@ class ShardWriter:
     def write(self, row: dict) -> None:
         p = row["product"]
         if p not in self._rows:
-            self._rows[p], self._count[p] = [], 0
+            self._rows[p], self._count[p], self._bytes[p] = [], 0, 0
         self._rows[p].append(row)
-        if len(self._rows[p]) >= self.rows_per_shard:
+        self._bytes[p] += _row_bytes(row)
+        # by rows or by bytes, whichever comes first: 256 images of 20 MB must not sit in memory (then an Arrow copy)
+        if len(self._rows[p]) >= self.rows_per_shard or self._bytes[p] >= self.bytes_per_shard:
             self._flush(p)
 
     def _flush(self, product: str) -> None:
@@ -126,11 +140,13 @@ class ShardWriter:
         uri = storage.join(self.partition, name)
         fs, path = storage.arrow_filesystem(uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, filesystem=fs)
+        # row groups of at most ~row_group_bytes of images: readers (report, reruns, Ray Data) read whole groups
+        per_group = max(1, int(len(rows) * self.row_group_bytes / max(self._bytes[product], 1)))
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, filesystem=fs, row_group_size=per_group)
         self.uris.append(uri)
         self.n_rows += len(rows)
         self._count[product] += 1
-        self._rows[product] = []
+        self._rows[product], self._bytes[product] = [], 0
 
     def close(self) -> list[str]:
         """Write what is buffered, then remove the written products' earlier shards. Returns the new shards."""
