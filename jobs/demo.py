@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     _step("score", score.main(["--deployment", "demo", "--archive", archive, "--date", "2026-11-22",
                                "--output", output]))
     from pipeline.registry import tracking_uri  # (imported with the jobs above)
+    from pipeline.storage import redact
     print()
     print(f"demo finished in {time.time() - t0:.0f} s ({len(DEFECTS)} defect types per product)")
     print(f"  archive:   {archive}")
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  heatmaps:  {output}/heatmaps/deployment=demo/date=2026-11-22/run=<run id>/  "
           "(16-bit PNG; value/65535*heatmap_scale, resized to the row's height x width)")
     print(f"  report:    {output}/reports/deployment=demo/date=2026-11-22/report.html  (open it in a browser)")
-    print(f"  mlflow:    {tracking_uri()}")
-    print(f"  MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}  -> http://127.0.0.1:5000")
+    print(f"  mlflow:    {redact(tracking_uri())}")
+    print(f"  MLflow UI: .venv/bin/mlflow ui --backend-store-uri {redact(tracking_uri())}  -> http://127.0.0.1:5000")
     if weights == "random":
         print("REMINDER: random-init backbone (offline); promoted with --force for the demo only.")
     return 0

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     # the options travel whole: each ScoreOptions field is the flag of the same name (checked there)
     options = ScoreOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ScoreOptions)})
     args.date = archive.resolve_date(args.date, args.timezone)
+    from pipeline import storage
+    for uri in (args.archive, args.output):  # a bad URI (credentials in it, an unknown scheme) before Ray starts
+        storage.normalize(uri)
     init_ray()
     s = score_night(archive.Partition(args.archive, args.deployment, args.date), args.output, options)
     if s["random_weights"]:

@@ -206,8 +206,8 @@ def get_version(deployment: str, version: str | int | None = None, alias: str | 
         return c.get_model_version_by_alias(name, alias)
     except MlflowException as e:
         which = f"version {version}" if version is not None else f"alias {alias!r}"
-        raise NotFoundError(f"registered model {name!r} has no {which} (tracking URI {tracking_uri()}): "
-                          f"{e.message if hasattr(e, 'message') else e}") from e
+        raise NotFoundError(f"registered model {name!r} has no {which} (tracking URI "
+                            f"{storage.redact(tracking_uri())}): {e.message if hasattr(e, 'message') else e}") from e
 
 
 class PromotionRefused(RefusedError):
@@ -266,8 +266,8 @@ CACHE_UNUSED_DAYS = 7.0
 
 
 def model_cache_dir() -> str:
-    """This node's folder of fetched model versions (ANOPLE_MODEL_CACHE, default <tmp>/anople-models)."""
-    return os.environ.get("ANOPLE_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "anople-models")
+    """This node's folder of fetched model versions (ANOPLE_MODEL_CACHE, default <tmp>/anople-models-<uid>, 0700)."""
+    return os.environ.get("ANOPLE_MODEL_CACHE") or storage.user_temp("anople-models")
 
 
 def _prune_cache(cache: str, keep: str) -> None:
@@ -285,7 +285,8 @@ def _fetch_into(cache: str, final: str, uri: str) -> None:
     try:
         fetched = connect().artifacts.download_artifacts(artifact_uri=uri, dst_path=partial)
         with open(os.path.join(partial, "source.json"), "w") as f:  # what this folder is, for whoever looks
-            json.dump({"uri": uri, "tracking_uri": tracking_uri(), "path": os.path.relpath(fetched, partial)}, f)
+            json.dump({"uri": uri, "tracking_uri": storage.redact(tracking_uri()),
+                       "path": os.path.relpath(fetched, partial)}, f)
         os.rename(partial, final)  # atomic; fails if another process got there first, and theirs is as good
     except OSError:
         if not os.path.isdir(final):
@@ -308,8 +309,7 @@ def materialize(uri: str) -> str:
         atexit.register(shutil.rmtree, dst, True)
         _FETCHED[uri] = connect().artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
         return _FETCHED[uri]
-    cache = model_cache_dir()
-    os.makedirs(cache, exist_ok=True)
+    cache = storage.private_dir(model_cache_dir())  # this user's only: what is in it is loaded as a model
     # one folder per (tracking server, URI): artifact URIs of registered versions are never rewritten
     key = hashlib.sha256(f"{tracking_uri()}\n{uri}".encode()).hexdigest()[:24]
     final = os.path.join(cache, key)

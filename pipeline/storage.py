@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import tempfile
 import time
 from urllib.parse import urlparse
 
@@ -58,14 +59,49 @@ def _strip_file(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+_USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
+
+
+def redact(uri: str) -> str:
+    """The URI with any user:password@ part masked: what may be printed, logged or stored."""
+    return _USERINFO.sub(r"\1***@", uri)
+
+
 def normalize(uri: str) -> str:
-    """Local paths become absolute (Ray workers may run elsewhere); remote URIs lose trailing '/'."""
+    """Local paths become absolute (Ray workers may run elsewhere); remote URIs lose trailing '/'. A URI carrying
+    credentials (s3://KEY:SECRET@bucket/...) is refused: it would be written verbatim into MLflow params, the
+    night's marker, every row's heatmap_uri and error texts."""
     if is_remote(uri):
         scheme = urlparse(uri).scheme
         if scheme not in ("s3", "s3a"):
-            raise UsageError(f"unsupported storage scheme {scheme!r} in {uri!r}: use a local path, file:// or s3://")
+            raise UsageError(f"unsupported storage scheme {scheme!r} in {redact(uri)!r}: use a local path, file:// "
+                             "or s3://")
+        if _USERINFO.match(uri):
+            raise UsageError(f"credentials in a storage URI are refused ({redact(uri)!r}): give them to the S3 client "
+                             "through its environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a profile")
         return uri.rstrip("/")
     return os.path.abspath(_strip_file(uri))
+
+
+def private_dir(path: str) -> str:
+    """Create (or check) a local cache folder only this user can write: created 0700; an existing one must be owned
+    by this user and writable by no one else, else it is refused (in a shared temp folder another user could have
+    made it first and planted weights or a model in it). Returns the path."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise UsageError(f"cache folder {path} belongs to another user (uid {st.st_uid}): set its variable "
+                         "(ANOPLE_MODEL_CACHE, ANOPLE_WEIGHTS_CACHE) to a folder of your own")
+    if st.st_mode & 0o022:
+        raise UsageError(f"cache folder {path} is writable by others (mode {oct(st.st_mode & 0o777)}): "
+                         "chmod go-w it or point its variable elsewhere")
+    return path
+
+
+def user_temp(name: str) -> str:
+    """<temp folder>/<name>-<uid>: a per-user default for a cache (never one shared, predictable path)."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return os.path.join(tempfile.gettempdir(), f"{name}-{uid}")
 
 
 def join(base: str, *parts: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 
 import huggingface_hub.constants
 import open_clip
@@ -33,8 +32,9 @@ def local_weights(weights: str, cache_dir: str | None = None) -> str:
     if weights.startswith("file://"):
         return weights[len("file://"):]
     if storage.is_remote(weights):
-        cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "anople-weights")
-        os.makedirs(cache_dir, exist_ok=True)
+        # this user's only: what is in it is loaded as the backbone
+        cache_dir = storage.private_dir(cache_dir or os.environ.get("ANOPLE_WEIGHTS_CACHE")
+                                        or storage.user_temp("anople-weights"))
         name = hashlib.sha256(weights.encode()).hexdigest()[:16] + "-" + os.path.basename(weights)
         local = os.path.join(cache_dir, name)
         if not os.path.exists(local):
