@@ -309,7 +309,7 @@ def test_a_night_in_which_no_row_scored_publishes_its_error_rows_and_exits_1(pla
     import json
 
     from PIL import Image
-    date = "2026-11-24"
+    date = "2026-11-28"
     src = tmp_path / "gear"
     src.mkdir()
     Image.new("RGB", (32, 32), (90, 90, 90)).save(src / "g1.png")
