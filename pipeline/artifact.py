@@ -139,10 +139,37 @@ def load_spec(uri: str, expected_sha256: str | None = None) -> ModelSpec:
     (each actor checks what it loads again: a node's cached copy can differ from the store's)."""
     files = Files(uri, expected_sha256)
     spec = ModelSpec.from_json(files.read("model.json").decode()).validate()
-    if files.checked:
-        for rel in ([spec.prompts_file] if spec.prompts_file else []) + [ps.bank_file for ps in spec.products.values()]:
-            files.read(rel)  # one file in memory at a time
+    if files.checked and spec.prompts_file:
+        files.read(spec.prompts_file)
+    for p, ps in spec.products.items():  # one bank in memory at a time
+        check_bank(spec, p, bank_arrays(files.read(ps.bank_file), f"{uri}: {ps.bank_file}"), f"{uri}: {ps.bank_file}")
     return spec
+
+
+def bank_arrays(data: bytes, where: str) -> list:
+    """A bank file's layers ([n_patches, d_v] arrays; fitting.bank.MemoryBank.to_bytes), refused if unreadable."""
+    import io
+
+    import numpy as np
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return [z[f"arr_{i}"] for i in range(len(z.files))]
+    except (ValueError, OSError, KeyError, EOFError) as e:
+        raise ModelRefused(f"{where} is not a bank ({type(e).__name__}: {e})") from e
+
+
+def check_bank(spec: ModelSpec, product: str, layers: list, where: str) -> None:
+    """Refuse a bank that is not what the spec's model searches: one [n_patches, feature_dim] array of finite
+    features per bank layer (a wrong width would fail every batch, then every row, before the night stopped)."""
+    import numpy as np
+    ps = spec.products[product]
+    if len(layers) != len(spec.bank_layers):
+        raise ModelRefused(f"{where} has {len(layers)} layers; the model's bank reads {len(spec.bank_layers)}")
+    for i, f in enumerate(layers):
+        if f.ndim != 2 or f.shape != (ps.n_patches, spec.feature_dim):
+            raise ModelRefused(f"{where} layer {i} is {list(f.shape)}, expected [{ps.n_patches}, {spec.feature_dim}]")
+        if not np.issubdtype(f.dtype, np.floating) or not np.isfinite(f).all():
+            raise ModelRefused(f"{where} layer {i} holds non-finite or non-float features ({f.dtype})")
 
 
 def sha256(data: bytes) -> str:

@@ -115,10 +115,14 @@ def test_map_levels_survive_the_artifact_round_trip(tmp_path, tiny_model):
     from pipeline import artifact
     from pipeline.artifact import ModelSpec
 
-    fit, _ = _fitted(tiny_model(fusion_calibrated=True))
+    model = tiny_model(fusion_calibrated=True)
+    fit, _ = _fitted(model)
     spec = ModelSpec(deployment="d", backbone="b", weights="random", weights_kind="random", weights_fingerprint="f",
-                     seed=0, image_size=64, bank_layers=[1], shots=1, feature_dim=8, products={"tile": fit.spec()})
+                     seed=0, image_size=64, bank_layers=list(model.bank_layers), shots=1, feature_dim=int(model.d_v),
+                     products={"tile": fit.spec()})
     artifact.save_spec(spec, str(tmp_path))
+    (tmp_path / artifact.bank_file("tile")).parent.mkdir(parents=True)
+    (tmp_path / artifact.bank_file("tile")).write_bytes(fit.bank.to_bytes())  # load_spec checks every bank's shape
     back = artifact.load_spec(str(tmp_path))
     assert back.products["tile"].map_scales == fit.map_scales and back.products["tile"] == fit.spec()
     # an artifact written before map levels existed still loads (levels default to none = 1)

@@ -111,8 +111,9 @@ def test_a_bank_of_the_wrong_width_is_refused_before_scoring(model_dir):
     narrow = [np.ascontiguousarray(f[:, :-1]) for f in bank.layers]
     path.write_bytes(MemoryBank(narrow, "faiss-cpu").to_bytes())
     digest = artifact.write_manifest(str(out))
-    with pytest.raises(ModelRefused, match=re.escape(artifact.bank_file("tile")) + r" layer 0 is \[\d+, \d+\], expected"):
-        _load(out, digest)
+    for load in (lambda: _load(out, digest), lambda: artifact.load_spec(str(out), digest)):  # actor, then driver
+        with pytest.raises(ModelRefused, match=re.escape(artifact.bank_file("tile")) + r" layer 0 is \[\d+, \d+\], expected"):
+            load()
 
 
 def test_non_finite_prompt_weights_are_refused(model_dir):

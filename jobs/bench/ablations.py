@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                         json.dump({"args": vars(args), "results": results, "train_s": times, "val_gain": gains},
                                   f, indent=1)
                 print(f"  seed {seed} {name:<40}" + "".join(f" {k} {100 * r[k]:5.1f}" for k in PAPER_METRICS)
-                      + f"  val gain {g:+.1f}  (train {t:.1f}s)", flush=True)
+                      + f"  val gain {g:+.1f}  image score {r['image_score']}  (train {t:.1f}s)", flush=True)
     print_table(rows, results, times, gains)
     return 0
 

@@ -37,7 +37,8 @@ def run_row(clip_args, overrides, train, data, test, products, seed, device):
             s, amap = scorer.score(to_model_input(rgb, S)[None], [p])
             m.update(s[0], label, amap[0], resize_mask(decode_mask(mask, rgb.shape[:2]), S))
         per[p] = m.compute()
-    return summarize(per), learned.train_seconds, val_gain
+    # the image score the model deploys (image_score auto: the one its validation chose)
+    return summarize(per) | {"image_score": model.cfg.image_score}, learned.train_seconds, val_gain
 
 
 def load_data(root, products, shots, seed):

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     out.setdefault(key, []).append({"full": full, "bank": bank, "fit_s": t, "gain": g})
                     print(f"  {key} seed {seed} full " + " ".join(f"{k} {100 * full[k]:5.1f}" for k in PAPER_METRICS)
                           + " | bank " + " ".join(f"{k} {100 * bank[k]:5.1f}" for k in PAPER_METRICS)
-                          + f" | val gain {g:+.1f}, fit {t:.0f} s", flush=True)
+                          + f" | val gain {g:+.1f}, image score {full['image_score']}, fit {t:.0f} s", flush=True)
                 if args.json:
                     with open(args.json, "w") as f:
                         json.dump({"args": vars(args), "results": out}, f, indent=1)

@@ -22,25 +22,16 @@ class UnknownProductError(NotFoundError):
 
 
 def checked_bank(files: artifact.Files, spec: artifact.ModelSpec, product: str, model: AnoPLe, backend: str) -> MemoryBank:
-    """A product's bank, refused unless it is what this model searches: one [n_patches, d_v] float array of finite
-    unit features per bank layer (a wrong width would fail every batch, then every row, before the night stops)."""
-    ps = spec.products[product]
-    where = f"{files.uri}: {ps.bank_file}"
-    try:
-        bank = MemoryBank.from_bytes(files.read(ps.bank_file), backend)
-    except (ValueError, OSError, KeyError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise artifact.ModelRefused(f"{where} is not a bank ({type(e).__name__}: {e})") from e
-    if len(bank.layers) != len(model.bank_layers):
-        raise artifact.ModelRefused(f"{where} has {len(bank.layers)} layers; the model's bank reads "
-                                    f"{len(model.bank_layers)}")
-    for i, f in enumerate(bank.layers):
-        if f.ndim != 2 or f.shape != (ps.n_patches, model.d_v):
-            raise artifact.ModelRefused(f"{where} layer {i} is {list(f.shape)}, expected [{ps.n_patches}, {model.d_v}]")
-        if not np.isfinite(f).all():
-            raise artifact.ModelRefused(f"{where} layer {i} holds non-finite features")
-    return bank
+    """A product's bank, refused unless it is what this model searches (artifact.check_bank: one [n_patches, d_v]
+    array of finite features per bank layer)."""
+    where = f"{files.uri}: {spec.products[product].bank_file}"
+    if spec.feature_dim != model.d_v or len(spec.bank_layers) != len(model.bank_layers):
+        raise artifact.ModelRefused(f"{files.uri}: model.json says {len(spec.bank_layers)} bank layers of width "
+                                    f"{spec.feature_dim}; the model built from it has {len(model.bank_layers)} of "
+                                    f"{model.d_v}")
+    layers = artifact.bank_arrays(files.read(spec.products[product].bank_file), where)
+    artifact.check_bank(spec, product, layers, where)
+    return MemoryBank(layers, backend)
 
 
 def pick_device(device: str = "auto") -> str:
