@@ -69,8 +69,8 @@ def redact(uri: str) -> str:
 
 def normalize(uri: str) -> str:
     """Local paths become absolute (Ray workers may run elsewhere); remote URIs lose trailing '/'. A URI carrying
-    credentials (s3://KEY:SECRET@bucket/...) is refused: it would be written verbatim into MLflow params, the
-    night's marker, every row's heatmap_uri and error texts."""
+    credentials (a key and secret before the bucket, `user:password@`) is refused: it would be written verbatim
+    into MLflow params, the night's marker, every row's heatmap_uri and error texts."""
     if is_remote(uri):
         scheme = urlparse(uri).scheme
         if scheme not in ("s3", "s3a"):
