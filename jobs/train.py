@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
                          "default: the known dataset code's words (VisA, Real-IAD), else the product's name")
     ap.add_argument("--restart", action="store_true", help="do not resume from this run's epoch checkpoints")
     ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (products are split among them)")
+    ap.add_argument("--cpus-per-worker", type=int, default=0,
+                    help="CPUs each Ray Train worker reserves and runs torch on (default: the smallest eligible "
+                         "node's cores shared by the workers that land on it)")
     ap.add_argument("--storage-path", default="", help="Ray Train storage (default <ANOPLE_ROOT>/ray_results)")
     return ap
 
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.shots < 1:
         ap.error("--shots must be >= 1")
+    if args.num_workers < 1 or args.cpus_per_worker < 0:
+        ap.error("--num-workers must be >= 1 and --cpus-per-worker >= 0 (0: sized to the nodes)")
     try:
         bank_layers = [int(x) for x in args.bank_layers.split(",") if x] or None
     except ValueError:
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     cfg = TrainConfig(deployment=args.deployment, archive=args.archive, shots=args.shots, seed=args.seed,
                       backbone=args.backbone, weights=args.weights, anople=anople, restart=args.restart,
-                      num_workers=args.num_workers, use_gpu=has_gpus(), storage_path=args.storage_path)
+                      num_workers=args.num_workers, use_gpu=has_gpus(), storage_path=args.storage_path,
+                      cpus_per_worker=args.cpus_per_worker)
     mv, spec, fit = train_and_register(cfg)
     if spec.is_random:
         print(registry.RANDOM_WEIGHTS_BANNER)

@@ -3,6 +3,7 @@ in-process local instance (the embedded default)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -58,3 +59,35 @@ def cluster_gpus() -> float:
 
 def has_gpus() -> bool:
     return cluster_gpus() > 0
+
+
+def train_worker_cpus(num_workers: int, use_gpu: bool, requested: int = 0) -> int:
+    """CPUs each Ray Train worker reserves (and runs torch on): `requested` when given, else the cores of the
+    smallest node that can host a worker (a GPU node when the fit uses GPUs), shared by the workers that land
+    on it. Ray's default of one CPU a worker pins a CPU fit's torch to one thread on a many-core node
+    (Ray sets OMP_NUM_THREADS to the reservation); the reservation also keeps two workers from sharing cores
+    they both think are theirs. A cluster still scaling up (no such node alive) gets one CPU a worker."""
+    if requested > 0:
+        return requested
+    needs = ["GPU" if use_gpu else "CPU", *worker_resources()]  # a node with all of them can host a worker
+    hosts = [n["Resources"].get("CPU", 0.0) for n in ray.nodes()
+             if n.get("Alive") and n["Resources"].get("CPU", 0.0) >= 1
+             and all(n["Resources"].get(k, 0.0) > 0 for k in needs) and n["Resources"].get(needs[0], 0.0) >= 1]
+    if not hosts:
+        return 1
+    per_node = math.ceil(max(1, num_workers) / len(hosts))
+    return max(1, int(min(hosts) // per_node))
+
+
+def worker_resources() -> dict[str, float]:
+    """What every scoring actor and training worker asks for besides CPUs and GPUs: a sliver of the custom
+    resource named by ANOPLE_WORKER_RESOURCE, which the cluster gives only to its worker nodes (`ray start
+    --resources '{"anople_worker": 1}'`), so that the model's work stays off the head (its driver, Ray Data's
+    reads). Unset: anywhere (a GPU cluster places GPU actors on its GPU nodes by itself)."""
+    name = os.environ.get("ANOPLE_WORKER_RESOURCE", "").strip()
+    return {name: 0.001} if name else {}
+
+
+def alive_nodes() -> list[str]:
+    """Ids of the cluster's live nodes (a night compares them at its start and end)."""
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))

@@ -28,6 +28,9 @@ class TrainConfig:
     use_gpu: bool = False
     storage_path: str = ""               # Ray Train storage and prompt checkpoints (local or s3://)
     restart: bool = False                # ignore earlier epoch checkpoints of the same run key
+    cpus_per_worker: int = 0             # CPUs each Ray Train worker reserves and runs torch on; 0 = sized to the
+                                         # nodes (pipeline.cluster.train_worker_cpus). Not in the run key: the
+                                         # same fit on more threads resumes the same run
     prompt_products: tuple[str, ...] = ()  # products whose shots train the prompts; () = all
                                            # (leave-one-product-out: all but the unseen one)
 

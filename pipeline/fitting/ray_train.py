@@ -13,6 +13,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from pipeline import artifact, registry, storage
+from pipeline.cluster import train_worker_cpus, worker_resources
 from pipeline.errors import PipelineError, UsageError
 from pipeline.fitting import job as fit_job
 from pipeline.fitting.config import TrainConfig
@@ -93,12 +94,17 @@ def fit_deployment(cfg: TrainConfig, out_dir: str, fault: WorkerCrash | None = N
     cfg = dataclasses.replace(cfg, archive=storage.normalize(cfg.archive), storage_path=storage.normalize(cfg.storage_path))
     if cfg.restart:  # start over: this run key's epoch checkpoints and Ray's run state go before any worker starts
         storage.remove_tree(storage.join(cfg.storage_path, cfg.run_key()))
+    cpus = train_worker_cpus(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
+    print(f"fit: {max(1, cfg.num_workers)} Ray Train worker(s), {cpus} CPU(s) each"
+          + (" and a GPU" if cfg.use_gpu else ""), flush=True)
     trainer = TorchTrainer(
         fit_job.fit_worker,  # a light module: see pipeline.fitting.job
         # the tracking URI travels with the job: a worker's environment may not name the driver's store
         train_loop_config={"job": FitJob(cfg, tuple(products), fault,
                                          (registry.tracking_uri(), mlflow_run_id) if mlflow_run_id else ("", ""))},
-        scaling_config=ScalingConfig(num_workers=max(1, cfg.num_workers), use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=max(1, cfg.num_workers), use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpus} | ({"GPU": 1} if cfg.use_gpu else {})
+                                     | worker_resources()),
         # named by the run key: a resubmitted job finds this run's Ray Train state and epoch checkpoints
         # (<storage>/<run key>/) instead of starting a stranger's
         run_config=RunConfig(name=cfg.run_key(), storage_path=cfg.storage_path,

@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 
+import ray
 import ray.train
 import torch
 from safetensors.torch import save as st_save
@@ -40,6 +41,9 @@ def learn_and_fit(config: dict) -> None:
     mine = list(job.products[rank::world])
     teach = list(cfg.prompt_products or job.products)
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    # torch runs on the CPUs this worker reserved (ScalingConfig's resources_per_worker, sized by
+    # pipeline.cluster.train_worker_cpus), not on Ray's one-thread default
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     keep_large_blocks_on_heap()  # the fit's forwards allocate the scoring actors' large activations (pipeline.heap)
     model = build_model(cfg.backbone, cfg.weights, cfg.seed, cfg.anople, device)
     data = load_shots(cfg.archive, cfg.deployment, sorted(set(mine) | set(teach)), cfg.shots, cfg.seed)
@@ -67,6 +71,7 @@ def learn_and_fit(config: dict) -> None:
                 "decoder_layers": list(model.decoder_layers), "prompt_depth": model.J,
                 "fusion_weight": model.cfg.fusion_weight,  # resolved on the validation signal
                 "image_score": model.cfg.image_score,      # resolved on the validation signal
+                "torch_threads": torch.get_num_threads(),  # the CPUs it reserved (cluster.train_worker_cpus)
                 "image_size": model.image_size, "feature_dim": int(model.d_v), "device": device,
                 "backend": pick_backend(device), "untrained_backbone": looks_untrained(model.clip)}
         _write(os.path.join(out, f"worker-{rank}.json"), json.dumps(meta))

@@ -1,5 +1,6 @@
 """jobs.train the way a user reruns it: two data-parallel Ray Train workers, a rerun that resumes from the
 epoch checkpoints instead of training again, and --restart that trains from scratch."""
+import json
 import os
 
 import pytest
@@ -62,8 +63,19 @@ def test_two_workers_then_resume_then_restart(ray_local, synthetic_src, mlflow_r
     a, b = _prompts(1), _prompts(2)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # the checkpoint's prompts, exactly
 
-    assert train_job.main(args + ["--restart"]) == 0
-    assert "2 epoch(s) this run" in capsys.readouterr().out
+    # each of the 2 workers reserved 1 of the 2 CPUs, and torch ran on it
+    assert "fit: 2 Ray Train worker(s), 1 CPU(s) each" in first
+    workers = [json.loads(storage.read_bytes(storage.join(registry.artifact_uri(mv1), f"worker-{r}.json"))) for r in (0, 1)]
+    assert [w["torch_threads"] for w in workers] == [1, 1]
+
+    # the run key leaves out the worker count: one worker restarts the same run, on both CPUs (issue 24, item 7:
+    # it was Ray's one CPU and one torch thread)
+    assert train_job.main(args[:args.index("--num-workers")] + args[args.index("--num-workers") + 2:]
+                          + ["--restart"]) == 0
+    third = capsys.readouterr().out
+    assert "2 epoch(s) this run" in third and "fit: 1 Ray Train worker(s), 2 CPU(s) each" in third
+    uri3 = registry.artifact_uri(registry.get_version("line2", version=3))
+    assert json.loads(storage.read_bytes(storage.join(uri3, "worker-0.json")))["torch_threads"] == 2
     # the three runs share one deterministic Ray Train run folder, named by the run key
     key = registry.connect().get_run(registry.get_version("line2", version=3).run_id).data.params["run_key"]
     assert os.listdir(mlflow_root / "ray_results") == [key]
