@@ -38,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
                     help="where JPEGs are decoded: cpu (Ray CPU tasks, reduced-size JPEG decode), device (the "
                          "scoring actors: nvJPEG on a GPU; other formats stay on the CPU) or auto (device where the "
                          "scoring actors hold GPUs, cpu otherwise)")
+    ap.add_argument("--no-resume", dest="resume", action="store_false",
+                    help="score every row again instead of adopting the rows that an ended (killed, failed) run of "
+                         "this night committed with the same model version and options (the default resumes)")
+    ap.add_argument("--skip-published", action="store_true",
+                    help="when the night is already published with the same model version and options, rescore "
+                         "nothing and exit 0 (a scheduler's rerun of a finished night)")
     return ap
 
 
@@ -59,9 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     s = score_night(archive.Partition(args.archive, args.deployment, args.date), args.output, options)
     if s["random_weights"]:
         print(registry.RANDOM_WEIGHTS_BANNER)
+    if s.get("skipped"):
+        print(f"published already: {s['rows_out']} rows by run {s['published_run']} with model version "
+              f"{s['model_version']}; nothing rescored")
+        print(f"scores:   {s['scores_uri']}")
+        summary(**{k: v for k, v in s.items() if k != "stale_runs_failed"}, deployment=args.deployment, date=args.date)
+        return 0
     print(f"scored {s['rows_out']} of {s['rows_in']} rows with model version {s['model_version']} "
           f"({s['bank_shards']} bank shard(s)): {s['ok']} ok, {s['error']} error, {s['anomalous']} anomalous; "
           f"{s['images_per_s']:.1f} images/s")
+    if s["resumed_rows"]:
+        print(f"resumed: {s['resumed_rows']} rows adopted from run(s) {', '.join(s['resumed_from'])}; "
+              f"{s['scored_rows']} scored by this run")
     print(f"scores:   {s['scores_uri']}")
     print(f"heatmaps: {s['heatmaps_uri']}")
     print(f"report:   {s['report_uri'] or 'not written: ' + s['report_error']}")

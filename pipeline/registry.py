@@ -132,6 +132,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def fail_run(run_id: str, reason: str) -> None:
+    """Mark a run that shows RUNNING but is over FAILED, with the reason as its `failure` tag."""
+    c = client()
+    c.set_tag(run_id, "failure", reason)
+    c.set_terminated(run_id, status="FAILED")
+
+
 def fail_dead_runs(experiment: str, tags: dict[str, str], current: str, stale_after_h: float = 24.0) -> list[str]:
     """Mark FAILED the runs with these tags that still show RUNNING but whose process is gone (same host,
     pid not alive) or that started more than `stale_after_h` hours ago: a killed job cannot mark itself.

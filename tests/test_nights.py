@@ -58,8 +58,14 @@ def test_an_aborted_run_leaves_the_previous_night(output):
     _publish(output, "run1", 2)
     w = nights.Night(output, "d", "2026-11-22").writer("run2", SCHEMA)
     w.write(_rows("run2", 5))
-    w.abort()
-    assert _visible(output) == ["run1/0", "run1/1"] and nights.Night(output, "d", "2026-11-22").runs_with_files() == set()
+    w.abort()  # a killed or failed run: the night as it was, its rows committed for a rerun to adopt
+    night = nights.Night(output, "d", "2026-11-22")
+    assert _visible(output) == ["run1/0", "run1/1"] and night.runs_with_files() == {"run2"}
+    assert len(night.parts("run2")) == 1
+    w = night.writer("run3", SCHEMA)
+    w.write(_rows("run3", 5))
+    w.abort(discard=True)
+    assert _visible(output) == ["run1/0", "run1/1"] and night.runs_with_files() == {"run2"}
 
 
 def test_pandas_reads_the_scores_tree(tmp_path):
@@ -67,6 +73,7 @@ def test_pandas_reads_the_scores_tree(tmp_path):
     _publish(out, "run1", 2)
     w = nights.Night(out, "d", "2026-11-22").writer("run2", SCHEMA)  # a run in flight: its staging file exists
     w.write(_rows("run2", 4))
+    w.commit()
     df = pd.read_parquet(storage.join(out, "scores"))
     assert sorted(df["image_id"]) == ["run1/0", "run1/1"]
 
@@ -111,7 +118,7 @@ def test_every_reader_sees_the_whole_tree_with_one_type_per_column(tmp_path):
     w.publish({"heatmaps": "h"})
     inflight = nights.Night(out, "d", "2026-11-22").writer("run3", SCHEMA)
     inflight.write(_rows("run3", 5))
-    inflight._writer.close()  # a whole staging file on disk, not yet published
+    inflight.commit()  # a whole staging part on disk, not yet published
     tree = storage.join(out, "scores")
     expect = [("d", "run1/0"), ("d", "run1/1"), ("e", "run2/0"), ("e", "run2/1"), ("e", "run2/2")]
     df = pd.read_parquet(tree)
@@ -122,3 +129,67 @@ def test_every_reader_sees_the_whole_tree_with_one_type_per_column(tmp_path):
     rows = duckdb.sql(f"select deployment, image_id, date from read_parquet('{tree}/**/*.parquet', "
                       "hive_partitioning=true) order by deployment, image_id").fetchall()
     assert [(d, i) for d, i, _ in rows] == expect and {str(r[2]) for r in rows} == {"2026-11-22", "2026-11-23"}
+
+
+FULL = pa.schema([("image_id", pa.string()), ("score", pa.float64()), ("status", pa.string()),
+                  ("error", pa.string()), ("is_anomalous", pa.bool_()), ("run_id", pa.string())])
+KEY = {"model_version": "3", "heatmap_side": 240}
+
+
+def _scored(run, ids, error=None):
+    n = len(ids)
+    return pa.table({"image_id": ids, "score": np.arange(n, dtype=float), "status": ["error" if error else "ok"] * n,
+                     "error": [error] * n, "is_anomalous": [False] * n, "run_id": [run] * n}, schema=FULL)
+
+
+def test_a_killed_run_commits_whole_parts_and_a_rerun_adopts_them_each_once(output, monkeypatch):
+    """Issue 24, item 4: a night killed part-way keeps what it committed; the rerun scores only the rest."""
+    monkeypatch.setenv("ANOPLE_STAGE_ROWS", "4")
+    night = nights.Night(output, "d", "2026-11-22")
+    ids = [f"img/{i}" for i in range(10)]
+    killed = night.writer("r1", FULL, KEY)
+    for i in ids[:7]:
+        killed.write(_scored("r1", [i]))
+    killed._end()  # SIGKILL: no abort, no commit of the 3 buffered rows
+    assert len(night.parts("r1")) == 1 and night.run_record("r1")["key"] == KEY
+    plan = nights.plan_resume(night, KEY, {"r1"}, ("infra",))
+    assert plan.rows == 4 and plan.image_ids == set(ids[:4]) and plan.runs == ["r1"]
+    rerun = night.writer("r2", FULL, KEY, plan)
+    rerun.write(_scored("r2", ids[4:]))
+    marker = rerun.publish({})
+    t = pads.dataset(storage.arrow_filesystem(night.uri)[1], filesystem=storage.arrow_filesystem(night.uri)[0],
+                     format="parquet").to_table()
+    assert sorted(t["image_id"].to_pylist()) == ids  # 0 lost, 0 twice
+    assert dict(zip(t["image_id"].to_pylist(), t["run_id"].to_pylist()))["img/0"] == "r1"  # who scored it
+    assert marker["resumed_from"] == ["r1"] and marker["resumed_rows"] == 4 and marker["rows"] == 10
+    assert "r2" not in night.runs_with_files()  # the publisher's staging is gone
+
+
+def test_a_rerun_adopts_nothing_of_another_key_nor_infrastructure_failures(output, monkeypatch):
+    monkeypatch.setenv("ANOPLE_STAGE_ROWS", "2")
+    night = nights.Night(output, "d", "2026-11-22")
+    a = night.writer("ra", FULL, KEY)
+    a.write(_scored("ra", ["x/0", "x/1"]))
+    a.write(_scored("ra", ["x/2", "x/3"], error="scoring failed: the device fell over"))
+    a.write(_scored("ra", ["x/4", "x/5"], error="cannot decode image: truncated"))
+    a.abort()
+    b = night.writer("rb", FULL, KEY | {"model_version": "4"})
+    b.write(_scored("rb", ["x/0", "x/1"]))
+    b.abort()
+    plan = nights.plan_resume(night, KEY, {"ra", "rb"}, ("scoring failed",))
+    # ra's ok rows and its bad image (the same answer again) are adopted; its infrastructure failures are not
+    assert plan.image_ids == {"x/0", "x/1", "x/4", "x/5"} and plan.counts["ok"] == 2 and plan.counts["error"] == 2
+    assert plan.runs == ["ra"] and "model_version ('4', now '3')" in plan.refused["rb"]
+
+
+def test_a_part_cut_short_is_not_adopted(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOPLE_STAGE_ROWS", "2")
+    night = nights.Night(str(tmp_path / "out"), "d", "2026-11-22")
+    w = night.writer("r1", FULL, KEY)
+    w.write(_scored("r1", ["a", "b"]))
+    w.abort()
+    good = night.parts("r1")[0]
+    with open(good.replace("part-00000", "part-00001"), "wb") as f:
+        f.write(open(good, "rb").read()[:40])  # a file whose writer stopped half-way
+    plan = nights.plan_resume(night, KEY, {"r1"}, ())
+    assert plan.image_ids == {"a", "b"} and plan.parts["r1"] == [good]

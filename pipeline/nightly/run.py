@@ -7,6 +7,8 @@ A night travels as three values: the input `archive.Partition` (its shards liste
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import socket
 import sys
@@ -16,7 +18,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import artifact, registry, storage
-from pipeline.cluster import cluster_gpus, has_gpus
+from pipeline.cluster import alive_nodes, cluster_gpus, has_gpus
 from pipeline.errors import PipelineError, UsageError
 from pipeline.nightly import nights, report
 from pipeline.nightly.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
@@ -37,6 +39,8 @@ class ScoreOptions:
     heatmap_side: int | None = None       # stored heatmaps' long side; default the model's input size
     heatmap_full_res: bool = False        # store each heatmap at its image's own resolution instead
     decode: str = "auto"                  # where JPEGs are decoded: decoding.DECODE_CHOICES
+    resume: bool = True                   # adopt the rows that ended runs of this night committed (same resume key)
+    skip_published: bool = False          # the night is published with the same resume key: rescore nothing
 
     def __post_init__(self):
         decode_where(self.decode, False)  # a wrong value fails before any run starts
@@ -92,6 +96,7 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
         log.params({"actors_per_shard": actors, "use_gpu": use_gpu, "decode": where,
                            "heatmap_side": target.side or "full"})
         t0 = time.time()
+        nodes_at_start = alive_nodes()
 
         def rows(image_ids, actor_restarts):  # the whole night (None), or some of its rows again
             for ds in score_partition(partition, uri, spec, info, heatmaps=target, image_ids=image_ids,
@@ -110,12 +115,27 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
             return to_table(error_rows({k: np.array(v, dtype=object) for k, v in row.items()}, info, [reason] * n,
                                        threshold=thr))
 
-        writer = night.writer(run_id, SCORE_SCHEMA)
-        counts = {"ok": 0, "error": 0, "anomalous": 0, "infra_errors": 0}
         n_in = partition.count_rows()  # read once: progress total and the invariant
-        progress = Progress(f"score {deployment} {date}", n_in)
+        key = resume_key(partition, mv, target, where)
+        published = night.published()
+        if options.skip_published and published and published.get("key") == key:
+            print(f"score: the night is published by run {published['run_id']} with the same model version and "
+                  f"options: nothing rescored (--skip-published)", flush=True)
+            log.tags({"skipped": f"published by run {published['run_id']}"})
+            return {"skipped": True, "rows_in": n_in, "rows_out": published["rows"], "run_id": run_id,
+                    "published_run": published["run_id"], "model_version": mv.version, "scores_uri": published["scores"],
+                    "random_weights": spec.is_random, "stale_runs_failed": stale,
+                    **{k: published.get(k, 0) for k in ("ok", "error", "anomalous", "infra_errors")}}
+        plan = _plan_resume(night, exp, run_id, key, options.resume)
+        log.params({"resumed_from": ",".join(plan.runs) or "-", "resume_key": json.dumps(key, sort_keys=True)[:6000]})
+        writer = night.writer(run_id, SCORE_SCHEMA, key, plan)
+        counts = {"ok": plan.counts.get("ok", 0), "error": 0, "anomalous": plan.counts.get("anomalous", 0),
+                  "infra_errors": 0}
+        progress = Progress(f"score {deployment} {date}", n_in - plan.rows)
+        # the rows still to score: all of them, or (resuming) those no ended run committed
+        todo = None if not plan.rows else tuple(i for i in partition.image_ids() if i not in plan.image_ids)
         try:
-            for table in isolating(rows, partition.image_ids, crashed_row):
+            for table in isolating(rows, partition.image_ids, crashed_row, start=todo):
                 writer.write(table)
                 progress.update(table.num_rows)
                 counts["ok"] += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
@@ -129,26 +149,78 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
                                     f"(over --max-error-rate {options.max_error_rate:g}); nothing published, the "
                                     "previous night stands")
             progress.finish()
-            marker = writer.publish({"model_version": str(mv.version), "heatmaps": target.prefix,
+            # nodes that left the cluster while the night ran: Ray restarted their actors and redid their tasks
+            lost = sorted(set(nodes_at_start) - set(alive_nodes()))
+            if lost:
+                print(f"score: {len(lost)} node(s) lost during the night ({', '.join(lost)}): their actors were "
+                      f"restarted and their unfinished batches redone on the nodes left; every row is here once",
+                      flush=True)
+            marker = writer.publish({"nodes_lost": lost, "model_version": str(mv.version), "heatmaps": target.prefix,
+                                     "key": key,
                                      "class_names": {p: ps.class_name for p, ps in spec.products.items() if ps.class_name},
                                      "image_score": spec.anople.get("image_score", "map"),
                                      "archive": storage.normalize(partition.archive), **counts})
+        except TooManyErrors:
+            writer.abort(discard=True)  # its error rows are not worth adopting; its ok rows are scored again
+            raise
         except BaseException:
-            writer.abort()
+            writer.abort()  # killed, interrupted, a cluster fault: what it committed is adopted by a rerun
             raise
         seconds = time.time() - t0
-        # the night now names this run: files of runs that ended (killed, failed, replaced) go
+        # the night now names this run: files of runs that ended (killed, failed, replaced) go, except the
+        # heatmaps the published rows point at (adopted rows keep their own run's)
         alive = registry.running_runs(exp, {"job": "score", "deployment": deployment, "date": date})
         for other in night.runs_with_files() - alive - {run_id}:
-            night.remove_run_files(other)
+            night.remove_run_files(other, heatmaps=other not in plan.runs)
         summary = {"rows_in": n_in, "rows_out": writer.rows, **counts, "seconds": seconds,
+                   "resumed_rows": plan.rows, "resumed_from": plan.runs, "scored_rows": writer.rows - plan.rows,
+                   "nodes_lost": lost,
                    "images_per_s": n_in / seconds if seconds else 0.0, "bank_shards": len(shards),
                    "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
                    "heatmaps_uri": target.prefix, "random_weights": spec.is_random, "stale_runs_failed": stale}
         log.metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
-                                                           "infra_errors", "seconds", "images_per_s")})
+                                                           "infra_errors", "seconds", "images_per_s",
+                                                           "resumed_rows", "scored_rows")})
         summary.update(_night_report(log, night))
     return summary
+
+
+def resume_key(partition: archive.Partition, mv, target: HeatmapTarget, decode: str) -> dict:
+    """What a run's rows depend on: a rerun adopts an ended run's rows only when all of it is the same (the model
+    version and its files, the stored heatmaps' size, where JPEGs are decoded, the archive shards read)."""
+    _, paths = partition.shards
+    return {"model_version": str(mv.version), "artifact_sha256": registry.artifact_sha256(mv) or "",
+            "heatmap_side": target.side, "decode": decode,
+            "shards": hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:16]}
+
+
+def _plan_resume(night: nights.Night, exp: str, run_id: str, key: dict, resume: bool) -> nights.Resume:
+    """The rows this run adopts from ended runs of the night (none with resume off), said on stdout. A run
+    MLflow still shows RUNNING is ended when its heartbeat is older than nights.stale_seconds() (killed on
+    another host): it is marked FAILED first, so it is never adopted while it still writes."""
+    others = night.runs_with_files() - {run_id}
+    if not others:
+        return nights.Resume()
+    if not resume:
+        print(f"score: --no-resume: the rows of ended run(s) {', '.join(sorted(others))} are scored again", flush=True)
+        return nights.Resume()
+    alive = registry.running_runs(exp, {"job": "score", "deployment": night.deployment, "date": night.date})
+    ended = others - alive
+    for r in others & alive:
+        record = night.run_record(r)
+        age = time.time() - record.get("heartbeat", 0) if record else None
+        if age is not None and age > nights.stale_seconds():
+            registry.fail_run(r, f"no heartbeat for {age:.0f} s (killed)")
+            ended.add(r)
+        elif record is not None:
+            print(f"score: run {r} of this night is still running (heartbeat {age:.0f} s ago): its rows are "
+                  "not adopted", flush=True)
+    plan = nights.plan_resume(night, key, ended, INFRA_ERRORS)
+    for r, why in sorted(plan.refused.items()):
+        print(f"score: not resuming run {r}: {why}; its rows are scored again", flush=True)
+    if plan.rows:
+        print(f"score: resuming: {plan.rows} rows adopted from run(s) {', '.join(plan.runs)}", flush=True)
+    return plan
 
 
 def _night_report(log: registry.RunLog, night: nights.Night) -> dict:

@@ -27,7 +27,7 @@ from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
 from ray.data.expressions import col
 
 from pipeline import artifact, storage
-from pipeline.cluster import cluster_gpus
+from pipeline.cluster import cluster_gpus, worker_resources
 from pipeline.heap import keep_large_blocks_on_heap, release_freed_memory
 from pipeline.nightly.nights import heatmap_key
 from pipeline.nightly.score_table import RunInfo, error_rows, score_rows
@@ -352,7 +352,7 @@ def score_partition(partition: archive.Partition, artifact_uri: str, spec: artif
                                    "cpu_share": actors, "artifact_sha256": artifact_sha256,
                                    **({"heatmaps": heatmaps} if writes else {})},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-            num_gpus=gpu_share, num_cpus=0 if use_gpu else 1,
+            num_gpus=gpu_share, num_cpus=0 if use_gpu else 1, resources=worker_resources() or None,
             max_restarts=actor_restarts, max_task_retries=actor_restarts)
         if heatmaps is not None and use_gpu:
             scored = scored.map_batches(write_heatmaps, batch_format="numpy", max_retries=TASK_RETRIES,
@@ -365,17 +365,20 @@ INFRA_ERRORS = ("scoring failed", "heatmap write failed", "scoring process crash
 
 
 def isolating(build: Callable[[tuple[str, ...] | None, int], Iterator[pa.Table]], all_ids: Callable[[], list[str]],
-              crashed_row: Callable[[str, str], pa.Table]) -> Iterator[pa.Table]:
+              crashed_row: Callable[[str, str], pa.Table], start: tuple[str, ...] | None = None) -> Iterator[pa.Table]:
     """The score tables of `build(None, ACTOR_RESTARTS)` (the whole night), each row once. When a scoring
     process dies again and again (its bounded retries spent), the rows already produced are kept and the
     rest is split in halves and run again, down to single rows: a row that still kills its process becomes
     `crashed_row(image_id, reason)`, an error row, and the night goes on. Halves get no restarts (a crash
-    just splits them further); a single row gets one, so a passing fault does not condemn it."""
+    just splits them further); a single row gets one, so a passing fault does not condemn it. `start`: only
+    these rows (a resumed night's rest), with the whole night's restarts."""
     done: set[str] = set()
-    todo: list[tuple[str, ...] | None] = [None]
+    if start is not None and not start:
+        return
+    todo: list[tuple[str, ...] | None] = [start]
     while todo:
         subset = todo.pop()
-        restarts = ACTOR_RESTARTS if subset is None else 1 if len(subset) == 1 else 0
+        restarts = ACTOR_RESTARTS if subset is start else 1 if len(subset) == 1 else 0
         try:
             for table in build(subset, restarts):
                 done.update(table["image_id"].to_pylist())

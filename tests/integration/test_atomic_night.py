@@ -80,23 +80,19 @@ def _every_reader_sees(plant, image_ids):
     assert [r[0] for r in rows] == image_ids and all(r[1].endswith(".png") for r in rows)
 
 
-def _start_and_kill(plant, sig, first_run):
-    """Start jobs.score as its own process; signal it once its first heatmaps exist (mid-run)."""
+def _start_and_kill(plant, sig, earlier):
+    """Start jobs.score as its own process; signal it once it has committed its first staged rows (mid-run)."""
     cmd = [sys.executable, "-m", "jobs.score", "--deployment", "an", "--archive", plant["arch"], "--date", DATE,
            "--output", plant["out"], "--batch-size", "2"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a cron job starts
+    env["ANOPLE_STAGE_ROWS"] = "4"  # commits every 4 rows: the kill lands with some of the night committed
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    def heatmaps_of(run):
-        try:
-            return storage.list_files(nights.Night(plant["out"], "an", DATE).heatmap_prefix(run))
-        except FileNotFoundError:
-            return []
-
+    night = nights.Night(plant["out"], "an", DATE)
     seen = set()
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        seen = nights.Night(plant["out"], "an", DATE).runs_with_files() - {first_run}
-        if any(heatmaps_of(r) for r in seen):
+        seen = night.runs_with_files() - set(earlier)
+        if any(night.parts(r) for r in seen):
             break
         time.sleep(0.2)
     assert proc.poll() is None and seen, "the run ended before it could be killed"
@@ -109,7 +105,14 @@ def _start_and_kill(plant, sig, first_run):
     return seen.pop(), during
 
 
-def test_killed_runs_leave_the_previous_night_and_a_rerun_completes_it(plant):
+def _committed(plant, run) -> set[str]:
+    """The image_ids a run committed to staging (what a rerun may adopt)."""
+    night = nights.Night(plant["out"], "an", DATE)
+    return nights.plan_resume(night, night.run_record(run)["key"], {run}, ()).image_ids
+
+
+def test_killed_runs_leave_the_previous_night_and_a_rerun_resumes_it(plant, capsys):
+    """Issue 24, item 4: each killed run's committed rows are adopted by the rerun, which scores only the rest."""
     assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", DATE,
                            "--output", plant["out"]]) == 0
     first = _night(plant["out"])
@@ -117,26 +120,44 @@ def test_killed_runs_leave_the_previous_night_and_a_rerun_completes_it(plant):
     assert len(first) == plant["n"] and {r[2] for r in first} == {run1}
     _every_reader_sees(plant, [r[0] for r in first])
 
-    killed, during = _start_and_kill(plant, signal.SIGKILL, run1)
+    killed, during = _start_and_kill(plant, signal.SIGKILL, {run1})
     assert during == first and _night(plant["out"]) == first  # during and after the kill: the old night, whole
     c = registry.client()
     assert c.get_run(killed).info.status == "RUNNING"  # SIGKILL: nobody could mark it
+    by_killed = _committed(plant, killed)
 
-    termed, _ = _start_and_kill(plant, signal.SIGTERM, run1)  # a scheduler's stop
+    # a scheduler's stop of the next run: it had adopted the killed run's rows and scored some more
+    termed, _ = _start_and_kill(plant, signal.SIGTERM, {run1, killed})
     assert _night(plant["out"]) == first
-    assert nights.Night(plant["out"], "an", DATE).runs_with_files() >= {killed}
+    by_termed = _committed(plant, termed)
+    assert by_killed and by_termed and not by_killed & by_termed  # the second run scored only the rest
 
+    capsys.readouterr()
     assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", DATE,
                            "--output", plant["out"]]) == 0
+    out = capsys.readouterr().out
+    resumed = len(by_killed) + len(by_termed)
+    assert (f"resumed: {resumed} rows adopted from run(s) {', '.join(sorted([killed, termed]))}; "
+            f"{plant['n'] - resumed} scored by this run") in out
     after = _night(plant["out"])
-    run3 = after[0][2]
-    assert {r[2] for r in after} == {run3} and run3 not in (run1, killed, termed)
+    run3 = nights.Night(plant["out"], "an", DATE).published()["run_id"]
+    assert run3 not in (run1, killed, termed)
     assert [r[0] for r in after] == [r[0] for r in first]  # every row once: 0 missing, 0 duplicated
+    who = {r[0]: r[2] for r in after}  # each row names the run that scored it
+    assert {i for i, r in who.items() if r == killed} == by_killed
+    assert {i for i, r in who.items() if r == termed} == by_termed
+    assert sum(r == run3 for r in who.values()) == plant["n"] - resumed
     assert c.get_run(killed).info.status == "FAILED" and "killed" in c.get_run(killed).data.tags["failure"]
     assert c.get_run(termed).info.status == "FAILED"  # by itself at exit, or by the rerun
-    assert nights.Night(plant["out"], "an", DATE).runs_with_files() == {run3}  # ended runs' heatmaps and staging are gone
+    # staging is gone; the heatmaps stay of exactly the runs the published rows point at
+    assert nights.Night(plant["out"], "an", DATE).runs_with_files() == {run3, killed, termed}
     for _, _, _, uri, status in after:
         assert status != "ok" or storage.exists(uri)
+
+    # the same night again with --skip-published: nothing rescored, the night as it was
+    assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", DATE,
+                           "--output", plant["out"], "--skip-published"]) == 0
+    assert "nothing rescored" in capsys.readouterr().out
     assert nights.Night(plant["out"], "an", DATE).published()["run_id"] == run3
 
 
