@@ -19,6 +19,7 @@ VERBS = {  # verb -> (module, one line)
     "promote": ("jobs.promote", "move a registry alias (e.g. production) to a version, behind the gates"),
     "score": ("jobs.score", "score one night, publish scores, heatmaps and the night's report"),
     "report": ("jobs.report", "rebuild a published night's HTML report"),
+    "submit": ("jobs.submit", "submit a verb to a Ray cluster under a deterministic id (a retry attaches, never doubles)"),
 }
 
 

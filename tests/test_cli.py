@@ -61,7 +61,7 @@ def test_a_bad_argument_of_a_real_job_is_a_usage_error(tmp_path, synthetic_src, 
     assert e.value.code == EXIT_USAGE
 
 
-VERBS = ["ingest", "train", "evaluate", "promote", "score", "report"]
+VERBS = ["ingest", "train", "evaluate", "promote", "score", "report", "submit"]
 
 
 @pytest.mark.parametrize("verb", [None] + VERBS)
@@ -123,3 +123,19 @@ def test_a_bad_scoring_option_is_a_usage_error_before_anything_starts(monkeypatc
     monkeypatch.setattr(pipeline.cluster, "init_ray", lambda: pytest.fail("Ray started for a bad option"))
     rc = score_job.main(["--deployment", "d", "--archive", "a", "--date", "2026-11-22", "--output", "o", flag, value])
     assert rc == EXIT_USAGE and words in capsys.readouterr().err
+
+
+def test_a_submission_id_names_the_deployment_and_the_night_yesterday_resolved_once():
+    """Issue 24, item 5: a scheduler's retry computes the same id; 'yesterday' is pinned at submission."""
+    import datetime as dt
+
+    from jobs.submit import resolved_command, submission_id
+    night = ["score", "--deployment", "line1", "--archive", "s3://a/b", "--date", "yesterday", "--output", "s3://a/c"]
+    cmd = resolved_command(night)
+    yesterday = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)).isoformat()
+    assert cmd[cmd.index("--date") + 1] == yesterday and night[6] == "yesterday"
+    assert submission_id(cmd) == f"anople-score-line1-{yesterday}" == submission_id(resolved_command(night))
+    assert submission_id(resolved_command(night[:5] + ["--date=2026-11-21"] + night[7:])) == "anople-score-line1-2026-11-21"
+    train = ["train", "--deployment", "line/1", "--archive", "s3://a/b", "--shots", "4"]
+    assert submission_id(train) == submission_id(list(train)) != submission_id(train[:-1] + ["2"])
+    assert submission_id(train).startswith("anople-train-line_1-")  # only characters a submission id takes
