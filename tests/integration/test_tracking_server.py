@@ -24,7 +24,11 @@ USER, PASSWORD = "admin", SECRET_MARKER + "-mlflow"  # the session's MLflow cred
 
 @pytest.fixture(scope="module")
 def server(s3_server, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
+    yield from mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+
+
+def mlflow_server(root):
+    """An authenticated MLflow server serving its own artifacts, on a free port; yields its url and folder."""
     ini = root / "auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{root}/basic_auth.db\nadmin_username = {USER}\n"

@@ -1,0 +1,148 @@
+"""The pipeline on a Ray cluster of three nodes on this machine (a head and two worker nodes, each `ray start` with
+its own temp folder and its own model cache, as separate machines would be), jobs submitted the way users do
+(`anople submit`, Ray's job server), the model behind an MLflow tracking server so that each node fetches it
+itself. Issue 24: scoring actors and training workers on the worker nodes only; a worker node killed mid-night
+(the one holding the only scoring actor) and the night still whole; a scheduler's second submission attaching
+to the running job instead of starting another."""
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline import storage
+from pipeline.nightly import nights
+from pipeline.sources.synthetic import make_mvtec_folder
+from tests.conftest import TINY, free_port
+from tests.integration.test_ray_cluster import RAY, _kill_cluster
+from tests.integration.test_tracking_server import PASSWORD, USER, mlflow_server
+
+pytestmark = pytest.mark.integration
+DATE = "2026-11-25"
+N_NIGHT = 48
+
+
+def _ports(n):
+    return [free_port() for _ in range(n)]
+
+
+def _start_node(args, env, temp):
+    agent, agent_grpc, env_agent, metrics = _ports(4)
+    subprocess.run([RAY, "start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                    f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def server(s3_server, tmp_path_factory):
+    yield from mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+
+
+@pytest.fixture(scope="module")
+def cluster(server, tmp_path_factory):
+    """head: 1 CPU, the job server, no worker resource; nodes a and b: 2 CPUs and `anople_worker` each."""
+    root = tmp_path_factory.mktemp("multinode")
+    base = tempfile.mkdtemp(prefix="raym", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dash, client = _ports(3)
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "HF_HUB_OFFLINE": "1",
+           # what each node's own environment holds on a real cluster (a Secret, an instance role): the tracking
+           # server and its credential; never the job's runtime env
+           "MLFLOW_TRACKING_URI": server["url"], "MLFLOW_TRACKING_USERNAME": USER,
+           "MLFLOW_TRACKING_PASSWORD": PASSWORD, "ANOPLE_ROOT": str(root / "root")}
+    for k in ("RAY_ADDRESS", "ANOPLE_ARTIFACT_ROOT", "ANOPLE_MODEL_CACHE"):
+        env.pop(k, None)
+    temps = {n: os.path.join(base, n) for n in ("head", "a", "b")}
+    caches = {n: str(root / f"cache-{n}") for n in ("head", "a", "b")}
+    try:
+        _start_node(["--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={dash}", f"--ray-client-server-port={client}", "--num-cpus=1"],
+                    env | {"ANOPLE_MODEL_CACHE": caches["head"]}, temps["head"])
+        for n in ("a", "b"):
+            _start_node([f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"anople_worker": 1}'],
+                        env | {"ANOPLE_MODEL_CACHE": caches[n]}, temps[n])
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temps": temps, "caches": caches, "root": root}
+    finally:
+        _kill_cluster(base)
+
+
+def _submit(cluster, *argv, wait=True):
+    """anople submit as its own process (the scheduler's call); its exit code and output."""
+    runtime_env = {"env_vars": {"ANOPLE_WORKER_RESOURCE": "anople_worker", "ANOPLE_STAGE_ROWS": "4"}}
+    cmd = [sys.executable, "-m", "jobs.submit", "--address", cluster["address"], "--python", sys.executable,
+           "--runtime-env-json", json.dumps(runtime_env), *([] if wait else ["--no-wait"]), "--", *argv]
+    for _ in range(45):  # the head's job agent takes a few seconds to come up after `ray start`
+        out = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=900, cwd=os.getcwd())
+        log = out.stdout + out.stderr
+        if "No available agent to submit job" not in log:
+            return out.returncode, log
+        time.sleep(2)
+    raise AssertionError(log[-3000:])
+
+
+def _fetched(cache):
+    """Model versions this node fetched into its own cache."""
+    return [d for d in os.listdir(cache) if not d.startswith(".")] if os.path.isdir(cache) else []
+
+
+def test_a_night_survives_losing_the_node_of_its_only_scoring_actor(cluster, synthetic_src, tmp_path):
+    arch, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    from pipeline.sources.ingest import ingest
+    ingest(synthetic_src, arch, "mn", "2026-11-20")
+    night = make_mvtec_folder(str(tmp_path / "night"), ("tile", "washer"), n_train=0, n_test_good=21,
+                              n_test_defect=1, size=64, seed=11)
+    for p in ("tile", "washer"):
+        ingest(f"{night}/{p}/test", arch, "mn", DATE, product=p)
+
+    # item 1: the training workers run on the worker nodes (the head has no anople_worker)
+    rc, log = _submit(cluster, "train", "--deployment", "mn", "--archive", arch, "--shots", "1", "--backbone",
+                      TINY, "--weights", "random", "--epochs", "1", "--steps-per-epoch", "1")
+    assert rc == 0 and "registered anople-mn version 1" in log, log[-4000:]
+    assert "fit: 1 Ray Train worker(s), 2 CPU(s) each" in log  # a worker node's 2 cores, not the head's 1
+    rc, log = _submit(cluster, "promote", "--deployment", "mn", "--from-alias", "candidate", "--to", "production",
+                      "--force")
+    assert rc == 0, log[-3000:]
+
+    score = ["score", "--deployment", "mn", "--archive", arch, "--date", DATE, "--output", out,
+             "--actors-per-shard", "1", "--batch-size", "2"]
+    rc, log = _submit(cluster, *score, wait=False)
+    assert rc == 0 and "submitted job anople-score-mn-" + DATE in log, log[-3000:]
+    # item 5: the scheduler's retry while it runs attaches to it, it does not start a second night
+    rc, log = _submit(cluster, *score, wait=False)
+    assert rc == 0 and "attached job anople-score-mn-" + DATE in log, log[-3000:]
+
+    n = nights.Night(out, "mn", DATE)
+    deadline, victim = time.time() + 400, None
+    while time.time() < deadline and victim is None:
+        committed = sum(len(n.parts(r)) for r in n.runs_with_files())
+        holders = [x for x in ("a", "b") if _fetched(cluster["caches"][x])]
+        if committed >= 2 and holders:  # 8 rows committed: the night is under way on the actor's node
+            victim = holders[0]
+        time.sleep(0.3)
+    assert victim, "the night ended (or never started) before a node could be lost"
+    # (the head's cache holds the driver's own copy: it checks the files' hashes before any actor starts; the
+    # head has no anople_worker, so no actor can run there)
+    assert _fetched(cluster["caches"]["head"])
+    _kill_cluster(cluster["temps"][victim])  # the node's raylet, its workers, everything on it
+    t_kill = time.time()
+
+    rc, log = _submit(cluster, *score)  # attaches again and follows the job to its end
+    assert rc == 0 and "SUCCEEDED" in log, log[-5000:]
+    fs, path = storage.arrow_filesystem(n.uri)
+    rows = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["image_id", "status", "heatmap_uri"]).to_pylist()
+    ids = [r["image_id"] for r in rows]
+    assert len(ids) == N_NIGHT and len(set(ids)) == N_NIGHT  # 0 lost, 0 twice
+    assert all(r["status"] == "ok" and storage.exists(r["heatmap_uri"]) for r in rows)
+    other = "b" if victim == "a" else "a"
+    assert _fetched(cluster["caches"][other])  # the restarted actor fetched the model on the node left
+    marker = n.published()
+    assert marker["nodes_lost"] and marker["rows"] == N_NIGHT, marker
+    print(f"multinode: node {victim} killed; night finished {time.time() - t_kill:.1f} s later; "
+          f"marker {json.dumps({k: marker[k] for k in ('rows', 'nodes_lost', 'resumed_rows')})}")
