@@ -22,8 +22,12 @@ browser:
 	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium missing and not installable here: the report's browser test will fail" >&2
 
+# two test processes, a whole file each (its module fixtures stay in one process): most of the suite's wall time
+# is Ray, MLflow and moto starting and waiting, so two overlap on a 2-core machine (pytest-xdist)
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed browser
-	HF_HUB_OFFLINE=1 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf demo-run anople-root .pytest_cache
