@@ -193,3 +193,28 @@ def test_a_part_cut_short_is_not_adopted(tmp_path, monkeypatch):
         f.write(open(good, "rb").read()[:40])  # a file whose writer stopped half-way
     plan = nights.plan_resume(night, KEY, {"r1"}, ())
     assert plan.image_ids == {"a", "b"} and plan.parts["r1"] == [good]
+
+
+def test_rows_a_failed_stream_left_run_again_only_when_the_night_allows_it():
+    """Issue 24, item 2: a lost node can take one of Ray Data's own actors (its parquet footer reader) with it,
+    which Ray does not retry: the night runs the rows the stream had not yet given again, each row once."""
+    from pipeline.nightly.stages import isolating
+
+    ids = [f"r{i}" for i in range(6)]
+    calls = []
+
+    def build(subset, restarts):
+        calls.append((subset, restarts))
+        rows = ids if subset is None else list(subset)
+        for i, r in enumerate(rows):
+            if len(calls) == 1 and i == 2:
+                raise RuntimeError("the actor's node has died")
+            yield pa.table({"image_id": [r]})
+
+    asked = []
+    out = [t["image_id"][0].as_py() for t in isolating(build, lambda: ids, None,
+                                                        retry_after=lambda e, left: asked.append(left) or True)]
+    assert out == ids and asked == [4] and calls[1] == (tuple(ids[2:]), calls[0][1])  # the rest, whole, same restarts
+    calls.clear()
+    with pytest.raises(RuntimeError, match="node has died"):  # no node lost: the night's failure
+        list(isolating(build, lambda: ids, None, retry_after=lambda e, left: False))

@@ -59,6 +59,9 @@ class ScoreOptions:
                              else self.heatmap_side or image_size)
 
 
+NODE_LOSS_RETRIES = 3  # times a night's unscored rows run again after a lost node failed its stream
+
+
 class TooManyErrors(PipelineError):
     """More rows failed for infrastructure reasons than the night may lose; nothing was published."""
 
@@ -134,8 +137,21 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
         progress = Progress(f"score {deployment} {date}", n_in - plan.rows)
         # the rows still to score: all of them, or (resuming) those no ended run committed
         todo = None if not plan.rows else tuple(i for i in partition.image_ids() if i not in plan.image_ids)
+        redone: list[int] = []  # rows run again after a node loss failed a build
+
+        def retry_after(error: BaseException, left: int) -> bool:
+            """A build failed and a node has left the cluster since the night began: its rows not yet scored run
+            again on the nodes left (NODE_LOSS_RETRIES times at most); any other failure is the night's."""
+            lost = set(nodes_at_start) - set(alive_nodes())
+            if not lost or len(redone) >= NODE_LOSS_RETRIES:
+                return False
+            redone.append(left)
+            print(f"score: a node left the cluster and the night's stream failed ({type(error).__name__}); "
+                  f"running its {left} unscored rows again on the nodes left", flush=True)
+            return True
+
         try:
-            for table in isolating(rows, partition.image_ids, crashed_row, start=todo):
+            for table in isolating(rows, partition.image_ids, crashed_row, start=todo, retry_after=retry_after):
                 writer.write(table)
                 progress.update(table.num_rows)
                 counts["ok"] += pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
@@ -153,9 +169,10 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
             lost = sorted(set(nodes_at_start) - set(alive_nodes()))
             if lost:
                 print(f"score: {len(lost)} node(s) lost during the night ({', '.join(lost)}): their actors were "
-                      f"restarted and their unfinished batches redone on the nodes left; every row is here once",
-                      flush=True)
-            marker = writer.publish({"nodes_lost": lost, "model_version": str(mv.version), "heatmaps": target.prefix,
+                      f"restarted and their unfinished batches redone on the nodes left"
+                      + (f", {sum(redone)} unscored rows run again after the loss failed the stream" if redone else "")
+                      + "; every row is here once", flush=True)
+            marker = writer.publish({"nodes_lost": lost, "rows_rerun_after_node_loss": sum(redone), "model_version": str(mv.version), "heatmaps": target.prefix,
                                      "key": key,
                                      "class_names": {p: ps.class_name for p, ps in spec.products.items() if ps.class_name},
                                      "image_score": spec.anople.get("image_score", "map"),
@@ -174,7 +191,7 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
             night.remove_run_files(other, heatmaps=other not in plan.runs)
         summary = {"rows_in": n_in, "rows_out": writer.rows, **counts, "seconds": seconds,
                    "resumed_rows": plan.rows, "resumed_from": plan.runs, "scored_rows": writer.rows - plan.rows,
-                   "nodes_lost": lost,
+                   "nodes_lost": lost, "rows_rerun_after_node_loss": sum(redone),
                    "images_per_s": n_in / seconds if seconds else 0.0, "bank_shards": len(shards),
                    "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
                    "heatmaps_uri": target.prefix, "random_weights": spec.is_random, "stale_runs_failed": stale}

@@ -365,20 +365,22 @@ INFRA_ERRORS = ("scoring failed", "heatmap write failed", "scoring process crash
 
 
 def isolating(build: Callable[[tuple[str, ...] | None, int], Iterator[pa.Table]], all_ids: Callable[[], list[str]],
-              crashed_row: Callable[[str, str], pa.Table], start: tuple[str, ...] | None = None) -> Iterator[pa.Table]:
+              crashed_row: Callable[[str, str], pa.Table], start: tuple[str, ...] | None = None,
+              retry_after: Callable[[BaseException, int], bool] | None = None) -> Iterator[pa.Table]:
     """The score tables of `build(None, ACTOR_RESTARTS)` (the whole night), each row once. When a scoring
     process dies again and again (its bounded retries spent), the rows already produced are kept and the
     rest is split in halves and run again, down to single rows: a row that still kills its process becomes
     `crashed_row(image_id, reason)`, an error row, and the night goes on. Halves get no restarts (a crash
     just splits them further); a single row gets one, so a passing fault does not condemn it. `start`: only
-    these rows (a resumed night's rest), with the whole night's restarts."""
+    these rows (a resumed night's rest), with the whole night's restarts. Any other failure of a build is the
+    night's, unless `retry_after(error, rows left)` says to run the rows it left again whole (a lost node took
+    one of Ray Data's own tasks or actors with it, which Ray does not retry)."""
     done: set[str] = set()
     if start is not None and not start:
         return
-    todo: list[tuple[str, ...] | None] = [start]
+    todo: list[tuple[tuple[str, ...] | None, int]] = [(start, ACTOR_RESTARTS)]  # (rows, actor restarts)
     while todo:
-        subset = todo.pop()
-        restarts = ACTOR_RESTARTS if subset is start else 1 if len(subset) == 1 else 0
+        subset, restarts = todo.pop()
         try:
             for table in build(subset, restarts):
                 done.update(table["image_id"].to_pylist())
@@ -391,4 +393,9 @@ def isolating(build: Callable[[tuple[str, ...] | None, int], Iterator[pa.Table]]
                                            f"({type(e).__name__})")
             elif rest:
                 half = len(rest) // 2
-                todo += [tuple(rest[half:]), tuple(rest[:half])]
+                todo += [(tuple(r), 1 if len(r) == 1 else 0) for r in (rest[half:], rest[:half])]
+        except Exception as e:
+            rest = list(dict.fromkeys(i for i in (all_ids() if subset is None else subset) if i not in done))
+            if not rest or retry_after is None or not retry_after(e, len(rest)):
+                raise
+            todo.append((tuple(rest), restarts))

@@ -19,7 +19,7 @@ from pipeline import storage
 from pipeline.nightly import nights
 from pipeline.sources.synthetic import make_mvtec_folder
 from tests.conftest import TINY, free_port
-from tests.integration.test_ray_cluster import RAY, _kill_cluster
+from tests.integration.test_ray_cluster import RAY, _kill_cluster, _processes
 from tests.integration.test_tracking_server import PASSWORD, USER, mlflow_server
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,8 @@ def cluster(server, tmp_path_factory):
         for n in ("a", "b"):
             _start_node([f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"anople_worker": 1}'],
                         env | {"ANOPLE_MODEL_CACHE": caches[n]}, temps[n])
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temps": temps, "caches": caches, "root": root}
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temps": temps, "caches": caches, "root": root,
+               "port": port, "base": base}
     finally:
         _kill_cluster(base)
 
@@ -145,4 +146,65 @@ def test_a_night_survives_losing_the_node_of_its_only_scoring_actor(cluster, syn
     marker = n.published()
     assert marker["nodes_lost"] and marker["rows"] == N_NIGHT, marker
     print(f"multinode: node {victim} killed; night finished {time.time() - t_kill:.1f} s later; "
-          f"marker {json.dumps({k: marker[k] for k in ('rows', 'nodes_lost', 'resumed_rows')})}")
+          f"marker {json.dumps({k: marker[k] for k in ('rows', 'nodes_lost', 'rows_rerun_after_node_loss')})}")
+
+
+def _node_of(cluster, title: str) -> str | None:
+    """The worker node (a, b or c) whose raylet started the process whose title starts with `title`."""
+    procs = _processes()
+    for pid, (ppid, cmd) in procs.items():
+        if not cmd.startswith(title):
+            continue
+        while ppid in procs:
+            for n, temp in cluster["temps"].items():
+                if n != "head" and temp in procs[ppid][1]:
+                    return n
+            ppid = procs[ppid][0]
+    return None
+
+
+def _prompts(cluster, version: int) -> dict:
+    import mlflow
+    from safetensors.torch import load as st_load
+    client = mlflow.MlflowClient(tracking_uri=cluster["env"]["MLFLOW_TRACKING_URI"])
+    mv = client.get_model_version("anople-fit", str(version))
+    from pipeline.registry import model_source  # the pipeline's folder inside the pyfunc model
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_source(mv)}/prompts.safetensors",
+                                                tracking_uri=cluster["env"]["MLFLOW_TRACKING_URI"])
+    with open(local, "rb") as f:
+        return st_load(f.read())
+
+
+def test_a_fit_survives_losing_the_node_of_its_training_worker(cluster, synthetic_src, tmp_path, monkeypatch):
+    """Item 3: the worker node of the only training worker is killed after its first epoch checkpoint; Ray Train
+    brings the worker group back on a node left and the fit ends with the prompts of an uninterrupted run."""
+    import torch
+
+    # a node joins, as an autoscaler's replacement would (the night's test above lost one)
+    cluster["temps"]["c"] = os.path.join(cluster["base"], "c")
+    _start_node([f"--address=127.0.0.1:{cluster['port']}", "--num-cpus=2", '--resources={"anople_worker": 1}'],
+                cluster["env"] | {"ANOPLE_MODEL_CACHE": str(cluster["root"] / "cache-c")}, cluster["temps"]["c"])
+    arch = str(tmp_path / "archive")
+    from pipeline.sources.ingest import ingest
+    ingest(synthetic_src, arch, "fit", "2026-11-20")
+    fit = ["train", "--deployment", "fit", "--archive", arch, "--shots", "1", "--backbone", TINY, "--weights", "random",
+           "--epochs", "4", "--steps-per-epoch", "3"]
+    killed = fit + ["--storage-path", str(tmp_path / "killed")]
+    rc, log = _submit(cluster, *killed, wait=False)
+    assert rc == 0, log[-3000:]
+    deadline, victim = time.time() + 400, None
+    while time.time() < deadline and victim is None:
+        if any(p.name == "epoch-0001.pt" for p in (tmp_path / "killed").rglob("epoch-*.pt")):
+            victim = _node_of(cluster, "ray::RayTrainWorker")
+        time.sleep(0.2)
+    assert victim, "the fit ended (or its worker was not found) before its node could be lost"
+    _kill_cluster(cluster["temps"][victim])
+    rc, log = _submit(cluster, *killed)  # attaches and follows the fit to its end
+    assert rc == 0 and "SUCCEEDED" in log, log[-5000:]
+    assert "registered anople-fit version 1" in log and "4 epoch(s) this run" not in log  # resumed, not redone
+    rc, log = _submit(cluster, *fit, "--storage-path", str(tmp_path / "straight"))
+    assert rc == 0 and "registered anople-fit version 2" in log, log[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    a, b = _prompts(cluster, 1), _prompts(cluster, 2)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
