@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
                     help='the words the prompts use for a product (repeatable), e.g. pcb1="printed circuit board"; '
                          "default: the known dataset code's words (VisA, Real-IAD), else the product's name")
     ap.add_argument("--restart", action="store_true", help="do not resume from this run's epoch checkpoints")
-    ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (products are split among them)")
+    ap.add_argument("--num-workers", type=int, default=1,
+                    help="Ray Train workers: each step's views and the products' banks are split among them")
     ap.add_argument("--cpus-per-worker", type=int, default=0,
                     help="CPUs each Ray Train worker reserves and runs torch on (default: the smallest eligible "
                          "node's cores shared by the workers that land on it)")

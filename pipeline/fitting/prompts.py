@@ -28,7 +28,7 @@ from pipeline import storage
 from pipeline.errors import UsageError
 from pipeline.model.anople import AnoPLe, quadrant_views
 from pipeline.model.config import IMAGE_SCORES
-from pipeline.model.losses import align_loss, dice_loss, focal_loss, image_loss
+from pipeline.model.losses import Split, align_loss, dice_loss, focal_loss, image_loss
 from pipeline.model.pseudo import KINDS, latent_mask_pixels, latent_region, pixel_anomaly
 
 
@@ -44,11 +44,6 @@ class ShotBatch:
         return ShotBatch(self.pixels[idx], self.product_index[idx], self.products,
                          None if self.detail is None else self.detail[idx])
 
-    def shard(self, rank: int, world: int) -> "ShotBatch":
-        """Worker `rank`'s share for data-parallel training: every world-th shot."""
-        if len(self.pixels) < world:
-            raise UsageError(f"{len(self.pixels)} training shots cannot feed {world} workers: use fewer workers")
-        return self.rows(slice(rank, None, world))
 
 
 class Views(NamedTuple):
@@ -59,6 +54,12 @@ class Views(NamedTuple):
     mask: torch.Tensor            # [V, S, S] 1 where the view is anomalous (pixel or latent)
     label: torch.Tensor           # [V] 1 if the view holds any anomaly
     latent: torch.Tensor | None   # [V, HW, d_v] noise for the latent pseudo-anomaly, zero elsewhere
+
+    def part(self, rank: int, world: int) -> "Views":
+        """Data-parallel worker `rank`'s part of the views: every world-th one."""
+        take = slice(rank, None, world)
+        return Views(self.x[take], self.scale[take], self.product_index[take], self.mask[take], self.label[take],
+                     None if self.latent is None else self.latent[take])
 
 
 def train_kinds(cfg) -> list[str]:
@@ -125,8 +126,10 @@ def make_views(model: AnoPLe, shots: ShotBatch, gen: torch.Generator) -> Views:
     return Views(x, scale, pidx, mask, label, noise)
 
 
-def step_losses(model: AnoPLe, views: Views, products: list[str], device: str = "cpu") -> dict:
-    """Forward one batch of views; returns each loss term and their sum."""
+def step_losses(model: AnoPLe, views: Views, products: list[str], device: str = "cpu",
+                split: Split | None = None) -> dict:
+    """Forward one batch of views; returns each loss term and their sum. With `split`, `views` are this worker's
+    part of the batch and each term is its share of the whole batch's (pipeline.model.losses)."""
     cfg = model.cfg
     text = model.encode_text(products)  # [P, 2, D]
     latent = None if views.latent is None else views.latent.to(device)
@@ -138,9 +141,10 @@ def step_losses(model: AnoPLe, views: Views, products: list[str], device: str = 
     m = views.mask.to(logits.device)
     zero = logits.sum() * 0
     losses = {
-        "pixel": focal_loss(logits, m, cfg.focal_gamma) + dice_loss(logits, m) if cfg.use_pixel_loss else zero,
-        "img": image_loss(head["image_logits"], views.label.to(logits.device)) if cfg.use_img_loss else zero,
-        "align": align_loss(enc.z0, head["s"]) if cfg.use_align_loss else zero,
+        "pixel": focal_loss(logits, m, cfg.focal_gamma, split) + dice_loss(logits, m, split=split)
+        if cfg.use_pixel_loss else zero,
+        "img": image_loss(head["image_logits"], views.label.to(logits.device), split) if cfg.use_img_loss else zero,
+        "align": align_loss(enc.z0, head["s"], split) if cfg.use_align_loss else zero,
     }
     losses["total"] = losses["pixel"] + losses["img"] + losses["align"]
     return losses
@@ -151,19 +155,25 @@ class PromptTrainer:
     epochs without a gain); saved and loaded as bytes for checkpoints."""
 
     def __init__(self, model: AnoPLe, shots: ShotBatch, device: str, batch_size: int | None = None,
-                 grad_sync=None, amp: bool = False):
+                 amp: bool = False, rank: int = 0, world: int = 1):
         cfg = model.cfg
         self.model, self.shots, self.device = model, shots, device
-        self.batch_size = batch_size or cfg.batch_shots  # shots per optimiser step
+        self.batch_size = batch_size or cfg.batch_shots  # shots per optimiser step, over all workers
         if cfg.optimizer == "adamw":
             self.opt = torch.optim.AdamW(model.parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             self.opt = torch.optim.SGD(model.parameter_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
         self.epoch = 0
+        # the same seed on every worker: each draws the same batch and the same pseudo-anomalies
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.grad_sync = grad_sync  # all-reduce of gradients across Ray Train workers
         self.amp = amp and device.startswith("cuda")
+        self.rank, self.world = rank, world
+        views = self.batch_size * (5 if cfg.multiscale else 1)
+        if world > views:
+            raise UsageError(f"a training step has {views} views ({self.batch_size} shots"
+                             f"{' x 5 scales' if cfg.multiscale else ''}): it cannot feed {world} workers; "
+                             f"use at most {views} workers or a larger batch_shots")
         self.val = ValRecord()
 
     @property
@@ -178,26 +188,36 @@ class PromptTrainer:
         return torch.cat([torch.randperm(n, generator=self.gen) for _ in range(reps)])[:self.batch_size]
 
     def run_epoch(self) -> dict:
+        """One epoch of optimiser steps. Data-parallel (world > 1), every worker draws the whole batch and its
+        pseudo-anomalies from the same generator (cheap, on the CPU) and forwards only its part of the views
+        (the expensive part); each loss is its share of the whole batch's and the gradients are summed, so the
+        step is the one a single worker takes on the whole batch (pipeline.model.losses.Split)."""
         cfg, model = self.model.cfg, self.model
+        split = Split(0.0, pool_sum) if self.world > 1 else None
         model.train()
-        totals: dict[str, float] = {}
+        totals = torch.zeros(4, dtype=torch.float64)  # pixel, img, align, total: this worker's shares
         for i in range(cfg.steps_per_epoch):
             step = self.epoch * cfg.steps_per_epoch + i
             for g in self.opt.param_groups:  # cosine decay over the whole step budget (PromptAD's shape)
                 g["lr"] = cosine_lr(step, self.total_steps, g["base_lr"], cfg.lr_min)
             views = make_views(model, self.shots.rows(self.draw()), self.gen)
+            if split is not None:
+                n = len(views.x)
+                views = views.part(self.rank, self.world)
+                split = split._replace(share=len(views.x) / n)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                losses = step_losses(model, views, self.shots.products, self.device)
+                losses = step_losses(model, views, self.shots.products, self.device, split)
             self.opt.zero_grad(set_to_none=True)
             losses["total"].backward()
-            if self.grad_sync is not None:
-                self.grad_sync(model.trainable_parameters())
+            if split is not None:
+                sum_grads(model.trainable_parameters())
             self.opt.step()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
+            totals += torch.tensor([float(losses[k].detach()) for k in LOSS_TERMS], dtype=torch.float64)
+        if split is not None:  # the workers' shares add up to the whole batch's losses
+            totals = pool_sum(totals.to(self.device)).cpu()
         self.epoch += 1
         model.eval()
-        return ({f"loss_{k}": v / cfg.steps_per_epoch for k, v in totals.items()}
+        return ({f"loss_{k}": float(v) / cfg.steps_per_epoch for k, v in zip(LOSS_TERMS, totals)}
                 | {"epoch": self.epoch, "step": self.epoch * cfg.steps_per_epoch})
 
     def observe(self, metrics: dict) -> dict:
@@ -234,6 +254,7 @@ class PromptTrainer:
         self.val = ValRecord.from_dict(state.get("val", {}))
 
 
+LOSS_TERMS = ("pixel", "img", "align", "total")  # step_losses' terms, in the order they are summed over workers
 VAL_KEY = "fused_pixel_auroc"  # what picks the best epoch: the map the scorer deploys
 MIN_GAIN = 1e-3                # a smaller rise is noise, not an improvement
 
@@ -288,13 +309,11 @@ def train_prompts(model: AnoPLe, shots: ShotBatch, device: str, *, checkpoints: 
     the model is validated before training (the baseline) and after every epoch; training stops after
     `cfg.patience` epochs without a gain and the model ends with the best epoch's prompts. With
     `checkpoints` (a storage URI), resumes from the newest epoch there unless `restart`, and rank 0 writes
-    one after every epoch. With world > 1 (data-parallel workers), this worker trains on every world-th
-    shot and gradients are averaged over the torch.distributed group. Returns this call's per-epoch
+    one after every epoch. With world > 1 (data-parallel workers over a torch.distributed group), every worker
+    holds all the shots and forwards every world-th view of each step's batch (PromptTrainer.run_epoch): W
+    workers train the prompts one worker trains, to float rounding. Returns this call's per-epoch
     metrics (a resumed run trains only the remaining epochs) and the validation record."""
-    if world > 1:
-        shots = shots.shard(rank, world)
-    trainer = PromptTrainer(model, shots, device, grad_sync=all_reduce_grads if world > 1 else None,
-                            amp=device.startswith("cuda"))
+    trainer = PromptTrainer(model, shots, device, amp=device.startswith("cuda"), rank=rank, world=world)
     latest = latest_checkpoint(checkpoints) if checkpoints and not restart else None
     if latest:
         trainer.load_state_bytes(storage.read_bytes(latest))
@@ -326,15 +345,23 @@ class TrainLog(NamedTuple):
     val: ValRecord       # the validation record (empty without validation)
 
 
-def all_reduce_grads(params) -> None:
-    """Average gradients over the torch.distributed group (data-parallel prompt training)."""
+def pool_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the torch.distributed group (Ray Train's: gloo on CPU, NCCL on GPU); a copy."""
+    t = t.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def sum_grads(params) -> None:
+    """Sum gradients over the torch.distributed group: each worker's are those of its share of the batch's loss,
+    so their sum is the whole batch's gradient (not a mean: the shares already weigh each worker's views)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
-        p.grad /= dist.get_world_size()
 
 
 def shots_batch(images: dict[str, list[np.ndarray]], products: list[str],

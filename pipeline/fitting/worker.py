@@ -1,7 +1,7 @@
 """What each Ray Train worker of a fit runs (pipeline.fitting.ray_train starts them; pipeline.fitting.job's
-entry imports this in the worker only): the shared prompts learned data-parallel over the shots, a checkpoint
-on storage every epoch, then worker w of W builds the banks and thresholds of products[w::W] with the trained
-encoder on its device, and reports its files as its part of one checkpoint."""
+entry imports this in the worker only): the shared prompts learned data-parallel (each step's views split over
+the workers), a checkpoint on storage every epoch, then worker w of W builds the banks and thresholds of
+products[w::W] with the trained encoder on its device, and reports its files as its part of one checkpoint."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +32,7 @@ def _write(path: str, data: bytes | str) -> None:
 
 
 def learn_and_fit(config: dict) -> None:
-    """One Ray Train worker's fit: prompt learning (data-parallel over the teaching products' shots), then the
+    """One Ray Train worker's fit: prompt learning (data-parallel over each step's views of the teaching shots), then the
     banks and thresholds of this worker's products, reported as its part of the run's checkpoint."""
     job = config["job"]  # a pipeline.fitting.job.FitJob
     cfg = job.cfg

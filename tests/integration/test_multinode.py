@@ -175,21 +175,26 @@ def _prompts(cluster, version: int) -> dict:
         return st_load(f.read())
 
 
-def test_a_fit_survives_losing_the_node_of_its_training_worker(cluster, synthetic_src, tmp_path, monkeypatch):
-    """Item 3: the worker node of the only training worker is killed after its first epoch checkpoint; Ray Train
-    brings the worker group back on a node left and the fit ends with the prompts of an uninterrupted run."""
-    import torch
-
-    # a node joins, as an autoscaler's replacement would (the night's test above lost one)
-    cluster["temps"]["c"] = os.path.join(cluster["base"], "c")
+def _join(cluster, name: str) -> None:
+    """A worker node joins, as an autoscaler's replacement would: 2 CPUs, `anople_worker`, its own model cache."""
+    cluster["temps"][name] = os.path.join(cluster["base"], name)
     _start_node([f"--address=127.0.0.1:{cluster['port']}", "--num-cpus=2", '--resources={"anople_worker": 1}'],
-                cluster["env"] | {"ANOPLE_MODEL_CACHE": str(cluster["root"] / "cache-c")}, cluster["temps"]["c"])
+                cluster["env"] | {"ANOPLE_MODEL_CACHE": str(cluster["root"] / f"cache-{name}")}, cluster["temps"][name])
+
+
+def test_a_two_node_fit_survives_losing_a_workers_node_with_one_workers_prompts(cluster, synthetic_src, tmp_path,
+                                                                                  monkeypatch):
+    """Items 3 and 6: a fit with --num-workers 2, one worker on each worker node (one `anople_worker` each), loses
+    the node of one of them after its first epoch checkpoint; Ray Train brings the group back when a node returns
+    and the fit resumes from that checkpoint. Its prompts are those of an uninterrupted fit on ONE worker."""
+    from pipeline.model.config import AnoPLeConfig
+    _join(cluster, "c")  # the night's test above lost a node: two worker nodes again
     arch = str(tmp_path / "archive")
     from pipeline.sources.ingest import ingest
     ingest(synthetic_src, arch, "fit", "2026-11-20")
     fit = ["train", "--deployment", "fit", "--archive", arch, "--shots", "1", "--backbone", TINY, "--weights", "random",
            "--epochs", "4", "--steps-per-epoch", "3"]
-    killed = fit + ["--storage-path", str(tmp_path / "killed")]
+    killed = fit + ["--num-workers", "2", "--storage-path", str(tmp_path / "killed")]
     rc, log = _submit(cluster, *killed, wait=False)
     assert rc == 0, log[-3000:]
     deadline, victim = time.time() + 400, None
@@ -197,14 +202,19 @@ def test_a_fit_survives_losing_the_node_of_its_training_worker(cluster, syntheti
         if any(p.name == "epoch-0001.pt" for p in (tmp_path / "killed").rglob("epoch-*.pt")):
             victim = _node_of(cluster, "ray::RayTrainWorker")
         time.sleep(0.2)
-    assert victim, "the fit ended (or its worker was not found) before its node could be lost"
+    assert victim, "the fit ended (or its workers were not found) before a node could be lost"
     _kill_cluster(cluster["temps"][victim])
+    _join(cluster, "d")  # the node returns (a replacement): the group of two fits again
     rc, log = _submit(cluster, *killed)  # attaches and follows the fit to its end
     assert rc == 0 and "SUCCEEDED" in log, log[-5000:]
-    assert "registered anople-fit version 1" in log and "4 epoch(s) this run" not in log  # resumed, not redone
-    rc, log = _submit(cluster, *fit, "--storage-path", str(tmp_path / "straight"))
+    assert "2 Ray Train worker(s)" in log and "registered anople-fit version 1" in log, log[-5000:]
+    assert "4 epoch(s) this run" not in log, log[-5000:]  # resumed from its checkpoint, not redone
+    rc, log = _submit(cluster, *fit, "--num-workers", "1", "--storage-path", str(tmp_path / "straight"))
     assert rc == 0 and "registered anople-fit version 2" in log, log[-3000:]
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    a, b = _prompts(cluster, 1), _prompts(cluster, 2)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    two, one = _prompts(cluster, 1), _prompts(cluster, 2)
+    assert two.keys() == one.keys()
+    for k in one:  # float tolerance under Adam (tests/test_prompt_training.py says why these bounds)
+        assert float((two[k] - one[k]).norm()) <= 1e-3 * float(one[k].norm()) + 1e-6, k
+        assert float((two[k] - one[k]).abs().max()) <= 4 * 3 * AnoPLeConfig().lr, k
