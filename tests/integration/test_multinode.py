@@ -123,7 +123,7 @@ def test_a_night_survives_losing_the_node_of_its_only_scoring_actor(cluster, syn
     while time.time() < deadline and victim is None:
         committed = sum(len(n.parts(r)) for r in n.runs_with_files())
         holders = [x for x in ("a", "b") if _fetched(cluster["caches"][x])]
-        if committed >= 2 and holders:  # 8 rows committed: the night is under way on the actor's node
+        if committed >= 1 and holders:  # 4 of 48 rows committed: the night is under way on the actor's node
             victim = holders[0]
         time.sleep(0.3)
     assert victim, "the night ended (or never started) before a node could be lost"
@@ -142,8 +142,10 @@ def test_a_night_survives_losing_the_node_of_its_only_scoring_actor(cluster, syn
     assert len(ids) == N_NIGHT and len(set(ids)) == N_NIGHT  # 0 lost, 0 twice
     assert all(r["status"] == "ok" and storage.exists(r["heatmap_uri"]) for r in rows)
     other = "b" if victim == "a" else "a"
-    assert _fetched(cluster["caches"][other])  # the restarted actor fetched the model on the node left
     marker = n.published()
+    # the restarted actor fetched the model on the node left (seen failing once in ~10 runs, at a kill after 8
+    # rows: the message says what the night recorded, to tell a night the actor had finished from a real miss)
+    assert _fetched(cluster["caches"][other]), (marker, log[-4000:])
     assert marker["nodes_lost"] and marker["rows"] == N_NIGHT, marker
     print(f"multinode: node {victim} killed; night finished {time.time() - t_kill:.1f} s later; "
           f"marker {json.dumps({k: marker[k] for k in ('rows', 'nodes_lost', 'rows_rerun_after_node_loss')})}")
