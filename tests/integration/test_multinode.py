@@ -143,7 +143,7 @@ def test_a_night_survives_losing_the_node_of_its_only_scoring_actor(cluster, syn
     assert all(r["status"] == "ok" and storage.exists(r["heatmap_uri"]) for r in rows)
     other = "b" if victim == "a" else "a"
     marker = n.published()
-    # the restarted actor fetched the model on the node left (seen failing once in ~10 runs, at a kill after 8
+    # the restarted actor fetched the model on the node left (it failed once in this session, at a kill after 8
     # rows: the message says what the night recorded, to tell a night the actor had finished from a real miss)
     assert _fetched(cluster["caches"][other]), (marker, log[-4000:])
     assert marker["nodes_lost"] and marker["rows"] == N_NIGHT, marker
