@@ -1,6 +1,6 @@
 """anople: one command for every job (`python -m jobs.<verb>` keeps working).
 
-    anople ingest | train | evaluate | promote | score | report  [options]   (anople <verb> --help)
+    anople ingest | train | evaluate | promote | score | report | add-product | feedback | threshold | submit  [options]   (anople <verb> --help)
 
 Nothing heavy is imported before a verb's arguments are parsed, so --help answers at once.
 """
@@ -19,12 +19,15 @@ VERBS = {  # verb -> (module, one line)
     "promote": ("jobs.promote", "move a registry alias (e.g. production) to a version, behind the gates"),
     "score": ("jobs.score", "score one night, publish scores, heatmaps and the night's report"),
     "report": ("jobs.report", "rebuild a published night's HTML report"),
+    "add-product": ("jobs.add_product", "add products to a trained model without retraining (a new candidate version)"),
+    "feedback": ("jobs.feedback", "inspectors' verdicts into the banks, thresholds and defect set (a new candidate)"),
+    "threshold": ("jobs.threshold", "set a product's operating point without retraining (a new candidate version)"),
     "submit": ("jobs.submit", "submit a verb to a Ray cluster under a deterministic id (a retry attaches, never doubles)"),
 }
 
 
 def usage() -> str:
-    verbs = "\n".join(f"  {v:<10}{line}" for v, (_, line) in VERBS.items())
+    verbs = "\n".join(f"  {v:<13}{line}" for v, (_, line) in VERBS.items())
     return (f"usage: anople <verb> [options]   (anople <verb> --help for its options)\n\n"
             f"Few-shot anomaly detection (AnoPLe) over factory image archives, on Ray and MLflow.\n\n"
             f"verbs:\n{verbs}\n\nEvery verb takes --json (one JSON summary on stdout for schedulers).\n"

@@ -20,7 +20,8 @@ from typing import Callable
 from pipeline.errors import EXIT_OK, EXIT_REFUSED, PipelineError
 
 PROG = "jobs.{}"  # `anople` sets "anople {}": usage lines name the command the user typed
-EXIT_CODES = "exit codes: 0 ok, 1 failure, 2 usage (bad argument or input, unknown name), 3 refused (a gate said no)"
+EXIT_CODES = ("exit codes: 0 ok, 1 failure, 2 usage (bad argument or input, unknown name), 3 refused (a gate said no), "
+              "4 drift (score --fail-on-drift, after publishing)")
 _summary: dict = {}
 
 

@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
           "metrics in % (AUPRO to FPR 0.3):")
     print(format_table(r["per_product"], r["mean"]))
     summary(model=registry.model_name(args.deployment), version=str(r["model_version"]), alias=args.model_alias,
-            mean=r["mean"], per_product=r["per_product"], errors=r["errors"], random_weights=r["random_weights"])
+            mean=r["mean"], per_product=r["per_product"], errors=r["errors"], random_weights=r["random_weights"],
+            real_defects=r["real_defects"])
+    for p, d in sorted(r["real_defects"].items()):
+        print(f"  {p}: {d['caught']} of {d['n']} inspector-confirmed defect(s) flagged at its threshold "
+              f"(recall {100 * d['recall']:.1f} %)")
     if r["errors"]:
         print(f"{len(r['errors'])} test image(s) could not be scored and are left out:", file=sys.stderr)
         for e in r["errors"][:20]:

@@ -46,10 +46,36 @@ def _compare(deployment: str, mv, to_alias: str) -> None:
     rows = [(f"version {mv.version} (to promote)", registry.evaluation_of(mv))]
     if current is not None:
         rows.append((f"version {current.version} (now {to_alias})", registry.evaluation_of(current)))
-    print(f"{'':<28}" + "".join(f"{m:>14}" for m in METRICS))
+    cols = list(METRICS) + ["real_defect_recall"]  # the last: the plant's confirmed defects (feedback)
+    print(f"{'':<28}" + "".join(f"{m:>14}" for m in METRICS) + f"{'real defects':>14}")
     for name, ev in rows:
-        cells = "".join(f"{100 * ev[m]:>14.1f}" if ev and m in ev else f"{'-':>14}" for m in METRICS)
+        cells = "".join(f"{100 * ev[m]:>14.1f}" if ev and m in ev else f"{'-':>14}" for m in cols)
         print(f"{name:<28}{cells}" + ("" if ev else "   (not evaluated)"))
+    print(f"lineage: {mv.tags.get('lineage') or 'v' + str(mv.version) + ' train'}")
+    if current is not None and str(current.version) != str(mv.version):
+        _operating_points(deployment, mv, current, to_alias)
+
+
+def _operating_points(deployment: str, mv, current, to_alias: str) -> dict:
+    """The products whose threshold the version changes, old and new side by side with what each flags on the
+    last scored night (pipeline.operations.threshold)."""
+    from jobs.cli import summary
+    from pipeline import lineage
+    from pipeline.operations.threshold import flags_on_night
+    points = lineage.changed_points(lineage.version_spec(mv), lineage.version_spec(current), str(mv.version))
+    if not points:
+        return {}
+    print(f"operating points that change ({to_alias} v{current.version} -> v{mv.version}):")
+    print(f"  {'product':<16}{'threshold now':>14}{'new':>12}  {'flagged now -> new':<22}new point")
+    for p, op in sorted(points.items()):
+        old = op["threshold_old"]
+        n = flags_on_night(deployment, p, {"now": old if old is not None else float("inf"), "new": op["threshold"]})
+        flags = f"{n['flags']['now'] if old is not None else '-'} -> {n['flags']['new']} of {n['scored']}" if n else "no night"
+        op["last_night"] = n
+        print(f"  {p:<16}{(f'{old:.5g}' if old is not None else 'new product'):>14}{op['threshold']:>12.5g}  "
+              f"{flags:<22}{op['how']}")
+    summary(operating_points=points)
+    return points
 
 
 if __name__ == "__main__":

@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.nightly import nights, report  # after parsing: --help stays fast
     from pipeline.sources import archive
     args.date = archive.resolve_date(args.date, args.timezone)
-    uri, summary_ = report.write(nights.Night(args.output, args.deployment, args.date), args.top)
+    from pipeline import lineage
+    night = nights.Night(args.output, args.deployment, args.date)
+    marker = night.published()
+    # a newer candidate's operating points beside the night's (none when the night was never published: the
+    # report then says so)
+    points = lineage.candidate_points(args.deployment, marker["model_version"]) if marker else {}
+    uri, summary_ = report.write(night, args.top, points)
     for p, c in summary_["products"].items():
         print(f"  {p}: {c['scored']} scored, {c['anomalous']} anomalous, {c['error']} error")
     print(f"report: {uri}")

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 
 from jobs.cli import entrypoint, new_parser, summary
-from pipeline.errors import EXIT_FAILURE
+from pipeline.errors import EXIT_DRIFT, EXIT_FAILURE
 from pipeline.sources.decoding import DECODE_CHOICES  # numpy and PIL only: --help stays light
 
 
@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-published", action="store_true",
                     help="when the night is already published with the same model version and options, rescore "
                          "nothing and exit 0 (a scheduler's rerun of a finished night)")
+    ap.add_argument("--fail-on-drift", action="store_true",
+                    help="exit 4 when a product's scores drifted (after publishing the night as it is)")
     return ap
 
 
@@ -80,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scores:   {s['scores_uri']}")
     print(f"heatmaps: {s['heatmaps_uri']}")
     print(f"report:   {s['report_uri'] or 'not written: ' + s['report_error']}")
+    d = s.get("drift")
+    if d is not None:
+        print(f"drift:    {', '.join(d['flagged']) + ' drifted' if d['flagged'] else 'none'} (KS on presumed-normal "
+              f"scores, p < {d['settings']['alpha']:g} and D >= {d['settings']['d_min']:g}; alarm rate > "
+              f"{d['settings']['alarm_rate_max']:g})")
+        for line in d["lines"]:
+            print(f"  DRIFT {line}")
     print(f"mlflow run: {s['run_id']}")
     summary(**{k: v for k, v in s.items() if k != "stale_runs_failed"}, deployment=args.deployment, date=args.date)
     # published, yet a scheduler must see it: a night in which no row scored (every row an unknown product or
@@ -89,11 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         failed.append(f"no row of the night scored ({s['error']} error rows, published as they are)")
     if s.get("report_error"):
         failed.append(f"the report failed: {s['report_error']}")
+    if s.get("drift_error"):
+        failed.append(f"the drift test failed: {s['drift_error']}")
     if failed:
         summary(published=True, no_row_scored=not s["ok"], failed=failed)
         for f in failed:
             print(f"score: error: {f}", file=sys.stderr)
         return EXIT_FAILURE
+    if args.fail_on_drift and d and d["flagged"]:
+        print(f"score: drift: {', '.join(d['flagged'])} drifted; the night is published (--fail-on-drift)",
+              file=sys.stderr)
+        summary(published=True, failed=[f"drift: {line}" for line in d["lines"]])
+        return EXIT_DRIFT
     return 0
 
 

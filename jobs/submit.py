@@ -23,7 +23,7 @@ import time
 from jobs.cli import entrypoint, new_parser, summary
 from pipeline.errors import EXIT_FAILURE, UsageError
 
-SUBMITTABLE = ("train", "evaluate", "score", "report", "ingest", "promote")
+SUBMITTABLE = ("train", "evaluate", "score", "report", "ingest", "promote", "add-product", "feedback", "threshold")
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
     client = JobSubmissionClient(args.address)
     runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
-    entry = shlex.join([args.python, "-m", f"jobs.{command[0]}"] + command[1:])
+    entry = shlex.join([args.python, "-m", f"jobs.{command[0].replace('-', '_')}"] + command[1:])
     try:
         info = client.get_job_info(job_id)
     except RuntimeError as e:  # the job server's 404 (no job of this id) is a RuntimeError like its other failures

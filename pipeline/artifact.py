@@ -50,6 +50,9 @@ class ProductSpec:
     map_scales: dict = field(default_factory=dict)  # {"text", "bank"}: each map's level on the normal
                                                     # calibration images (calibrated fusion); {} = 1
     class_name: str = ""      # the words the product's prompts use ("" in artifacts from before: its name)
+    in_prompt_training: bool = True  # False: added to a trained model without retraining (jobs.add_product)
+    operating_point: dict = field(default_factory=dict)  # set by jobs.threshold: {"kind": "sensitivity" |
+                              # "value", "value": S or T, "calibrated": the fit's threshold}; {} = the fit's own
 
 
 @dataclass

@@ -2,12 +2,13 @@
 with its traceback.
 
 Exit codes of every job: 0 ok, 1 failure, 2 usage (a bad argument or input, or a name that does not
-exist), 3 refused (a gate said no, e.g. promoting random weights without --force). An uncaught bug also
+exist), 3 refused (a gate said no, e.g. promoting random weights without --force), 4 drift (score
+--fail-on-drift: the night is published, a product's scores drifted). An uncaught bug also
 ends the process with 1, but with a traceback instead of one line.
 """
 from __future__ import annotations
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_REFUSED, EXIT_DRIFT = 0, 1, 2, 3, 4
 
 
 class PipelineError(Exception):

@@ -224,9 +224,10 @@ class PromotionRefused(RefusedError):
 EVAL_TAG = "evaluation"  # on a model version: the mean metrics of its last completed evaluation (JSON)
 
 
-def record_evaluation(mv, mean: dict[str, float], errors: int) -> None:
-    """Mark a version as evaluated (what the promotion gate asks for), with its mean metrics."""
-    summary = {k: round(float(v), 6) for k, v in mean.items()} | {"errors": errors}
+def record_evaluation(mv, mean: dict[str, float], errors: int, extra: dict | None = None) -> None:
+    """Mark a version as evaluated (what the promotion gate asks for), with its mean metrics (and `extra`, e.g.
+    its recall on the plant's confirmed defects)."""
+    summary = {k: round(float(v), 6) for k, v in (mean | (extra or {})).items()} | {"errors": errors}
     client().set_model_version_tag(mv.name, mv.version, EVAL_TAG, json.dumps(summary, sort_keys=True))
 
 
@@ -247,6 +248,8 @@ def promote(deployment: str, to_alias: str, version: str | int | None = None, fr
     if evaluation_of(mv) is None:
         reasons.append(f"it has no completed evaluation: run jobs.evaluate --model-alias {from_alias or 'candidate'} "
                        "on it first" if from_alias else "it has no completed evaluation: evaluate it first")
+    if evaluation_of(mv) is not None:
+        reasons += real_defect_regression(deployment, mv, to_alias)
     if reasons and not force:
         raise PromotionRefused(f"refusing to promote {model_name(deployment)} version {mv.version} to {to_alias!r}: "
                                + "; ".join(reasons) + ". Or pass --force.")
@@ -254,6 +257,21 @@ def promote(deployment: str, to_alias: str, version: str | int | None = None, fr
     c.set_registered_model_alias(model_name(deployment), to_alias, mv.version)
     c.set_model_version_tag(model_name(deployment), mv.version, f"promoted_to_{to_alias}", "forced" if force else "gated")
     return c.get_model_version(model_name(deployment), mv.version)
+
+
+def real_defect_regression(deployment: str, mv, to_alias: str) -> list[str]:
+    """The gate on the plant's own defects: a version whose evaluation caught fewer of the inspector-confirmed
+    defects (image-level recall, pipeline.evaluation.run.real_defect_recall) than the version now holding
+    `to_alias` is refused; [] when either has no such figure or it did not drop."""
+    try:
+        current = get_version(deployment, alias=to_alias)
+    except NotFoundError:
+        return []
+    new, old = (evaluation_of(mv) or {}).get("real_defect_recall"), (evaluation_of(current) or {}).get("real_defect_recall")
+    if new is None or old is None or str(current.version) == str(mv.version) or new >= old:
+        return []
+    return [f"its recall on the plant's confirmed defects is {100 * new:.1f} %, below version {current.version}'s "
+            f"{100 * old:.1f} % ({to_alias})"]
 
 
 def model_source(mv) -> str:

@@ -51,10 +51,54 @@ def evaluate(deployment: str, archive_uri: str, alias: str = "candidate", batch_
         raise EvaluationIncomplete(
             f"{len(errors)} labelled test image(s) or mask(s) could not be used, so version {mv.version} is not "
             "marked evaluated:\n  " + "\n  ".join(errors[:20]) + ("\n  ..." if len(errors) > 20 else ""))
-    registry.record_evaluation(mv, mean, len(errors))
+    real = real_defect_recall(deployment, archive_uri, uri, spec, registry.artifact_sha256(mv))
+    if real:
+        with registry.run(run_id=mv.run_id) as log:
+            log.metrics({f"eval.real_defect_recall.{registry.metric_key(p)}": r["recall"] for p, r in real.items()}
+                        | {"eval.real_defect_recall": _pooled_recall(real)})
+            log.json(real, "evaluation/real_defects.json")
+    registry.record_evaluation(mv, mean, len(errors), {"real_defect_recall": _pooled_recall(real),
+                                                       "real_defects": sum(r["n"] for r in real.values())} if real else None)
     clipped = sum(m.pixel.clipped for m in per.values())
     return {"per_product": results, "mean": mean, "errors": errors, "unlabelled": unlabelled,
-            "model_version": mv.version, "random_weights": spec.is_random, "clipped_pixels": clipped}
+            "model_version": mv.version, "random_weights": spec.is_random, "clipped_pixels": clipped,
+            "real_defects": real}
+
+
+def _pooled_recall(real: dict) -> float:
+    n = sum(r["n"] for r in real.values())
+    return sum(r["caught"] for r in real.values()) / n if n else float("nan")
+
+
+def real_defect_recall(deployment: str, archive_uri: str, uri: str, spec: artifact.ModelSpec,
+                       artifact_sha256: str | None) -> dict:
+    """Image-level recall at each product's threshold on the inspector-confirmed defects that feedback kept
+    (pipeline.operations.feedback): {product: {"n", "caught", "recall", "missed": [image_id ...]}}; {} when the
+    plant has confirmed none. Scored in this process with the version's scorer (a labelled set is small); an image
+    that does not decode is reported as missed, never dropped."""
+    from pipeline.nightly.scorer import Scorer
+    from pipeline.operations.feedback import real_defects
+    from pipeline.sources.images import ImageDecodeError, decode_image, to_model_input
+    sets = {p: rs for p, rs in real_defects(archive_uri, deployment).items() if p in spec.products}
+    if not sets:
+        return {}
+    scorer = Scorer.load(registry.materialize(uri), sorted(sets), expected_sha256=artifact_sha256)
+    out = {}
+    for p, rs in sets.items():
+        caught, missed = 0, []
+        for r in rs:
+            try:
+                x = to_model_input(decode_image(r["image"]), spec.image_size)[None]
+            except ImageDecodeError:
+                missed.append(f"{r['image_id']} (does not decode)")
+                continue
+            score = float(scorer.score(x, [p])[0][0])
+            if score > scorer.thresholds[p]:
+                caught += 1
+            else:
+                missed.append(r["image_id"])
+        out[p] = {"n": len(rs), "caught": caught, "recall": caught / len(rs), "missed": missed[:100]}
+    return out
 
 
 def _stream_metrics(archive_uri: str, deployment: str, uri: str, spec: artifact.ModelSpec, info: RunInfo,

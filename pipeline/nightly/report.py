@@ -27,7 +27,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.drawing import overlay
 from pipeline.errors import NotFoundError
-from pipeline.nightly import nights
+from pipeline.nightly import drift, nights
 from pipeline.sources import archive
 from pipeline.sources.images import ImageDecodeError, decode_heatmap, decode_scaled
 
@@ -101,9 +101,11 @@ def _read_rows(pf: pq.ParquetFile, indices: list[int], columns: list[str]) -> pa
     return t.take(pa.array([pos[i] for i in indices], type=pa.int64()))
 
 
-def build(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:
+def build(night: nights.Night, top_n: int = TOP_N, operating_points: dict | None = None) -> tuple[str, dict]:
     """-> (the night's HTML report, a summary {products: {p: counts}, totals}). Raises NotFoundError when the
-    night was never published."""
+    night was never published. The night's drift test (pipeline.nightly.drift, written beside the report) is
+    shown when there is one; `operating_points` ({product: {"version", "threshold", "kind", "value"}}: another
+    version's, e.g. the candidate's) are shown beside the night's, with what each flags on this night."""
     marker = night.published()
     deployment, date = night.deployment, night.date
     if marker is None:
@@ -182,7 +184,18 @@ def build(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:
                "model_version": marker.get("model_version"), "rows": len(small),
                "products": {p: {"scored": s.scored, "anomalous": s.anomalous, "error": s.errors}
                             for p, s in sections.items()}}
-    return _html(summary, sections, marker, top_n), summary
+    found = drift.read_result(night)
+    if found is not None:
+        summary["drift_flagged"] = found.get("flagged", [])
+    points = {}
+    for p, op in (operating_points or {}).items():
+        if p in sections:
+            sc = sections[p].scores
+            points[p] = op | {"threshold_now": sections[p].threshold, "flags_new": int((sc > op["threshold"]).sum()),
+                              "flags_now": int((sc > sections[p].threshold).sum())}
+    if points:
+        summary["operating_points"] = points
+    return _html(summary, sections, marker, top_n, found, points), summary
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:
@@ -190,9 +203,9 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.cast(column, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def write(night: nights.Night, top_n: int = TOP_N) -> tuple[str, dict]:
+def write(night: nights.Night, top_n: int = TOP_N, operating_points: dict | None = None) -> tuple[str, dict]:
     """Build the report and write it beside the night (Night.report_uri). -> (its URI, summary)."""
-    page, summary = build(night, top_n)
+    page, summary = build(night, top_n, operating_points)
     storage.write_bytes(night.report_uri, page.encode())
     return night.report_uri, summary
 
@@ -221,12 +234,52 @@ def _histogram_svg(scores: np.ndarray, threshold: float, width: int = 360, heigh
             "</svg>")
 
 
-def _html(summary: dict, sections: dict[str, ProductSection], marker: dict, top_n: int) -> str:
+def _drift_html(found: dict | None) -> str:
+    """The drift table: per product and test, the statistic against its threshold; flagged rows in red."""
+    if found is None:
+        return ""
     e = html.escape
+    rows = []
+    for p, r in sorted(found["products"].items()):
+        for t in r["tests"]:
+            stat = "-" if t["statistic"] is None else f"{t['statistic']:.3f}"
+            pv = "-" if t.get("p_value") is None else f"{t['p_value']:.2g}"
+            rows.append(f'<tr class="{"flag" if t["flagged"] else ""}" data-product="{e(p)}" data-test="{e(t["test"])}">'
+                        f'<td>{e(p)}</td><td>{e(t["test"])}</td><td>{e(t["baseline"])}</td>'
+                        f'<td class=n>{t["n"]}</td><td class=n>{t.get("n_baseline", "-")}</td><td class=n>{stat}</td>'
+                        f'<td class=n>{pv}</td><td>{e(t["threshold"])}</td>'
+                        f'<td>{"DRIFT" if t["flagged"] else e(t.get("note", "ok"))}</td></tr>')
+    head = (f'<p class="drift-flag">Drift flagged: {e(", ".join(found["flagged"]))}</p>' if found["flagged"]
+            else '<p class=muted>No product drifted.</p>')
+    return (f'<section id=drift><h2>Drift</h2>{head}<p class=muted>Scores of presumed-normal images (scored ok, not '
+            f'flagged) against the version\'s calibration normals and the trailing nights of the same version.</p>'
+            f'<table id=drift-table><tr><th>product</th><th>test</th><th>baseline</th><th>n</th><th>n baseline</th>'
+            f'<th>statistic</th><th>p</th><th>flag when</th><th>result</th></tr>{"".join(rows)}</table></section>')
+
+
+def _points_html(points: dict) -> str:
+    if not points:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f'<tr data-product="{e(p)}"><td>{e(p)}</td><td class=n>{op["threshold_now"]:.4g}</td><td class=n>{op["flags_now"]}</td>'
+        f'<td>version {e(str(op["version"]))}: {e(op["how"])}</td><td class=n>{op["threshold"]:.4g}</td>'
+        f'<td class=n>{op["flags_new"]}</td></tr>' for p, op in sorted(points.items()))
+    return ('<section id=operating-points><h2>Operating points awaiting promotion</h2><p class=muted>The night\'s '
+            'thresholds beside those of a newer version, with what each flags on this night.</p>'
+            '<table><tr><th>product</th><th>threshold now</th><th>flagged now</th><th>new operating point</th>'
+            f'<th>new threshold</th><th>would flag</th></tr>{rows}</table></section>')
+
+
+def _html(summary: dict, sections: dict[str, ProductSection], marker: dict, top_n: int, found: dict | None = None,
+          points: dict | None = None) -> str:
+    e = html.escape
+    flagged = set((found or {}).get("flagged", []))
     rows = "".join(
         f'<tr><td><a href="#p-{e(p)}">{e(p)}</a></td><td class=n data-k="scored">{s.scored}</td>'
         f'<td class=n data-k="anomalous">{s.anomalous}</td><td class=n data-k="error">{s.errors}</td>'
-        f'<td class=n>{f"{s.threshold:.4g}" if np.isfinite(s.threshold) else "-"}</td></tr>'
+        f'<td class=n>{f"{s.threshold:.4g}" if np.isfinite(s.threshold) else "-"}</td>'
+        f'<td class="{"flag" if p in flagged else ""}">{"DRIFT" if p in flagged else ("ok" if found else "-")}</td></tr>'
         for p, s in sections.items())
     tot = {k: sum(v[k] for v in summary["products"].values()) for k in ("scored", "anomalous", "error")}
     parts = []
@@ -258,16 +311,19 @@ body{{font-family:system-ui,sans-serif;margin:24px;color:#1b2631}} table{{border
 td,th{{border:1px solid #d5d8dc;padding:3px 8px}} td.n{{text-align:right}} .muted{{color:#7f8c8d}}
 .grid{{display:flex;flex-wrap:wrap;gap:12px}} figure.ov{{margin:0;font-size:12px;max-width:460px}}
 figure.ov img{{display:block;max-width:460px}} section{{margin-top:28px;border-top:2px solid #eaecee}}
-table.err td{{font-size:12px}}
+table.err td{{font-size:12px}} .flag{{background:#fdecea;color:#922b21;font-weight:600}}
+.drift-flag{{color:#922b21;font-weight:600}}
 </style></head><body>
 <h1>Night of {e(summary["date"])} &middot; deployment {e(summary["deployment"])}</h1>
 <p class=muted>model version {e(str(marker.get("model_version")))}, run {e(str(marker.get("run_id")))},
 published {e(str(marker.get("published_at")))}; report built {built}. Image score:
 {e(str(marker.get("image_score", "map")))}. Overlays: the image, then the heatmap
 in colour on the product's fixed scale (4 x threshold = brightest) with the threshold's contour in cyan.</p>
-<table id=summary><tr><th>product</th><th>scored</th><th>anomalous</th><th>error</th><th>threshold</th></tr>{rows}
+<table id=summary><tr><th>product</th><th>scored</th><th>anomalous</th><th>error</th><th>threshold</th><th>drift</th></tr>{rows}
 <tr><th>total</th><td class=n data-k="scored">{tot["scored"]}</td><td class=n data-k="anomalous">{tot["anomalous"]}</td>
-<td class=n data-k="error">{tot["error"]}</td><td></td></tr></table>
+<td class=n data-k="error">{tot["error"]}</td><td></td><td></td></tr></table>
+{_drift_html(found)}
+{_points_html(points or {})}
 {"".join(parts)}
 <script>
 // record which overlays loaded (read back by tests and by anyone who opens the DOM)

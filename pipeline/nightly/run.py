@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import artifact, registry, storage
+from pipeline import artifact, lineage, registry, storage
 from pipeline.cluster import alive_nodes, cluster_gpus, has_gpus
 from pipeline.errors import PipelineError, UsageError
-from pipeline.nightly import nights, report
+from pipeline.nightly import drift, nights, report
 from pipeline.nightly.score_table import SCORE_SCHEMA, RunInfo, error_rows, to_table
 from pipeline.nightly.stages import INFRA_ERRORS, HeatmapTarget, InjectedFault, isolating, score_partition
 from pipeline.progress import Progress
@@ -195,6 +195,7 @@ def score_night(partition: archive.Partition, output: str, options: ScoreOptions
                    "images_per_s": n_in / seconds if seconds else 0.0, "bank_shards": len(shards),
                    "model_version": mv.version, "run_id": run_id, "scores_uri": marker["scores"],
                    "heatmaps_uri": target.prefix, "random_weights": spec.is_random, "stale_runs_failed": stale}
+        summary.update(_night_drift(log, night, mv, uri))
         log.metrics({k: float(summary[k]) for k in ("rows_in", "rows_out", "ok", "error", "anomalous",
                                                            "infra_errors", "seconds", "images_per_s",
                                                            "resumed_rows", "scored_rows")})
@@ -240,12 +241,41 @@ def _plan_resume(night: nights.Night, exp: str, run_id: str, key: dict, resume: 
     return plan
 
 
+def _night_drift(log: registry.RunLog, night: nights.Night, mv, uri: str) -> dict:
+    """Test the published night's presumed-normal score distributions for drift (pipeline.nightly.drift) and log
+    what was found to the run. The night is already published: a test that fails leaves it published (stderr, tag
+    `drift_error`) and jobs.score exits 1."""
+    try:
+        files = artifact.Files(registry.materialize(uri), registry.artifact_sha256(mv))
+        result = drift.assess(night, str(mv.version), drift.calibration_of(files, sorted(night_products(night))))
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        print(f"WARNING: the night is published but its drift test failed ({msg})", file=sys.stderr)
+        log.tags({"drift_error": msg[:5000]})
+        return {"drift": None, "drift_error": msg}
+    log.metrics(drift.metrics(result["products"], registry.metric_key))
+    log.json(result, "drift/drift.json")
+    log.tags({"drift_flagged": ",".join(result["flagged"]) or "none"}
+             | ({"drift": " | ".join(result["lines"])[:5000]} if result["lines"] else {}))
+    for line in result["lines"]:
+        print(f"score: DRIFT {line}", flush=True)
+    return {"drift": result}
+
+
+def night_products(night: nights.Night) -> set[str]:
+    """The products of the published night's rows."""
+    import pyarrow.parquet as pq
+    fs, path = storage.arrow_filesystem(night.published()["scores"])
+    return {p for p in pq.read_table(fs.open_input_file(path), columns=["product"])["product"].to_pylist() if p}
+
+
 def _night_report(log: registry.RunLog, night: nights.Night) -> dict:
     """Write the published night's report beside it and log it, with per-product counts, to the run. The night
     is already published: a report that fails leaves it published (stderr, tag `report_error`) and jobs.score
     exits 1 so a scheduler sees it; `jobs.report` rebuilds it."""
     try:
-        uri, rep = report.write(night)
+        points = lineage.candidate_points(night.deployment, night.published()["model_version"])
+        uri, rep = report.write(night, operating_points=points)
     except Exception as e:
         msg = f"{type(e).__name__}: {e}"
         print(f"WARNING: the night is published but its report failed ({msg}); rebuild it with "

@@ -34,6 +34,24 @@ def checked_bank(files: artifact.Files, spec: artifact.ModelSpec, product: str, 
     return MemoryBank(layers, backend)
 
 
+def load_model(files: artifact.Files, spec: artifact.ModelSpec, device: str) -> AnoPLe:
+    """The artifact's AnoPLe: the backbone its spec names (fingerprint checked) with its trained prompts loaded
+    (each file checked against the manifest). Refused (artifact.ModelRefused) when config or prompts are wrong."""
+    try:
+        cfg = AnoPLeConfig.from_artifact(spec.anople)
+    except (TypeError, ValueError) as e:
+        raise artifact.ModelRefused(f"{files.uri}: model.json's AnoPLe config is refused ({e})") from e
+    model = build_model(spec.backbone, spec.weights, spec.seed, cfg, device, spec.weights_fingerprint)
+    if spec.prompts_file:
+        try:
+            model.load_prompt_state(st_load(files.read(spec.prompts_file)))
+        except (ValueError, RuntimeError) as e:  # safetensors' own errors are one of those
+            raise artifact.ModelRefused(f"{files.uri}: {spec.prompts_file} is refused ({e})") from e
+    elif cfg.trains:
+        raise artifact.ModelRefused(f"{files.uri}: a trained model ({cfg.prompt_mode}) without prompts")
+    return model
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,18 +85,7 @@ class Scorer:
         device = pick_device(device)
         files = artifact.Files(artifact_uri, expected_sha256)
         spec = artifact.ModelSpec.from_json(files.read("model.json").decode()).validate()
-        try:
-            cfg = AnoPLeConfig.from_artifact(spec.anople)
-        except (TypeError, ValueError) as e:
-            raise artifact.ModelRefused(f"{artifact_uri}: model.json's AnoPLe config is refused ({e})") from e
-        model = build_model(spec.backbone, spec.weights, spec.seed, cfg, device, spec.weights_fingerprint)
-        if spec.prompts_file:
-            try:
-                model.load_prompt_state(st_load(files.read(spec.prompts_file)))
-            except (ValueError, RuntimeError) as e:  # safetensors' own errors are one of those
-                raise artifact.ModelRefused(f"{artifact_uri}: {spec.prompts_file} is refused ({e})") from e
-        elif cfg.trains:
-            raise artifact.ModelRefused(f"{artifact_uri}: a trained model ({cfg.prompt_mode}) without prompts")
+        model = load_model(files, spec, device)
         wanted = sorted(spec.products) if products is None else list(products)
         unknown = [p for p in wanted if p not in spec.products]
         if unknown:
