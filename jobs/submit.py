@@ -73,6 +73,11 @@ def resolved_command(command: list[str]) -> list[str]:
     return [verb] + args
 
 
+def job_entry(python: str, command: list[str]) -> str:
+    """The job's entrypoint: the verb's module (`add-product` is jobs.add_product) run by the cluster's Python."""
+    return shlex.join([python, "-m", f"jobs.{command[0].replace('-', '_')}"] + list(command[1:]))
+
+
 def submission_id(command: list[str]) -> str:
     """anople-score-<deployment>-<date> for a night; anople-<verb>-<deployment>-<12 hex of its arguments> else."""
     verb, args = command[0], command[1:]
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
     client = JobSubmissionClient(args.address)
     runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else None
-    entry = shlex.join([args.python, "-m", f"jobs.{command[0].replace('-', '_')}"] + command[1:])
+    entry = job_entry(args.python, command)
     try:
         info = client.get_job_info(job_id)
     except RuntimeError as e:  # the job server's 404 (no job of this id) is a RuntimeError like its other failures

@@ -61,7 +61,7 @@ def test_a_bad_argument_of_a_real_job_is_a_usage_error(tmp_path, synthetic_src, 
     assert e.value.code == EXIT_USAGE
 
 
-VERBS = ["ingest", "train", "evaluate", "promote", "score", "report", "submit"]
+VERBS = ["ingest", "train", "evaluate", "promote", "score", "report", "submit", "add-product", "feedback", "threshold"]
 
 
 @pytest.mark.parametrize("verb", [None] + VERBS)
@@ -123,6 +123,17 @@ def test_a_bad_scoring_option_is_a_usage_error_before_anything_starts(monkeypatc
     monkeypatch.setattr(pipeline.cluster, "init_ray", lambda: pytest.fail("Ray started for a bad option"))
     rc = score_job.main(["--deployment", "d", "--archive", "a", "--date", "2026-11-22", "--output", "o", flag, value])
     assert rc == EXIT_USAGE and words in capsys.readouterr().err
+
+
+def test_every_verb_submits_as_its_module():
+    import importlib
+
+    from jobs.anople import VERBS as ALL
+    from jobs.submit import SUBMITTABLE, job_entry
+    for verb in SUBMITTABLE:
+        module = job_entry("python", [verb, "--deployment", "d"]).split()[2]
+        assert module == ALL[verb][0] and importlib.util.find_spec(module), verb
+    assert job_entry("py", ["add-product", "--products", "a b"]) == "py -m jobs.add_product --products 'a b'"
 
 
 def test_a_submission_id_names_the_deployment_and_the_night_yesterday_resolved_once():

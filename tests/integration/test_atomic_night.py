@@ -352,7 +352,7 @@ def test_a_report_that_fails_after_the_publish_exits_1(plant, monkeypatch, capsy
 
     from pipeline.nightly import report
 
-    def broken(night, top_n=0):
+    def broken(night, top_n=0, operating_points=None):
         raise OSError("the report's store refused the write")
     monkeypatch.setattr(report, "write", broken)
     capsys.readouterr()
@@ -360,4 +360,22 @@ def test_a_report_that_fails_after_the_publish_exits_1(plant, monkeypatch, capsy
                            plant["out"], "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["published"] and "store refused the write" in out["report_error"] and not out["no_row_scored"]
+    assert nights.Night(plant["out"], "an", SMALL).published()["run_id"] == out["run_id"]
+
+
+
+def test_a_drift_test_that_fails_after_the_publish_exits_1(plant, monkeypatch, capsys):
+    """As a failed report: the night stands, exit 1, drift_error in --json (never a silent 'no drift')."""
+    import json
+
+    from pipeline.nightly import drift
+
+    def broken(night, model_version, calibration):
+        raise OSError("the distributions' store refused the write")
+    monkeypatch.setattr(drift, "assess", broken)
+    capsys.readouterr()
+    assert score_job.main(["--deployment", "an", "--archive", plant["arch"], "--date", SMALL, "--output",
+                           plant["out"], "--json", "--fail-on-drift"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["published"] and "refused the write" in out["drift_error"] and out["drift"] is None
     assert nights.Night(plant["out"], "an", SMALL).published()["run_id"] == out["run_id"]

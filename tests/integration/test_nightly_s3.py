@@ -342,3 +342,44 @@ def test_a_model_changed_in_the_store_is_refused_before_any_row_scores(nightly, 
     finally:
         for u, data in original.items():
             storage.write_bytes(u, data)
+
+
+def test_the_operations_run_on_s3_archive_artifacts_and_labels(nightly, tmp_path, capsys):
+    """add-product, threshold and feedback with the archive, the model artifacts and the labels file in S3; the
+    night's drift test left its result there. (Last in the module: it adds a product to the archive.)"""
+    from jobs import anople
+    from pipeline import lineage
+    from pipeline.nightly import drift
+    from pipeline.sources.synthetic import make_mvtec_folder
+    arch, bucket = nightly["arch"], nightly["bucket"]
+    night = nights.Night(nightly["out"], "line1", "2026-11-21")
+    found = drift.read_result(night)
+    assert drift.result_uri(night).startswith("s3://") and set(found["products"]) == {"washer"}
+    _upload_folder(make_mvtec_folder(str(tmp_path / "pill"), products=("pill",), n_train=4, n_test_good=1,
+                                     n_test_defect=1, size=64, seed=9), bucket, "incoming/pill")
+    assert anople.main(["ingest", f"s3://{bucket}/incoming/pill", "--archive", arch, "--deployment", "line1",
+                        "--date", "2026-11-22"]) == 0
+    capsys.readouterr()
+
+    def run(*argv):
+        code = anople.main(list(argv) + ["--json"])
+        out, err = capsys.readouterr()
+        return code, json.loads(out.strip().splitlines()[-1]), err
+    parent = registry.get_version("line1", alias="production")
+    code, s, err = run("add-product", "--deployment", "line1", "--archive", arch, "--products", "pill", "--shots", "2")
+    assert code == 0, s.get("error") or err[-2000:]
+    mv = registry.get_version("line1", alias="candidate")
+    assert registry.artifact_uri(mv).startswith(f"s3://{bucket}/") and mv.tags["parent_version"] == str(parent.version)
+    assert lineage.version_spec(mv).products["pill"].in_prompt_training is False
+    code, s, err = run("threshold", "--deployment", "line1", "--product", "washer", "--value", "0.5")
+    assert code == 0 and s["new"]["threshold"] == 0.5 and s["last_night"]["scored"] > 0, err[-2000:]
+    ids = archive.Partition(arch, "line1", "2026-11-21").image_ids(archive.Rows(products=("washer",)))
+    labels = "image_id,verdict,date\n" + "".join(f"{i},normal,2026-11-21\n" for i in ids if i != "washer/dup")
+    storage.write_bytes(f"s3://{bucket}/labels/verdicts.csv", labels.encode())
+    code, s, err = run("feedback", "--deployment", "line1", "--archive", arch, "--labels",
+                       f"s3://{bucket}/labels/verdicts.csv")
+    assert code == 0, s.get("error") or err[-2000:]
+    # the undecodable night image is reported, never put into a bank
+    assert s["counts"]["normal"] >= 3 and any("does not decode" in p for p in s["problems"])
+    assert s["per_product"]["washer"]["bank_patches"][1] > s["per_product"]["washer"]["bank_patches"][0]
+    assert registry.get_version("line1", alias="candidate").tags["operation"] == "feedback"
