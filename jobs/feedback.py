@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  lineage: {r['lineage']}")
     summary(model=registry.model_name(args.deployment), version=r["model_version"], alias="candidate",
             parent_version=r["parent_version"], counts=c, per_product=r["per_product"], problems=r["problems"],
-            defect_sets=r["defect_sets"], labels_sha256=r["labels_sha256"], lineage=r["lineage"],
+            defect_sets=r["defect_sets"], labels_sha256=r["labels_sha256"], lineage=r["lineage"], seconds=r["seconds"],
             random_weights=r["random_weights"])
     return 0
 

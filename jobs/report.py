@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     # a newer candidate's operating points beside the night's (none when the night was never published: the
     # report then says so)
     points = lineage.candidate_points(args.deployment, marker["model_version"]) if marker else {}
-    uri, summary_ = report.write(night, args.top, points)
+    line = lineage.lineage_of(args.deployment, marker["model_version"]) if marker else ""
+    uri, summary_ = report.write(night, args.top, points, line)
     for p, c in summary_["products"].items():
         print(f"  {p}: {c['scored']} scored, {c['anomalous']} anomalous, {c['error']} error")
     print(f"report: {uri}")

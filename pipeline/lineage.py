@@ -158,3 +158,13 @@ def candidate_points(deployment: str, scoring_version: str, alias: str = "candid
     except NotFoundError:
         return {}
     return changed_points(version_spec(cand), version_spec(scoring), str(cand.version))
+
+
+def lineage_of(deployment: str, version: str) -> str:
+    """A version's lineage line (`v1 train` for a trained version), "" when the registry does not know it."""
+    from pipeline.errors import NotFoundError
+    try:
+        mv = registry.get_version(deployment, version=version)
+    except NotFoundError:
+        return ""
+    return (mv.tags or {}).get("lineage") or f"v{mv.version} {(mv.tags or {}).get('operation', 'train')}"

@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -92,14 +93,10 @@ def main(argv=None) -> int:
     for p in PRODUCTS:
         d, arch = f"lopo-{p}", f"{tmp}/archive-lopo-{p}"
         others = [q for q in PRODUCTS if q != p]
-        # MVTec layouts of the other products and of the one product, each a folder of its own (links)
-        os.makedirs(f"{tmp}/only-{p}", exist_ok=True)
-        if not os.path.exists(f"{tmp}/only-{p}/{p}"):
-            os.symlink(f"{src}/{p}", f"{tmp}/only-{p}/{p}")
+        # MVTec layouts of the other products and of the one product, each a folder of its own
+        shutil.copytree(f"{src}/{p}", f"{tmp}/only-{p}/{p}", dirs_exist_ok=True)
         for q in others:
-            if not os.path.exists(f"{tmp}/others-{p}/{q}"):
-                os.makedirs(f"{tmp}/others-{p}", exist_ok=True)
-                os.symlink(f"{src}/{q}", f"{tmp}/others-{p}/{q}")
+            shutil.copytree(f"{src}/{q}", f"{tmp}/others-{p}/{q}", dirs_exist_ok=True)
         _anople("ingest", f"{tmp}/others-{p}", "--archive", arch, "--deployment", d, "--date", "2026-11-01")
         _, fit_s = _train(d, arch, args.epochs, args.steps)
         _anople("ingest", f"{tmp}/only-{p}", "--archive", arch, "--deployment", d, "--date", "2026-11-02")

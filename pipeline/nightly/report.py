@@ -101,7 +101,8 @@ def _read_rows(pf: pq.ParquetFile, indices: list[int], columns: list[str]) -> pa
     return t.take(pa.array([pos[i] for i in indices], type=pa.int64()))
 
 
-def build(night: nights.Night, top_n: int = TOP_N, operating_points: dict | None = None) -> tuple[str, dict]:
+def build(night: nights.Night, top_n: int = TOP_N, operating_points: dict | None = None,
+          lineage: str = "") -> tuple[str, dict]:
     """-> (the night's HTML report, a summary {products: {p: counts}, totals}). Raises NotFoundError when the
     night was never published. The night's drift test (pipeline.nightly.drift, written beside the report) is
     shown when there is one; `operating_points` ({product: {"version", "threshold", "kind", "value"}}: another
@@ -195,6 +196,7 @@ def build(night: nights.Night, top_n: int = TOP_N, operating_points: dict | None
                               "flags_now": int((sc > sections[p].threshold).sum())}
     if points:
         summary["operating_points"] = points
+    summary["lineage"] = lineage
     return _html(summary, sections, marker, top_n, found, points), summary
 
 
@@ -203,9 +205,10 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.cast(column, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def write(night: nights.Night, top_n: int = TOP_N, operating_points: dict | None = None) -> tuple[str, dict]:
+def write(night: nights.Night, top_n: int = TOP_N, operating_points: dict | None = None,
+          lineage: str = "") -> tuple[str, dict]:
     """Build the report and write it beside the night (Night.report_uri). -> (its URI, summary)."""
-    page, summary = build(night, top_n, operating_points)
+    page, summary = build(night, top_n, operating_points, lineage)
     storage.write_bytes(night.report_uri, page.encode())
     return night.report_uri, summary
 
@@ -315,7 +318,8 @@ table.err td{{font-size:12px}} .flag{{background:#fdecea;color:#922b21;font-weig
 .drift-flag{{color:#922b21;font-weight:600}}
 </style></head><body>
 <h1>Night of {e(summary["date"])} &middot; deployment {e(summary["deployment"])}</h1>
-<p class=muted>model version {e(str(marker.get("model_version")))}, run {e(str(marker.get("run_id")))},
+<p class=muted>model version {e(str(marker.get("model_version")))}{
+  f' (<span class=lineage>{e(summary["lineage"])}</span>)' if summary.get("lineage") else ""}, run {e(str(marker.get("run_id")))},
 published {e(str(marker.get("published_at")))}; report built {built}. Image score:
 {e(str(marker.get("image_score", "map")))}. Overlays: the image, then the heatmap
 in colour on the product's fixed scale (4 x threshold = brightest) with the threshold's contour in cyan.</p>

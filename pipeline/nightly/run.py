@@ -274,8 +274,9 @@ def _night_report(log: registry.RunLog, night: nights.Night) -> dict:
     is already published: a report that fails leaves it published (stderr, tag `report_error`) and jobs.score
     exits 1 so a scheduler sees it; `jobs.report` rebuilds it."""
     try:
-        points = lineage.candidate_points(night.deployment, night.published()["model_version"])
-        uri, rep = report.write(night, operating_points=points)
+        version = night.published()["model_version"]
+        uri, rep = report.write(night, operating_points=lineage.candidate_points(night.deployment, version),
+                                lineage=lineage.lineage_of(night.deployment, version))
     except Exception as e:
         msg = f"{type(e).__name__}: {e}"
         print(f"WARNING: the night is published but its report failed ({msg}); rebuild it with "

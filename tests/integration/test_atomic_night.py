@@ -352,7 +352,7 @@ def test_a_report_that_fails_after_the_publish_exits_1(plant, monkeypatch, capsy
 
     from pipeline.nightly import report
 
-    def broken(night, top_n=0, operating_points=None):
+    def broken(night, top_n=0, operating_points=None, lineage=""):
         raise OSError("the report's store refused the write")
     monkeypatch.setattr(report, "write", broken)
     capsys.readouterr()

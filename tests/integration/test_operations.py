@@ -154,6 +154,7 @@ def test_an_operating_point_changes_without_retraining_and_promote_shows_both(pl
     code, r, err = _run(capsys, "report", "--deployment", D, "--date", "2026-11-03", "--output", plant["out"])
     assert code == 0 and r["operating_points"]["tile"]["version"] == str(mv.version)
     assert "Operating points awaiting promotion" in dump_dom(r["report_uri"])
+    assert r["lineage"] == "v1 train"  # the night was scored by the trained version
 
 
 def test_inspectors_verdicts_flow_back_into_banks_thresholds_and_a_real_defect_set(plant, capsys, tmp_path):
@@ -218,3 +219,9 @@ def test_inspectors_verdicts_flow_back_into_banks_thresholds_and_a_real_defect_s
                                 "production")
     assert code == 0, err[-3000:]
     assert ev["real_defects"]["tile"]["recall"] >= ev_parent["real_defects"]["tile"]["recall"]
+    # a night scored by the feedback version says where that version came from
+    code, night, err = _run(capsys, "score", "--deployment", D, "--archive", plant["arch"], "--date", "2026-11-03",
+                            "--output", plant["out"], "--model-alias", "candidate")
+    assert code == 0, night.get("error") or err[-3000:]
+    page = dump_dom(night["report_uri"])
+    assert f"v{mv.version} feedback &lt;- v" in page and "add-product &lt;- v1 train" in page
