@@ -26,9 +26,16 @@ def test_labels_in_parquet_and_a_file_without_verdicts(tmp_path):
     pq.write_table(pa.table({"image_id": ["x"], "verdict": ["normal"], "date": ["2026-11-03"]}), tmp_path / "l.parquet")
     rows, raw = read_labels(str(tmp_path / "l.parquet"))
     assert rows == [{"image_id": "x", "verdict": "normal", "date": "2026-11-03", "note": None}] and raw[:4] == b"PAR1"
+    (tmp_path / "typed.csv").write_text("Image ID, Verdict\n007,Normal\n")
+    rows, _ = read_labels(str(tmp_path / "typed.csv"))
+    assert rows == [{"image_id": "007", "verdict": "Normal", "date": None, "note": None}]
+    assert sort_verdicts(rows)[0] == {("007", None): "normal"}
     (tmp_path / "bad.csv").write_text("image_id,label\nx,1\n")
     with pytest.raises(UsageError, match="no column verdict"):
         read_labels(str(tmp_path / "bad.csv"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(UsageError, match="is empty"):
+        read_labels(str(tmp_path / "empty.csv"))
     with pytest.raises(UsageError, match="does not exist"):
         read_labels(str(tmp_path / "missing.csv"))
 

@@ -52,16 +52,23 @@ def read_labels(uri: str) -> tuple[list[dict], bytes]:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise UsageError(f"labels file {uri} does not exist") from None
+    if not data.strip():
+        raise UsageError(f"labels file {uri} is empty")
     try:
         if data[:4] == b"PAR1":
             table = pq.read_table(io.BytesIO(data))
         elif uri.lower().endswith((".csv", ".csv.gz")) or b"," in data[:200]:
+            import csv
+            head = next(csv.reader([data.decode("utf-8-sig", errors="replace").splitlines()[0]]), [])
+            # every column as text: an image_id "007" stays "007", a date stays the string it was
             table = pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(
-                column_types={c: pa.string() for c in ("image_id", "verdict", "date", "note")}))
+                column_types={c: pa.string() for c in head}))
         else:
             raise UsageError(f"labels file {uri} is neither CSV nor Parquet")
     except (pa.ArrowInvalid, OSError) as e:
         raise UsageError(f"labels file {uri} is unreadable ({e})") from e
+    # header names as people type them ("Image ID", " Verdict"): trimmed, lower case, spaces as underscores
+    table = table.rename_columns([str(c).strip().lower().replace(" ", "_").lstrip("\ufeff") for c in table.column_names])
     missing = [c for c in ("image_id", "verdict") if c not in table.column_names]
     if missing:
         raise UsageError(f"labels file {uri} has no column {', '.join(missing)} (columns: {', '.join(table.column_names)})")
