@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import cli
 from jobs.cli import entrypoint, new_parser, summary
 
 
@@ -32,13 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.shots < 1:
         ap.error("--shots must be >= 1")
-    named = {}
-    for item in args.class_name:
-        product, sep, words = item.partition("=")
-        words = words.strip().strip("'\"").strip()
-        if not sep or product.strip() not in args.products or not words:
-            ap.error(f'--class-name wants PRODUCT="WORDS" for one of --products, got {item!r}')
-        named[product.strip()] = words
+    named = cli.class_names(ap, args.class_name, args.products)
     from pipeline import registry
     from pipeline.operations.add_product import add_products
     r = add_products(args.deployment, args.archive, args.products, args.shots, args.from_alias, args.device, named)

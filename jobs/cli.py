@@ -52,6 +52,20 @@ def new_parser(verb: str, description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def class_names(ap: argparse.ArgumentParser, items: list[str], products: list[str] | None = None) -> dict[str, str]:
+    """--class-name PRODUCT="WORDS" ... -> {product: words} (quotes and spaces around the words dropped); a
+    malformed item, or one naming none of `products` where given, is a usage error."""
+    named = {}
+    for item in items:
+        product, sep, words = item.partition("=")
+        product, words = product.strip(), words.strip().strip("'\"").strip()
+        if not sep or not product or not words or (products is not None and product not in products):
+            ap.error('--class-name wants PRODUCT="WORDS"' + (" for one of --products" if products else "")
+                     + f", got {item!r}")
+        named[product] = words
+    return named
+
+
 def summary(**fields) -> None:
     """Record what the job did: the --json summary (numbers, strings, lists and dicts of them)."""
     _summary.update(fields)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs import cli
 from jobs.cli import entrypoint, new_parser, summary
 from pipeline.model import DEFAULT_BACKBONE, DEFAULT_WEIGHTS
 from pipeline.model.config import PROMPT_MODES
@@ -54,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         bank_layers = [int(x) for x in args.bank_layers.split(",") if x] or None
     except ValueError:
         ap.error(f"--bank-layers wants comma-separated integers, got {args.bank_layers!r}")
-    named = {}
-    for item in args.class_name:
-        product, sep, words = item.partition("=")
-        words = words.strip().strip("'\"").strip()
-        if not sep or not product.strip() or not words:
-            ap.error(f'--class-name wants PRODUCT="WORDS", got {item!r}')
-        named[product.strip()] = words
+    named = cli.class_names(ap, args.class_name)
     import dataclasses
 
     import numpy as np

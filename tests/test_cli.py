@@ -150,3 +150,16 @@ def test_a_submission_id_names_the_deployment_and_the_night_yesterday_resolved_o
     train = ["train", "--deployment", "line/1", "--archive", "s3://a/b", "--shots", "4"]
     assert submission_id(train) == submission_id(list(train)) != submission_id(train[:-1] + ["2"])
     assert submission_id(train).startswith("anople-train-line_1-")  # only characters a submission id takes
+
+
+def test_class_names_are_parsed_once_for_train_and_add_product(capsys):
+    import argparse
+
+    from jobs import cli
+    ap = argparse.ArgumentParser(prog="t")
+    assert cli.class_names(ap, ['pcb1= "printed circuit board" ', "tile=tiles"]) == {
+        "pcb1": "printed circuit board", "tile": "tiles"}
+    for items, products in ((["pcb1"], None), (["pcb1="], None), (['other="x"'], ["pcb1"])):
+        with pytest.raises(SystemExit):
+            cli.class_names(ap, items, products)
+    assert "for one of --products" in capsys.readouterr().err
