@@ -2,8 +2,8 @@
 
 Inspectors' verdicts back into the model, without retraining. FILE (CSV or Parquet, local or s3://) has columns
 image_id and verdict (normal | defect), optionally date and note, about archived images of scored nights.
-Confirmed normals (false alarms) join their product's memory bank (bounded: at most the shots' patches again,
-k-center coreset past that) and its threshold is recalibrated; confirmed defects are kept per product as a
+Confirmed normals (false alarms) join their product's memory bank (bounded: at most 16 images' worth of feedback
+patches, k-center coreset past that) and its threshold is recalibrated; confirmed defects are kept per product as a
 labelled evaluation set that evaluate and the promote gate use. Registers a new version (alias 'candidate') with
 its parent and the labels file recorded. Unknown image ids, unknown verdicts and repeated ids are reported, never
 guessed.

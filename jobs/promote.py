@@ -61,7 +61,7 @@ def _operating_points(deployment: str, mv, current, to_alias: str) -> dict:
     last scored night (pipeline.operations.threshold)."""
     from jobs.cli import summary
     from pipeline import lineage
-    from pipeline.operations.threshold import flags_on_night
+    from pipeline.operations.threshold import night_flags
     from pipeline.errors import PipelineError
     try:
         points = lineage.changed_points(lineage.version_spec(mv), lineage.version_spec(current), str(mv.version))
@@ -72,9 +72,11 @@ def _operating_points(deployment: str, mv, current, to_alias: str) -> dict:
         return {}
     print(f"operating points that change ({to_alias} v{current.version} -> v{mv.version}):")
     print(f"  {'product':<16}{'threshold now':>14}{'new':>12}  {'flagged now -> new':<22}new point")
+    night = night_flags(deployment, {p: {"now": op["threshold_old"] if op["threshold_old"] is not None else float("inf"),
+                                         "new": op["threshold"]} for p, op in points.items()})  # one read for all
     for p, op in sorted(points.items()):
         old = op["threshold_old"]
-        n = flags_on_night(deployment, p, {"now": old if old is not None else float("inf"), "new": op["threshold"]})
+        n = night and {"date": night["date"], "output": night["output"], **night["products"][p]}
         flags = f"{n['flags']['now'] if old is not None else '-'} -> {n['flags']['new']} of {n['scored']}" if n else "no night"
         op["last_night"] = n
         print(f"  {p:<16}{(f'{old:.5g}' if old is not None else 'new product'):>14}{op['threshold']:>12.5g}  "

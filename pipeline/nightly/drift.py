@@ -154,9 +154,10 @@ def calibration_of(files, products) -> dict[str, list[float]]:
     return out
 
 
-def assess(night, model_version: str, calibration: dict[str, list[float]]) -> dict:
+def assess(night, model_version: str, files) -> dict:
     """Record the published night's presumed-normal score distributions, test each product against its
-    baselines, write the result beside the report (drift.json, which the report shows). -> the result:
+    baselines (calibration scores from the version's artifact `files`, an artifact.Files), write the result beside
+    the report (drift.json, which the report shows). -> the result:
     {"model_version", "products": {p: {"flagged", "tests"}}, "flagged": [p ...], "lines": [...], "settings"}."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -169,7 +170,7 @@ def assess(night, model_version: str, calibration: dict[str, list[float]]) -> di
     anomalous = pc.fill_null(t["is_anomalous"], False).to_numpy(zero_copy_only=False)
     trail = trailing(night, model_version)  # before this night's record is written (it is not its own baseline)
     dist = record(night, model_version, products, scores, ok, anomalous)
-    tested = test_night(dist, calibration, trail)
+    tested = test_night(dist, calibration_of(files, sorted(dist["products"])), trail)
     result = {"model_version": str(model_version), "products": tested,
               "flagged": sorted(p for p, r in tested.items() if r["flagged"]), "lines": describe(tested),
               "trailing_scores": {p: len(v) for p, v in sorted(trail.items())},

@@ -247,7 +247,7 @@ def _night_drift(log: registry.RunLog, night: nights.Night, mv, uri: str) -> dic
     `drift_error`) and jobs.score exits 1."""
     try:
         files = artifact.Files(registry.materialize(uri), registry.artifact_sha256(mv))
-        result = drift.assess(night, str(mv.version), drift.calibration_of(files, sorted(night_products(night))))
+        result = drift.assess(night, str(mv.version), files)
     except Exception as e:
         msg = f"{type(e).__name__}: {e}"
         print(f"WARNING: the night is published but its drift test failed ({msg})", file=sys.stderr)
@@ -260,13 +260,6 @@ def _night_drift(log: registry.RunLog, night: nights.Night, mv, uri: str) -> dic
     for line in result["lines"]:
         print(f"score: DRIFT {line}", flush=True)
     return {"drift": result}
-
-
-def night_products(night: nights.Night) -> set[str]:
-    """The products of the published night's rows."""
-    import pyarrow.parquet as pq
-    fs, path = storage.arrow_filesystem(night.published()["scores"])
-    return {p for p in pq.read_table(fs.open_input_file(path), columns=["product"])["product"].to_pylist() if p}
 
 
 def _night_report(log: registry.RunLog, night: nights.Night) -> dict:

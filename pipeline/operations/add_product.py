@@ -56,7 +56,7 @@ def add_products(deployment: str, archive_uri: str, products: list[str], shots: 
                     "skipped_undecodable": list(fit.skipped)}
     new = dataclasses.replace(spec, products=dict(spec.products),
                               anople=spec.anople | {"class_names": dict(sorted(
-                                  (spec.anople.get("class_names") or {}).items() | words.items()))})
+                                  {**(spec.anople.get("class_names") or {}), **words}.items()))})
     with lineage.working_dir() as out:
         lineage.copy_artifact(parent, out)
         for p, fit in fits.items():

@@ -37,9 +37,10 @@ def last_scored_night(deployment: str) -> tuple[str, str] | None:
     return None
 
 
-def flags_on_night(deployment: str, product: str, thresholds: dict[str, float]) -> dict | None:
-    """What each threshold flags among the product's scored rows of the last published night:
-    {"date", "output", "scored", "flags": {name: n}}; None when no night was scored."""
+def night_flags(deployment: str, wanted: dict[str, dict[str, float]]) -> dict | None:
+    """What each threshold flags among each product's scored rows of the last published night, found and read
+    once: {"date", "output", "products": {product: {"scored", "flags": {name: n}}}} for `wanted`
+    ({product: {name: threshold}}); None when no night was scored."""
     where = last_scored_night(deployment)
     if where is None:
         return None
@@ -48,12 +49,20 @@ def flags_on_night(deployment: str, product: str, thresholds: dict[str, float]) 
     night = nights.Night(where[0], deployment, where[1])
     fs, path = storage.arrow_filesystem(night.published()["scores"])
     t = pq.read_table(fs.open_input_file(path), columns=["product", "status", "score"])
-    mine = pc.and_(pc.equal(t["product"], product), pc.equal(t["status"], "ok"))
-    s = np.asarray(pc.cast(t.filter(pc.fill_null(mine, False))["score"], "float64").fill_null(np.nan)
-                   .to_numpy(zero_copy_only=False))
-    s = s[np.isfinite(s)]
-    return {"date": where[1], "output": storage.redact(where[0]), "scored": int(len(s)),
-            "flags": {k: int((s > v).sum()) for k, v in thresholds.items()}}
+    ok = t.filter(pc.fill_null(pc.equal(t["status"], "ok"), False))
+    products = np.asarray(ok["product"].to_pylist(), dtype=object)
+    scores = np.asarray(pc.cast(ok["score"], "float64").fill_null(np.nan).to_numpy(zero_copy_only=False))
+    out = {}
+    for product, thresholds in wanted.items():
+        s = scores[(products == product) & np.isfinite(scores)]
+        out[product] = {"scored": int(len(s)), "flags": {k: int((s > v).sum()) for k, v in thresholds.items()}}
+    return {"date": where[1], "output": storage.redact(where[0]), "products": out}
+
+
+def flags_on_night(deployment: str, product: str, thresholds: dict[str, float]) -> dict | None:
+    """night_flags for one product: {"date", "output", "scored", "flags": {name: n}}; None when no night."""
+    n = night_flags(deployment, {product: thresholds})
+    return None if n is None else {"date": n["date"], "output": n["output"], **n["products"][product]}
 
 
 def set_operating_point(deployment: str, product: str, sensitivity: float | None = None, value: float | None = None,

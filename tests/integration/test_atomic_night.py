@@ -370,7 +370,7 @@ def test_a_drift_test_that_fails_after_the_publish_exits_1(plant, monkeypatch, c
 
     from pipeline.nightly import drift
 
-    def broken(night, model_version, calibration):
+    def broken(night, model_version, files):
         raise OSError("the distributions' store refused the write")
     monkeypatch.setattr(drift, "assess", broken)
     capsys.readouterr()
