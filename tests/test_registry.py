@@ -159,3 +159,17 @@ def test_a_version_pruned_by_another_process_between_check_and_use_is_fetched_ag
     monkeypatch.setattr(registry.os, "utime", pruned_first)
     again = registry.materialize(uri)
     assert pruned and again == first and os.path.isfile(f"{again}/artifacts/anople/model.json")
+
+
+def test_a_version_that_catches_fewer_of_the_plants_confirmed_defects_is_refused(mlflow_root, tmp_path, capsys):
+    v1 = _register("line8", "hub", tmp_path)
+    registry.record_evaluation(v1, {"image_auroc": 0.9}, 0, {"real_defect_recall": 1.0, "real_defects": 4})
+    assert promote_job.main(["--deployment", "line8", "--version", "1", "--to", "production"]) == 0
+    (tmp_path / "art-hub").rename(tmp_path / "art-hub-1")
+    v2 = _register("line8", "hub", tmp_path)
+    registry.record_evaluation(v2, {"image_auroc": 0.95}, 0, {"real_defect_recall": 0.5, "real_defects": 4})
+    capsys.readouterr()
+    assert promote_job.main(["--deployment", "line8", "--version", "2", "--to", "production"]) == 3
+    assert "recall on the plant's confirmed defects is 50.0 %, below version 1's 100.0 %" in capsys.readouterr().err
+    assert str(registry.get_version("line8", alias="production").version) == "1"
+    assert promote_job.main(["--deployment", "line8", "--version", "2", "--to", "production", "--force"]) == 0
