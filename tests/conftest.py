@@ -3,6 +3,7 @@ project's own synthetic products. S3 is a real S3 API: moto in server mode on 12
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,10 +17,24 @@ TINY = "anople-tiny-vit"
 SECRET_MARKER = "anople-marker-secret-" + os.urandom(6).hex()  # 4-block, 64 px random-init open_clip config shipped in pipeline/model/configs
 
 
+# Servers the tests start listen on ports from 20000-32767: above Ray's worker port range (10002-19999) and
+# below the kernel's ephemeral range (32768-60999 by default), where every outgoing connection of the suite's
+# other processes takes its source port; a port picked there (bind to 0) can be taken again before the
+# server binds it, which once failed a `ray start` in CI.
+PORT_RANGE = (20000, 32767)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port outside Ray's worker range and the ephemeral range, free when picked."""
+    for _ in range(200):
+        port = random.randint(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 @pytest.fixture(scope="session", autouse=True)

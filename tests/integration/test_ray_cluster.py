@@ -3,7 +3,6 @@
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,63 +11,25 @@ import time
 import pytest
 
 from pipeline import registry
-from tests.conftest import TINY, free_port
+from tests.conftest import TINY
+from tests.raynodes import RAY, kill_cluster, start_node
 
 pytestmark = pytest.mark.integration
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) for every process we can read."""
-    procs = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        procs[int(pid)] = (ppid, cmd)
-    return procs
-
-
-def _kill_cluster(marker: str) -> None:
-    """Stop only this test's cluster: every process whose command line names its temp dir, and all
-    their descendants (`ray stop` would also stop the suite's in-process Ray)."""
-    procs = _processes()
-    doomed = {pid for pid, (_, cmd) in procs.items() if marker in cmd and pid != os.getpid()}
-    grew = True
-    while grew:
-        more = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed
-        doomed |= more
-        grew = bool(more)
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
 def cluster():
     temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
     # A secured cluster, as a plant would run it: token auth with a shared token (Ray >= 2.52).
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                    f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-                    f"--ray-client-server-port={client}",
-                    "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    ports = start_node(["--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=2"], env,
+                       temp, {"port": 0, "dashboard-port": 0, "ray-client-server-port": 0})
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
     finally:
-        _kill_cluster(temp)
+        kill_cluster(temp)
 
 
 def test_train_job_through_ray_job_submit(cluster, synthetic_src, tmp_path):
