@@ -72,8 +72,9 @@ def _operating_points(deployment: str, mv, current, to_alias: str) -> dict:
         return {}
     print(f"operating points that change ({to_alias} v{current.version} -> v{mv.version}):")
     print(f"  {'product':<16}{'threshold now':>14}{'new':>12}  {'flagged now -> new':<22}new point")
-    night = night_flags(deployment, {p: {"now": op["threshold_old"] if op["threshold_old"] is not None else float("inf"),
-                                         "new": op["threshold"]} for p, op in points.items()})  # one read for all
+    # one read of the last night for all products; a product new in this version flags nothing "now"
+    night = night_flags(deployment, {p: {"now": float("inf") if op["threshold_old"] is None else op["threshold_old"],
+                                         "new": op["threshold"]} for p, op in points.items()})
     for p, op in sorted(points.items()):
         old = op["threshold_old"]
         n = night and {"date": night["date"], "output": night["output"], **night["products"][p]}

@@ -49,35 +49,35 @@ def kill_cluster(marker: str) -> None:
 
 
 def _log_tails(temp: str, chars: int = 1500) -> str:
-    """The end of each of the node's error logs, for a start that failed."""
+    """The end of each error log of the node's newest session, for a start that failed."""
+    logs = os.path.join(temp, "session_latest", "logs")
     parts = []
-    for path in sorted(glob.glob(os.path.join(temp, "session_*", "logs", "*.err")) +
-                       glob.glob(os.path.join(temp, "session_*", "logs", "gcs_server.out")) +
-                       glob.glob(os.path.join(temp, "session_*", "logs", "raylet.out"))):
+    for path in sorted(glob.glob(os.path.join(logs, "*.err")) + glob.glob(os.path.join(logs, "gcs_server.out")) +
+                       glob.glob(os.path.join(logs, "raylet.out"))):
         try:
             with open(path, errors="replace") as f:
                 text = f.read()[-chars:]
         except OSError:
             continue
         if text.strip():
-            parts.append(f"--- {os.path.relpath(path, temp)}\n{text}")
+            parts.append(f"--- {os.path.basename(path)}\n{text}")
     return "\n".join(parts)
 
 
-def start_node(args: list[str], env: dict, temp: str, ports: dict[str, int] | None = None,
-               tries: int = 3) -> dict[str, int]:
+AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+               "metrics-export-port")
+
+
+def start_node(args: list[str], env: dict, temp: str, ports: tuple[str, ...] = (), tries: int = 3) -> dict[str, int]:
     """`ray start` one node (head or worker) with its temp folder `temp`; returns the ports it was given.
 
-    `ports` names flags (without `--`) whose ports are picked here, e.g. {"port": 0, "dashboard-port": 0}:
-    a value of 0 is picked fresh on each try; the agents' ports are always picked here."""
-    names = list(ports or {}) + ["dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                 "runtime-env-agent-port", "metrics-export-port"]
-    fixed = {k: v for k, v in (ports or {}).items() if v}
+    `ports` names the `ray start` flags (without `--`) that take a port picked here, fresh on each try, besides
+    the agents' ports, e.g. ("port", "dashboard-port") for a head."""
     failures = []
     for attempt in range(1, tries + 1):
-        chosen = {n: fixed.get(n) or free_port() for n in names}
+        chosen = {name: free_port() for name in (*ports, *AGENT_PORTS)}
         cmd = [RAY, "start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-               *(f"--{n}={p}" for n, p in chosen.items()), "--disable-usage-stats"]
+               *(f"--{name}={port}" for name, port in chosen.items()), "--disable-usage-stats"]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if out.returncode == 0:
             return chosen

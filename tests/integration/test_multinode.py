@@ -50,7 +50,7 @@ def cluster(server, tmp_path_factory):
     try:
         ports = start_node(["--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=1"],
                            env | {"ANOPLE_MODEL_CACHE": caches["head"]}, temps["head"],
-                           {"port": 0, "dashboard-port": 0, "ray-client-server-port": 0})
+                           ("port", "dashboard-port", "ray-client-server-port"))
         port, dash = ports["port"], ports["dashboard-port"]
         for n in ("a", "b"):
             start_node([f"--address=127.0.0.1:{port}", "--num-cpus=2", '--resources={"anople_worker": 1}'],
@@ -117,7 +117,8 @@ def test_a_night_survives_losing_the_node_of_its_only_scoring_actor(cluster, syn
     n = nights.Night(out, "mn", DATE)
     # The kill lands while the actor is scoring: after its first heatmaps are written (on its node), long before
     # the last. (Waiting for a committed staging part instead lost the race on a quiet machine: the driver
-    # commits behind the actor, and a 48-row night was scored and published within one poll.)
+    # commits behind the actor, which had scored all 48 rows of the smaller night before the first poll saw a
+    # part, and the kill landed after the publish.)
     deadline, victim = time.time() + 400, None
     while time.time() < deadline and victim is None:
         holders = [x for x in ("a", "b") if _fetched(cluster["caches"][x])]
@@ -181,7 +182,7 @@ def _join(cluster, name: str) -> None:
     """A worker node joins, as an autoscaler's replacement would: 2 CPUs, `anople_worker`, its own model cache."""
     cluster["temps"][name] = os.path.join(cluster["base"], name)
     start_node([f"--address=127.0.0.1:{cluster['port']}", "--num-cpus=2", '--resources={"anople_worker": 1}'],
-                cluster["env"] | {"ANOPLE_MODEL_CACHE": str(cluster["root"] / f"cache-{name}")}, cluster["temps"][name])
+               cluster["env"] | {"ANOPLE_MODEL_CACHE": str(cluster["root"] / f"cache-{name}")}, cluster["temps"][name])
 
 
 def test_a_two_node_fit_survives_losing_a_workers_node_with_one_workers_prompts(cluster, synthetic_src, tmp_path,

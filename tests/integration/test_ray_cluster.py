@@ -25,7 +25,7 @@ def cluster():
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     ports = start_node(["--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=2"], env,
-                       temp, {"port": 0, "dashboard-port": 0, "ray-client-server-port": 0})
+                       temp, ("port", "dashboard-port", "ray-client-server-port"))
     try:
         yield f"http://127.0.0.1:{ports['dashboard-port']}", env
     finally:
